@@ -1,0 +1,1 @@
+"""Development tooling: signing keys, token minting and a loopback issuer."""
