@@ -1,0 +1,635 @@
+"""Prometheus metrics for jwtgate, and the small HTTP listener that serves them.
+
+Everything lives in a private `CollectorRegistry` (never the global one), so tests and
+reloads can build as many `Metrics` objects as they like. Label values that come from
+configuration or from the wire are bounded: anything outside the configured sets is
+exported as "other", so a hostile client cannot grow the number of series.
+
+Several worker processes: the supervisor calls `prepare_multiprocess_dir()` before it
+starts the workers; each worker builds its own `Metrics` (values go to per-process mmap
+files) and the supervisor serves `multiprocess_registry()`, which merges those files at
+scrape time. See docs/operations.md for the gauge merge modes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from spoa import __version__
+
+__all__ = [
+    "JWKS_FETCH_RESULTS",
+    "MULTIPROC_ENV",
+    "OTHER",
+    "VERIFY_BUCKETS",
+    "Metrics",
+    "MetricsServer",
+    "ReadinessCheck",
+    "mark_worker_dead",
+    "multiprocess_registry",
+    "parse_listen",
+    "prepare_multiprocess_dir",
+]
+
+_log = structlog.get_logger(__name__)
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+OTHER: Final = "other"
+# Label for "no issuer was identified" (e.g. a malformed token), distinct from "other".
+UNKNOWN: Final = "unknown"
+
+# A cached verify is a few µs, a miss with RSA-4096 a few ms; 100 ms means trouble.
+VERIFY_BUCKETS: Final = (
+    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
+    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 1e-1,
+)  # fmt: skip
+
+OUTCOMES: Final = frozenset({"accept", "reject", "report_only_reject"})
+JWKS_FETCH_RESULTS: Final = frozenset(
+    {"ok", "not_modified", "error", "timeout", "http_error", "invalid", "rate_limited"}
+)
+_JWKS_SUCCESS: Final = frozenset({"ok", "not_modified"})
+RELOAD_RESULTS: Final = frozenset({"ok", "error", "unchanged"})
+# Frame types HAProxy sends (spop-notes §1) plus the agent's own, named as in SPOE.txt.
+FRAME_KINDS: Final = frozenset(
+    {"unset", "haproxy_hello", "haproxy_disconnect", "notify", "agent_hello",
+     "agent_disconnect", "ack"}
+)  # fmt: skip
+# SPOP DISCONNECT status codes 0..13 and 99 (unknown error).
+_STATUS_LABELS: Final = {code: str(code) for code in (*range(14), 99)}
+
+ReadinessCheck = Callable[[], tuple[bool, Any]]
+
+
+def _bounded(allowed: Iterable[str]) -> dict[str, str]:
+    # Map value -> label; a plain dict lookup on the hot path, "other" on a miss.
+    return {str(value): str(value) for value in allowed}
+
+
+def _status_label(status: int | None) -> str:
+    if status is None:
+        return "none"
+    return _STATUS_LABELS.get(int(status), OTHER)
+
+
+def _use_multiprocess_values() -> None:
+    """Make new metric values mmap-backed when PROMETHEUS_MULTIPROC_DIR is set.
+
+    prometheus_client picks its value class when it is first imported. A forked worker
+    inherits the parent's choice, which was made before the directory existed; this
+    redoes that choice, as the library itself would have, before any metric is built.
+    """
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    """All jwtgate metrics, and the calls that update them.
+
+    The per-request methods (`record_verdict`, the SPOP observer methods) resolve the
+    labelled child once and keep it in a dict, so a call is a few dict lookups and an
+    increment. Not thread-safe for reconfiguration while other threads record; the agent
+    records from one event loop per process.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuers: Iterable[str] = (),
+        policies: Iterable[str] = (),
+        reasons: Iterable[str] = (),
+        version: str = __version__,
+        clock: Callable[[], float] = time.time,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if os.environ.get(MULTIPROC_ENV):
+            _use_multiprocess_values()
+            self.multiprocess = True
+        else:
+            self.multiprocess = False
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._clock = clock
+        reg = self.registry
+
+        self._verdicts = Counter(
+            "jwtgate_verdicts_total",
+            "Verdicts by outcome, reason code, issuer and policy.",
+            ["outcome", "reason", "issuer", "policy"],
+            registry=reg,
+        )
+        self._verify_seconds = Histogram(
+            "jwtgate_verify_duration_seconds",
+            "Time to verify one token, by verified-token cache result.",
+            ["cache"],
+            buckets=VERIFY_BUCKETS,
+            registry=reg,
+        )
+        self._cache_hits = Counter(
+            "jwtgate_token_cache_hits_total", "Verified-token cache hits.", registry=reg
+        )
+        self._cache_misses = Counter(
+            "jwtgate_token_cache_misses_total", "Verified-token cache misses.", registry=reg
+        )
+        self._cache_evictions = Counter(
+            "jwtgate_token_cache_evictions_total",
+            "Verified-token cache evictions.",
+            registry=reg,
+        )
+        self._cache_entries = Gauge(
+            "jwtgate_token_cache_entries",
+            "Entries in the verified-token caches (sum over workers).",
+            multiprocess_mode="livesum",
+            registry=reg,
+        )
+        self._connections_open = Gauge(
+            # Not plain "jwtgate_spop_connections": that is the counter's family name.
+            "jwtgate_spop_connections_open",
+            "Open SPOP connections from HAProxy.",
+            multiprocess_mode="livesum",
+            registry=reg,
+        )
+        self._connections_total = Counter(
+            "jwtgate_spop_connections_total", "SPOP connections accepted.", registry=reg
+        )
+        self._disconnects = Counter(
+            "jwtgate_spop_disconnects_total",
+            "SPOP connections closed, by DISCONNECT status ('none' if none was exchanged).",
+            ["status"],
+            registry=reg,
+        )
+        self._frames = Counter(
+            "jwtgate_spop_frames_total",
+            "SPOP frames received, by frame type.",
+            ["type"],
+            registry=reg,
+        )
+        self._inflight = Gauge(
+            "jwtgate_spop_inflight_frames",
+            "NOTIFY frames received and not yet acknowledged.",
+            multiprocess_mode="livesum",
+            registry=reg,
+        )
+        self._protocol_errors = Counter(
+            "jwtgate_spop_protocol_errors_total",
+            "SPOP protocol errors, by the DISCONNECT status sent.",
+            ["status"],
+            registry=reg,
+        )
+        self._jwks_fetches = Counter(
+            "jwtgate_jwks_fetches_total",
+            "JWKS fetches by issuer and result.",
+            ["issuer", "result"],
+            registry=reg,
+        )
+        # livemin: the worker with the fewest keys is the one that will reject traffic.
+        self._jwks_keys = Gauge(
+            "jwtgate_jwks_keys",
+            "Keys held per issuer (minimum over workers).",
+            ["issuer"],
+            multiprocess_mode="livemin",
+            registry=reg,
+        )
+        # livemin: the oldest key set over workers; jwtgate_jwks_age_seconds derives from it.
+        self._keyset_fetched = Gauge(
+            "jwtgate_jwks_keyset_timestamp_seconds",
+            "Unix time the key set in use was fetched or confirmed (oldest over workers).",
+            ["issuer"],
+            multiprocess_mode="livemin",
+            registry=reg,
+        )
+        self._jwks_last_success = Gauge(
+            "jwtgate_jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful JWKS refresh (latest over workers).",
+            ["issuer"],
+            multiprocess_mode="max",
+            registry=reg,
+        )
+        # livemin: one unready worker makes the agent unready for that issuer.
+        self._issuer_ready = Gauge(
+            "jwtgate_issuer_ready",
+            "1 when the issuer has usable keys, else 0 (minimum over workers).",
+            ["issuer"],
+            multiprocess_mode="livemin",
+            registry=reg,
+        )
+        self._reloads = Counter(
+            "jwtgate_config_reloads_total",
+            "Configuration reloads by result.",
+            ["result"],
+            registry=reg,
+        )
+        self._build_info = Gauge(
+            "jwtgate_build_info",
+            "Always 1; the version label names the running build.",
+            ["version"],
+            multiprocess_mode="max",
+            registry=reg,
+        )
+        reg.register(_KeySetAgeCollector(self._keyset_fetched.collect, clock))
+
+        self._build_info.labels(version=version).set(1)
+        self._verify_hit = self._verify_seconds.labels(cache="hit")
+        self._verify_miss = self._verify_seconds.labels(cache="miss")
+        self._last_cache_totals = (0, 0, 0)
+        self._issuers: dict[str, str] = {}
+        self._policies: dict[str, str] = {}
+        self._reasons: dict[str, str] = {}
+        self._verdict_children: dict[tuple[str, str, str, str], Any] = {}
+        self._frame_children: dict[str, Any] = {}
+        self._error_children: dict[int, Any] = {}
+        self.set_label_sets(issuers=issuers, policies=policies, reasons=reasons)
+
+    # -- configuration -------------------------------------------------------------------
+
+    def set_label_sets(
+        self, *, issuers: Iterable[str], policies: Iterable[str], reasons: Iterable[str]
+    ) -> None:
+        """Replace the allowed label values (at start-up and on reload).
+
+        Series of issuers no longer configured are dropped from the per-issuer gauges in
+        single-process mode (prometheus_client cannot remove series in multiprocess mode;
+        there they go away when the worker restarts).
+        """
+        new_issuers = _bounded(issuers)
+        removed = set(self._issuers) - set(new_issuers)
+        # Whole dicts are swapped so a concurrent reader sees the old or the new set.
+        self._issuers = new_issuers
+        self._policies = _bounded(policies)
+        self._reasons = _bounded(reasons)
+        self._verdict_children = {}
+        if not self.multiprocess:
+            for issuer in removed:
+                for gauge in (
+                    self._jwks_keys,
+                    self._keyset_fetched,
+                    self._jwks_last_success,
+                    self._issuer_ready,
+                ):
+                    gauge.remove_by_labels({"issuer": issuer})
+        for issuer in new_issuers:
+            # Present from the start, so "not ready yet" is visible before the first fetch.
+            self._issuer_ready.labels(issuer=issuer)
+            for result in ("ok", "error"):
+                self._jwks_fetches.labels(issuer=issuer, result=result)
+
+    def _issuer_label(self, issuer: str | None) -> str:
+        if issuer is None:
+            return UNKNOWN
+        return self._issuers.get(issuer, OTHER)
+
+    # -- verdicts (per request) ----------------------------------------------------------
+
+    def record_verdict(  # noqa: PLR0917 (positional order fixed by the observer contract)
+        self,
+        outcome: str,
+        reason: str,
+        issuer: str | None,
+        policy: str | None,
+        seconds: float,
+        cache_hit: bool,
+    ) -> None:
+        """Count one verdict and observe how long the verification took."""
+        key = (
+            outcome if outcome in OUTCOMES else OTHER,
+            self._reasons.get(reason, OTHER),
+            UNKNOWN if issuer is None else self._issuers.get(issuer, OTHER),
+            UNKNOWN if policy is None else self._policies.get(policy, OTHER),
+        )
+        child = self._verdict_children.get(key)
+        if child is None:
+            child = self._verdicts.labels(*key)
+            self._verdict_children[key] = child
+        child.inc()
+        (self._verify_hit if cache_hit else self._verify_miss).observe(seconds)
+
+    def cache_stats(self, entries: int, hits: int, misses: int, evictions: int) -> None:
+        """Report the verified-token cache's cumulative totals and current size.
+
+        Counters advance by the difference from the previous report; a total that went
+        down means the cache was rebuilt (reload), and counts again from zero.
+        """
+        self._cache_entries.set(entries)
+        last_hits, last_misses, last_evictions = self._last_cache_totals
+        for counter, now_total, last_total in (
+            (self._cache_hits, hits, last_hits),
+            (self._cache_misses, misses, last_misses),
+            (self._cache_evictions, evictions, last_evictions),
+        ):
+            delta = now_total - last_total if now_total >= last_total else now_total
+            if delta:
+                counter.inc(delta)
+        self._last_cache_totals = (hits, misses, evictions)
+
+    # -- SPOP server observer ------------------------------------------------------------
+
+    def connection_opened(self) -> None:
+        self._connections_total.inc()
+        self._connections_open.inc()
+
+    def connection_closed(self, status: int | None) -> None:
+        self._connections_open.dec()
+        self._disconnects.labels(status=_status_label(status)).inc()
+
+    def frame_received(self, kind: str) -> None:
+        child = self._frame_children.get(kind)
+        if child is None:
+            label = kind.lower().replace("-", "_")
+            child = self._frames.labels(type=label if label in FRAME_KINDS else OTHER)
+            if label in FRAME_KINDS:
+                # Only known spellings are cached, so the dict cannot grow without bound.
+                self._frame_children[kind] = child
+        child.inc()
+
+    def protocol_error(self, status: int) -> None:
+        child = self._error_children.get(status)
+        if child is None:
+            label = _status_label(status)
+            child = self._protocol_errors.labels(status=label)
+            if label != OTHER:
+                self._error_children[status] = child
+        child.inc()
+
+    def inflight_changed(self, delta: int) -> None:
+        self._inflight.inc(delta)
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def jwks_fetch(self, issuer: str, result: str) -> None:
+        label = self._issuer_label(issuer)
+        self._jwks_fetches.labels(
+            issuer=label, result=result if result in JWKS_FETCH_RESULTS else OTHER
+        ).inc()
+        if result in _JWKS_SUCCESS:
+            self._jwks_last_success.labels(issuer=label).set(self._clock())
+
+    def jwks_keys(self, issuer: str, count: int, fetched_at: float) -> None:
+        """The issuer now holds `count` keys, fetched (or confirmed) at Unix time `fetched_at`."""
+        label = self._issuer_label(issuer)
+        self._jwks_keys.labels(issuer=label).set(count)
+        self._keyset_fetched.labels(issuer=label).set(fetched_at)
+
+    def issuer_ready(self, issuer: str, ready: bool) -> None:
+        self._issuer_ready.labels(issuer=self._issuer_label(issuer)).set(1 if ready else 0)
+
+    # -- process -------------------------------------------------------------------------
+
+    def config_reload(self, result: str) -> None:
+        self._reloads.labels(result=result if result in RELOAD_RESULTS else OTHER).inc()
+
+
+class _KeySetAgeCollector:
+    """Exports jwtgate_jwks_age_seconds, computed at scrape time from the key-set times.
+
+    A stored age would be stale the moment it is written; the time the key set was fetched
+    is stored instead, and the age follows from the clock when Prometheus asks.
+    """
+
+    def __init__(self, source: Callable[[], Iterable[Metric]], clock: Callable[[], float]):
+        self._source = source
+        self._clock = clock
+
+    def describe(self) -> list[Metric]:
+        return [_age_family([], 0.0)]
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        for family in self._source():
+            yield _age_family([family], now)
+
+
+class _MultiProcessCollector:
+    """The merged worker files, plus the age derived from the merged key-set times."""
+
+    def __init__(self, path: str, clock: Callable[[], float]) -> None:
+        self._inner = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        families = list(self._inner.collect())  # type: ignore[no-untyped-call]
+        yield from families
+        yield _age_family(families, self._clock())
+
+
+def _age_family(families: Iterable[Metric], now: float) -> GaugeMetricFamily:
+    age = GaugeMetricFamily(
+        "jwtgate_jwks_age_seconds",
+        "Seconds since the key set in use was fetched or confirmed (oldest over workers).",
+        labels=["issuer"],
+    )
+    for family in families:
+        if family.name != "jwtgate_jwks_keyset_timestamp_seconds":
+            continue
+        for sample in family.samples:
+            if sample.value > 0:  # 0 means "never fetched", not "fetched in 1970"
+                age.add_metric([sample.labels["issuer"]], max(0.0, now - sample.value))
+    return age
+
+
+# -- multiprocess helpers --------------------------------------------------------------
+
+
+def prepare_multiprocess_dir(path: str | os.PathLike[str]) -> Path:
+    """Create (or empty) the directory the workers write to, and point the environment at it.
+
+    Call once in the supervisor before any worker starts; workers inherit the variable.
+    Files left by a previous run are removed, or their counters would be counted again.
+    """
+    directory = Path(path)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    os.environ[MULTIPROC_ENV] = str(directory)
+    return directory
+
+
+def multiprocess_registry(
+    path: str | os.PathLike[str] | None = None, *, clock: Callable[[], float] = time.time
+) -> CollectorRegistry:
+    """A registry that merges every worker's metrics at scrape time, for the supervisor."""
+    directory = str(path) if path is not None else os.environ.get(MULTIPROC_ENV, "")
+    if not directory or not os.path.isdir(directory):
+        raise ValueError(f"{MULTIPROC_ENV} is not set or is not a directory")
+    registry = CollectorRegistry()
+    registry.register(_MultiProcessCollector(directory, clock))
+    return registry
+
+
+def mark_worker_dead(pid: int, path: str | os.PathLike[str] | None = None) -> None:
+    """Drop a dead worker's live gauges (connections, readiness, ...); its counters stay."""
+    mark_process_dead(pid, None if path is None else str(path))  # type: ignore[no-untyped-call]
+
+
+# -- HTTP listener -----------------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'127.0.0.1:9101', '[::1]:9101' or ':9101' (all IPv4 interfaces) -> (host, port)."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"listen address must be host:port, got {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port_text)
+
+
+class _Server(ThreadingHTTPServer):
+    # Request threads are joined by server_close(), so stop() leaves nothing running.
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        readiness: ReadinessCheck | None,
+    ) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.registry = registry
+        self.readiness = readiness
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The stdlib prints a traceback to stderr; log it as one event instead.
+        _log.exception("metrics_http_error")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 5.0  # a stalled scraper must not hold stop() forever
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self._dispatch(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._dispatch(send_body=False)
+
+    def _dispatch(self, *, send_body: bool) -> None:
+        path = self.path.partition("?")[0]
+        try:
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                status, body = HTTPStatus.OK, encoder(self.server.registry)
+            elif path == "/healthz":
+                status, body, content_type = HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8"
+            elif path == "/readyz":
+                status, body = self._readiness()
+                content_type = "application/json"
+            else:
+                status, body = HTTPStatus.NOT_FOUND, b"not found\n"
+                content_type = "text/plain; charset=utf-8"
+        except Exception:
+            _log.exception("metrics_endpoint_failed", path=path)
+            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n"
+            content_type = "text/plain; charset=utf-8"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def _readiness(self) -> tuple[HTTPStatus, bytes]:
+        check = self.server.readiness
+        if check is None:
+            ready, detail = True, "no readiness check configured"
+        else:
+            try:
+                ready, detail = check()
+            except Exception:
+                _log.exception("readiness_check_failed")
+                ready, detail = False, "readiness check failed"
+        document = {"ready": bool(ready), "detail": detail}
+        body = json.dumps(document, default=str, sort_keys=True).encode() + b"\n"
+        return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), body
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # Malformed requests: a short plain answer, never the stdlib's HTML page.
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(f"{code}\n".encode())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Scrapes every few seconds would drown the log; keep them at debug.
+        _log.debug("metrics_http_request", client=self.client_address[0], line=format % args)
+
+
+class MetricsServer:
+    """Serves /metrics, /healthz and /readyz from a thread of its own.
+
+    A thread rather than the event loop: rendering the exposition is synchronous CPU work
+    that would stall SPOP traffic on the loop, the supervisor that serves the merged
+    metrics of several workers has no event loop, and a wedged loop must not take the
+    health endpoint with it.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        readiness: ReadinessCheck | None = None,
+    ) -> None:
+        self._address = (host, port)
+        self._registry = registry
+        self._readiness = readiness
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("metrics server is not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("metrics server is already started")
+        server = _Server(self._address, self._registry, self._readiness)
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="jwtgate-metrics",
+            daemon=True,
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+        _log.info("metrics_listening", host=self._address[0], port=self.port)
+
+    def stop(self) -> None:
+        """Stop serving, close the socket and join every thread; safe to call twice."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.shutdown()
+        thread.join()
+        server.server_close()
+        self._server = self._thread = None
+
+    def __enter__(self) -> MetricsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
