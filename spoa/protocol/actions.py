@@ -1,0 +1,102 @@
+"""ACK actions: set-var and unset-var, in every variable scope."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .errors import InvalidFrame, InvalidValue, ResourceLimit
+from .types import Value, decode_string, decode_value, encode_string, encode_value
+from .varint import Buffer
+
+
+class Scope(IntEnum):
+    PROC = 0
+    SESS = 1
+    TXN = 2
+    REQ = 3
+    RES = 4
+
+
+class ActionType(IntEnum):
+    SET_VAR = 1
+    UNSET_VAR = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SetVar:
+    scope: Scope
+    name: str
+    value: Value
+
+
+@dataclass(frozen=True, slots=True)
+class UnsetVar:
+    scope: Scope
+    name: str
+
+
+Action = SetVar | UnsetVar
+
+# HAProxy accepts these characters in variable names.
+_VALID_NAME = re.compile(r"[A-Za-z0-9._]{1,63}")
+# (scope, name) -> "action type, nb-args, scope, name": the constant head of an action.
+# Bounded so a caller inventing names per request cannot grow it without end.
+_HEAD_CACHE: dict[tuple[int, int, str], bytes] = {}
+_HEAD_CACHE_LIMIT = 4096
+
+
+def _action_head(action_type: int, scope: int, name: str) -> bytes:
+    key = (action_type, scope, name)
+    head = _HEAD_CACHE.get(key)
+    if head is not None:
+        return head
+    if not _VALID_NAME.fullmatch(name):
+        raise InvalidValue("variable names are 1-63 characters of [A-Za-z0-9._]")
+    if scope not in Scope._value2member_map_:
+        raise InvalidValue("unknown variable scope")
+    nb_args = 3 if action_type == ActionType.SET_VAR else 2
+    head = bytes((action_type, nb_args, scope)) + encode_string(name)
+    if len(_HEAD_CACHE) < _HEAD_CACHE_LIMIT:
+        _HEAD_CACHE[key] = head
+    return head
+
+
+def encode_actions(actions: Iterable[Action]) -> bytes:
+    """The LIST-OF-ACTIONS payload of an ACK."""
+    parts = []
+    for action in actions:
+        if type(action) is SetVar:
+            parts.append(_action_head(1, action.scope, action.name))
+            parts.append(encode_value(action.value))
+        elif type(action) is UnsetVar:
+            parts.append(_action_head(2, action.scope, action.name))
+        else:
+            raise InvalidValue(f"not an action: {type(action).__name__}")
+    return b"".join(parts)
+
+
+def decode_actions(buf: Buffer, pos: int, end: int, max_items: int = 256) -> list[Action]:
+    """Decode a LIST-OF-ACTIONS (HAProxy's side; used by tests and tools)."""
+    actions: list[Action] = []
+    while pos < end:
+        if len(actions) >= max_items:
+            raise ResourceLimit("too many actions")
+        if end - pos < 3:
+            raise InvalidFrame("truncated action")
+        action_type, nb_args, scope_code = buf[pos], buf[pos + 1], buf[pos + 2]
+        pos += 3
+        if scope_code not in Scope._value2member_map_:
+            raise InvalidFrame("unknown variable scope")
+        scope = Scope(scope_code)
+        name, pos = decode_string(buf, pos, end)
+        if action_type == ActionType.SET_VAR and nb_args == 3:
+            value, pos = decode_value(buf, pos, end)
+            actions.append(SetVar(scope, name, value))
+        elif action_type == ActionType.UNSET_VAR and nb_args == 2:
+            actions.append(UnsetVar(scope, name))
+        else:
+            raise InvalidFrame("unknown action or wrong argument count")
+    return actions

@@ -1,0 +1,408 @@
+"""The agent side of one SPOP connection, as a sans-I/O state machine.
+
+Bytes go in through `receive_data`, events come out; answers are queued as
+whole frames and drained with `data_to_send`. The caller passes the time in
+and arms a timer for `next_deadline()`. A protocol violation never raises out
+of `receive_data`: it queues AGENT-DISCONNECT with the matching status, reports
+`ConnectionClosed`, and all later input is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+from .actions import Action, encode_actions
+from .errors import (
+    BadMaxFrameSize,
+    CapabilitiesMissing,
+    FragmentationNotSupported,
+    FrameIdNotFound,
+    FrameTooBig,
+    InvalidFrame,
+    InvalidInterlacedFrames,
+    MaxFrameSizeMissing,
+    ResourceLimit,
+    SpopError,
+    Status,
+    UnsupportedVersion,
+    VersionMissing,
+)
+from .events import (
+    ConnectionClosed,
+    DisconnectReceived,
+    Event,
+    HelloReceived,
+    NotifyReceived,
+)
+from .frames import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MIN_FRAME_BODY,
+    MIN_MAX_FRAME_SIZE,
+    FrameType,
+    build_frame,
+)
+from .payloads import decode_kv_list, decode_messages, encode_kv_list
+from .types import Value, encode_string
+from .varint import decode_varint, encode_varint
+
+SPOP_VERSION = "2.0"
+AGENT_CAPABILITIES = "pipelining"
+MAX_FRAME_SIZE_LIMIT = 0xFFFFFFFF
+
+DEFAULT_MAX_LIST_ITEMS = 256
+DEFAULT_MAX_INFLIGHT = 20
+DEFAULT_HELLO_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+_NOTIFY = FrameType.NOTIFY.value
+_HAPROXY_HELLO = FrameType.HAPROXY_HELLO.value
+_HAPROXY_DISCONNECT = FrameType.HAPROXY_DISCONNECT.value
+_FIN = 0x01
+# ACK type byte and FIN flags: the constant start of every ACK body.
+_ACK_HEAD = bytes((FrameType.ACK.value,)) + b"\x00\x00\x00\x01"
+
+
+class _State(Enum):
+    AWAIT_HELLO = "await-hello"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+def build_disconnect(status: Status | int, message: str) -> bytes:
+    """A whole AGENT-DISCONNECT frame (status-code is sent as UINT32)."""
+    payload = (
+        encode_string("status-code")
+        + b"\x03"
+        + encode_varint(int(status))
+        + encode_kv_list((("message", message),))
+    )
+    return build_frame(FrameType.AGENT_DISCONNECT, 0, 0, payload)
+
+
+def build_agent_hello(max_frame_size: int, capabilities: str = AGENT_CAPABILITIES) -> bytes:
+    """A whole AGENT-HELLO frame (max-frame-size is sent as UINT32)."""
+    payload = (
+        encode_kv_list((("version", SPOP_VERSION),))
+        + encode_string("max-frame-size")
+        + b"\x03"
+        + encode_varint(max_frame_size)
+        + encode_kv_list((("capabilities", capabilities),))
+    )
+    return build_frame(FrameType.AGENT_HELLO, 0, 0, payload)
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    """SPOP comma lists ignore spaces."""
+    return tuple(item for item in text.replace(" ", "").split(",") if item)
+
+
+def _is_version_2_0(text: str) -> bool:
+    major, _, minor = text.partition(".")
+    return major.isdigit() and minor.isdigit() and int(major) == 2 and int(minor) == 0
+
+
+class AgentConnection:
+    """One HAProxy-to-agent connection, from the agent's side.
+
+    Limits: `max_frame_size` is what we accept and announce (HAProxy's own
+    default is 16380; the reply is min(ours, HAProxy's), and before HELLO it
+    caps the first frame); `max_list_items` bounds each KV list, message list
+    and argument list; `max_inflight` bounds NOTIFYs awaiting an ACK and must
+    be at least HAProxy's `max-waiting-frames` (20 by default).
+    `hello_timeout` (seconds) closes a connection whose HELLO never comes,
+    counted from `now` (or from the first `receive_data` when `now` is None);
+    `idle_timeout` closes a connection with nothing in flight and no input for
+    that long; keep it above HAProxy's `timeout idle` / `timeout server`.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_list_items: int = DEFAULT_MAX_LIST_ITEMS,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        now: float | None = None,
+    ) -> None:
+        if not MIN_MAX_FRAME_SIZE <= max_frame_size <= MAX_FRAME_SIZE_LIMIT:
+            raise ValueError("max_frame_size must be within [256, 2**32-1]")
+        if max_list_items < 1 or max_inflight < 1:
+            raise ValueError("max_list_items and max_inflight must be positive")
+        if hello_timeout <= 0 or (idle_timeout is not None and idle_timeout <= 0):
+            raise ValueError("timeouts must be positive")
+        self._max_frame_size = max_frame_size
+        self._max_list_items = max_list_items
+        self._max_inflight = max_inflight
+        self._hello_timeout = hello_timeout
+        self._idle_timeout = idle_timeout
+        self._state = _State.AWAIT_HELLO
+        self._frame_limit = max_frame_size
+        self._negotiated_max_frame_size: int | None = None
+        self._pipelining = False
+        self._inbuf = bytearray()
+        self._outbox: list[bytes] = []
+        self._events: list[Event] = []
+        self._inflight: set[tuple[int, int]] = set()
+        self._hello_deadline = None if now is None else now + hello_timeout
+        self._last_input = now
+        self._close_status: Status | None = None
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    @property
+    def close_status(self) -> Status | None:
+        return self._close_status
+
+    @property
+    def inflight(self) -> int:
+        """NOTIFYs received and not yet acknowledged."""
+        return len(self._inflight)
+
+    @property
+    def negotiated_max_frame_size(self) -> int | None:
+        return self._negotiated_max_frame_size
+
+    @property
+    def pipelining(self) -> bool:
+        """HAProxy listed pipelining, so several NOTIFYs may be in flight."""
+        return self._pipelining
+
+    # -- input -------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Feed bytes from HAProxy; b"" means the peer closed its side."""
+        if self._state is _State.CLOSED:
+            return self._take_events()
+        self._last_input = now
+        if self._hello_deadline is None:
+            self._hello_deadline = now + self._hello_timeout
+        if not data:
+            message = "peer closed mid-frame" if self._inbuf else "peer closed"
+            self._close(Status.NORMAL, message)
+            return self._take_events()
+        try:
+            self._consume(data)
+        except SpopError as error:
+            self._fail(error)
+        return self._take_events()
+
+    def _consume(self, data: bytes) -> None:
+        inbuf = self._inbuf
+        if inbuf:
+            inbuf += data
+            buf: bytes | bytearray = inbuf
+        else:
+            buf = data
+        size = len(buf)
+        pos = 0
+        while size - pos >= 4:
+            length = int.from_bytes(buf[pos : pos + 4], "big")
+            # Decided from the length alone, before any of the body is buffered.
+            if length > self._frame_limit:
+                raise FrameTooBig("frame longer than the negotiated max-frame-size")
+            end = pos + 4 + length
+            if end > size:
+                break
+            self._handle_frame(buf, pos + 4, end)
+            pos = end
+            if self._state is _State.CLOSED:
+                return
+        if buf is inbuf:
+            del inbuf[:pos]
+        elif pos < size:
+            self._inbuf = bytearray(buf[pos:])
+
+    def _handle_frame(self, buf: bytes | bytearray, start: int, end: int) -> None:
+        if end - start < MIN_FRAME_BODY:
+            raise InvalidFrame("frame shorter than its header")
+        frame_type = buf[start]
+        if not buf[start + 4] & _FIN:
+            raise FragmentationNotSupported("fragmented frame (FIN not set)")
+        pos = start + 5
+        stream_id = buf[pos]
+        if stream_id < 240:
+            pos += 1
+        else:
+            stream_id, pos = decode_varint(buf, pos, end)
+        frame_id = buf[pos] if pos < end else 0
+        if pos < end and frame_id < 240:
+            pos += 1
+        else:
+            frame_id, pos = decode_varint(buf, pos, end)
+
+        state = self._state
+        if frame_type == _NOTIFY and state is _State.READY:
+            key = (stream_id, frame_id)
+            inflight = self._inflight
+            if key in inflight:
+                raise InvalidInterlacedFrames("NOTIFY ids already in flight")
+            if len(inflight) >= self._max_inflight:
+                raise ResourceLimit("too many NOTIFY frames in flight")
+            messages = decode_messages(buf, pos, end, self._max_list_items)
+            inflight.add(key)
+            self._events.append(NotifyReceived(stream_id, frame_id, messages))
+        elif frame_type == _HAPROXY_HELLO:
+            if state is not _State.AWAIT_HELLO:
+                raise InvalidFrame("second HELLO")
+            self._handle_hello(buf, pos, end)
+        elif frame_type == _HAPROXY_DISCONNECT:
+            self._handle_disconnect(buf, pos, end)
+        elif state is _State.AWAIT_HELLO:
+            raise InvalidFrame("first frame is not HAPROXY-HELLO")
+        elif frame_type == FrameType.UNSET:
+            raise FragmentationNotSupported("fragment continuation frame")
+        elif frame_type in (FrameType.AGENT_HELLO, FrameType.AGENT_DISCONNECT, FrameType.ACK):
+            raise InvalidFrame("agent frame type sent by HAProxy")
+        # Any other type is unknown: skipped whole, framing stays intact.
+
+    def _handle_hello(self, buf: bytes | bytearray, pos: int, end: int) -> None:
+        items: dict[str, Value] = {}
+        for name, value in decode_kv_list(buf, pos, end, self._max_list_items):
+            items.setdefault(name, value)
+        versions_text = items.get("supported-versions")
+        if not isinstance(versions_text, str):
+            raise VersionMissing("HELLO without supported-versions")
+        versions = _split_list(versions_text)
+        if not any(_is_version_2_0(version) for version in versions):
+            raise UnsupportedVersion("HAProxy does not offer SPOP 2.0")
+        their_max = items.get("max-frame-size")
+        if not isinstance(their_max, int) or isinstance(their_max, bool):
+            raise MaxFrameSizeMissing("HELLO without max-frame-size")
+        if their_max < MIN_MAX_FRAME_SIZE:
+            raise BadMaxFrameSize("max-frame-size below 256")
+        healthcheck = items.get("healthcheck") is True
+        capabilities_text = items.get("capabilities")
+        if capabilities_text is None and not healthcheck:
+            raise CapabilitiesMissing("HELLO without capabilities")
+        if capabilities_text is not None and not isinstance(capabilities_text, str):
+            raise InvalidFrame("capabilities is not a string")
+        capabilities = frozenset(_split_list(capabilities_text or ""))
+        engine_id = items.get("engine-id")
+        negotiated = min(self._max_frame_size, their_max)
+
+        self._outbox.append(build_agent_hello(negotiated))
+        self._negotiated_max_frame_size = negotiated
+        self._frame_limit = negotiated
+        self._pipelining = "pipelining" in capabilities
+        self._events.append(
+            HelloReceived(
+                supported_versions=versions,
+                max_frame_size=their_max,
+                capabilities=capabilities,
+                healthcheck=healthcheck,
+                engine_id=engine_id if isinstance(engine_id, str) else None,
+                negotiated_max_frame_size=negotiated,
+            )
+        )
+        if healthcheck:
+            # A health check ends after our HELLO; no DISCONNECT is needed.
+            self._close(Status.NORMAL, "health check answered")
+        else:
+            self._state = _State.READY
+
+    def _handle_disconnect(self, buf: bytes | bytearray, pos: int, end: int) -> None:
+        items: dict[str, Value] = {}
+        for name, value in decode_kv_list(buf, pos, end, self._max_list_items):
+            items.setdefault(name, value)
+        code = items.get("status-code")
+        status_code = code if isinstance(code, int) and not isinstance(code, bool) else 99
+        text = items.get("message")
+        message = text if isinstance(text, str) else ""
+        self._events.append(DisconnectReceived(status_code, message))
+        self._outbox.append(build_disconnect(Status.NORMAL, "bye"))
+        self._close(Status.from_code(status_code), message or "HAProxy disconnected")
+
+    # -- output ------------------------------------------------------------
+
+    def send_ack(self, stream_id: int, frame_id: int, actions: Sequence[Action]) -> None:
+        """Queue the ACK of an in-flight NOTIFY. Ignored once the connection is closed.
+
+        Raises FrameIdNotFound for ids not in flight, InvalidValue for an action
+        that cannot be encoded and FrameTooBig when the ACK would exceed the
+        negotiated frame size; the NOTIFY then stays in flight.
+        """
+        if self._state is _State.CLOSED:
+            return
+        key = (stream_id, frame_id)
+        if key not in self._inflight:
+            raise FrameIdNotFound("no NOTIFY in flight with these ids")
+        payload = encode_actions(actions)
+        ids = (
+            bytes((stream_id, frame_id))
+            if stream_id < 240 and frame_id < 240
+            else encode_varint(stream_id) + encode_varint(frame_id)
+        )
+        length = 5 + len(ids) + len(payload)
+        if length > (self._negotiated_max_frame_size or self._max_frame_size):
+            raise FrameTooBig("ACK longer than the negotiated max-frame-size")
+        self._inflight.remove(key)
+        self._outbox.append(length.to_bytes(4, "big") + _ACK_HEAD + ids + payload)
+
+    def send_disconnect(self, status: Status, message: str) -> None:
+        """Queue AGENT-DISCONNECT and close. `ConnectionClosed` comes out of the
+        next `receive_data` or `handle_timeout` call."""
+        if self._state is _State.CLOSED:
+            return
+        self._outbox.append(build_disconnect(status, message))
+        self._close(status, message)
+
+    def data_to_send(self) -> bytes:
+        """Drain the outbox: zero or more whole frames."""
+        if not self._outbox:
+            return b""
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        return data
+
+    # -- time --------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When `handle_timeout` should next be called, on the caller's clock."""
+        if self._state is _State.AWAIT_HELLO:
+            return self._hello_deadline
+        if (
+            self._state is _State.READY
+            and not self._inflight
+            and self._idle_timeout is not None
+            and self._last_input is not None
+        ):
+            return self._last_input + self._idle_timeout
+        return None
+
+    def handle_timeout(self, now: float) -> list[Event]:
+        if self._state is _State.AWAIT_HELLO:
+            if self._hello_deadline is not None and now >= self._hello_deadline:
+                self._outbox.append(build_disconnect(Status.TIMEOUT, "no HELLO in time"))
+                self._close(Status.TIMEOUT, "no HELLO in time")
+        elif self._state is _State.READY:
+            deadline = self.next_deadline()
+            if deadline is not None and now >= deadline:
+                self._outbox.append(build_disconnect(Status.TIMEOUT, "idle timeout"))
+                self._close(Status.TIMEOUT, "idle timeout")
+        return self._take_events()
+
+    # -- internals ---------------------------------------------------------
+
+    def _fail(self, error: SpopError) -> None:
+        self._outbox.append(build_disconnect(error.status, error.message))
+        self._close(error.status, error.message)
+
+    def _close(self, status: Status, message: str) -> None:
+        self._state = _State.CLOSED
+        self._close_status = status
+        self._inflight.clear()
+        self._inbuf = bytearray()
+        self._events.append(ConnectionClosed(status, message))
+
+    def _take_events(self) -> list[Event]:
+        events = self._events
+        if not events:
+            return []
+        self._events = []
+        return events
