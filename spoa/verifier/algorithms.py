@@ -1,0 +1,142 @@
+"""The JWS algorithms we verify, and the signature check itself (straight onto `cryptography`)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from enum import StrEnum
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+
+class KeyKind(StrEnum):
+    RSA = "RSA"
+    EC = "EC"
+    OKP = "OKP"
+    OCT = "oct"
+
+
+@dataclass(frozen=True, slots=True)
+class Algorithm:
+    name: str
+    kind: KeyKind
+    curves: frozenset[str] = frozenset()  # EC/OKP curves this alg accepts
+    hash_name: str = ""  # for RSA/EC/HMAC
+    pss: bool = False
+    coordinate_bytes: int = 0  # EC: length of r and of s
+
+
+# Group orders of the NIST curves, for the psychic-signature range check on r and s.
+CURVE_ORDERS: dict[str, int] = {
+    "P-256": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "P-384": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+        "581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    "P-521": int(
+        "01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+        "FA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        16,
+    ),
+}
+
+ALGORITHMS: dict[str, Algorithm] = {
+    **{
+        f"RS{bits}": Algorithm(f"RS{bits}", KeyKind.RSA, hash_name=f"sha{bits}")
+        for bits in (256, 384, 512)
+    },
+    **{
+        f"PS{bits}": Algorithm(f"PS{bits}", KeyKind.RSA, hash_name=f"sha{bits}", pss=True)
+        for bits in (256, 384, 512)
+    },
+    "ES256": Algorithm("ES256", KeyKind.EC, frozenset({"P-256"}), "sha256", coordinate_bytes=32),
+    "ES384": Algorithm("ES384", KeyKind.EC, frozenset({"P-384"}), "sha384", coordinate_bytes=48),
+    "ES512": Algorithm("ES512", KeyKind.EC, frozenset({"P-521"}), "sha512", coordinate_bytes=66),
+    "EdDSA": Algorithm("EdDSA", KeyKind.OKP, frozenset({"Ed25519", "Ed448"})),
+    # RFC 9864 fully specified names.
+    "Ed25519": Algorithm("Ed25519", KeyKind.OKP, frozenset({"Ed25519"})),
+    "Ed448": Algorithm("Ed448", KeyKind.OKP, frozenset({"Ed448"})),
+    **{
+        f"HS{bits}": Algorithm(f"HS{bits}", KeyKind.OCT, hash_name=f"sha{bits}")
+        for bits in (256, 384, 512)
+    },
+}
+
+SUPPORTED_ALGORITHMS: frozenset[str] = frozenset(ALGORITHMS)
+HMAC_ALGORITHMS: frozenset[str] = frozenset({"HS256", "HS384", "HS512"})
+
+_HASHES: dict[str, hashes.HashAlgorithm] = {
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
+_PKCS1 = padding.PKCS1v15()
+_PSS: dict[str, padding.PSS] = {
+    name: padding.PSS(mgf=padding.MGF1(algorithm), salt_length=algorithm.digest_size)
+    for name, algorithm in _HASHES.items()
+}
+_ECDSA: dict[str, ec.ECDSA] = {name: ec.ECDSA(algorithm) for name, algorithm in _HASHES.items()}
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey
+KeyMaterial = PublicKey | bytes
+
+
+def raw_ecdsa_to_der(signature: bytes, algorithm: Algorithm, curve: str) -> bytes | None:
+    """Turn a JWS r||s signature into DER, or None when it cannot be valid.
+
+    Exact length only (a DER signature is refused), and 0 < r, s < n (psychic signatures).
+    """
+    size = algorithm.coordinate_bytes
+    if len(signature) != 2 * size:
+        return None
+    r = int.from_bytes(signature[:size], "big")
+    s = int.from_bytes(signature[size:], "big")
+    order = CURVE_ORDERS[curve]
+    if not (0 < r < order and 0 < s < order):
+        return None
+    return encode_dss_signature(r, s)
+
+
+def verify_signature(
+    algorithm: Algorithm,
+    material: KeyMaterial,
+    curve: str | None,
+    signing_input: bytes,
+    signature: bytes,
+) -> bool:
+    """True when `signature` is valid for `signing_input` under this key; never raises."""
+    try:
+        if algorithm.kind is KeyKind.OCT:
+            if not isinstance(material, bytes):
+                return False
+            expected = hmac.new(material, signing_input, getattr(hashlib, algorithm.hash_name))
+            return hmac.compare_digest(expected.digest(), signature)
+        if algorithm.kind is KeyKind.RSA:
+            if not isinstance(material, rsa.RSAPublicKey):
+                return False
+            if len(signature) != (material.key_size + 7) // 8:
+                return False
+            pad = _PSS[algorithm.hash_name] if algorithm.pss else _PKCS1
+            material.verify(signature, signing_input, pad, _HASHES[algorithm.hash_name])
+            return True
+        if algorithm.kind is KeyKind.EC:
+            if not isinstance(material, ec.EllipticCurvePublicKey) or curve is None:
+                return False
+            der = raw_ecdsa_to_der(signature, algorithm, curve)
+            if der is None:
+                return False
+            material.verify(der, signing_input, _ECDSA[algorithm.hash_name])
+            return True
+        if isinstance(material, Ed25519PublicKey | Ed448PublicKey):
+            material.verify(signature, signing_input)
+            return True
+        return False
+    except InvalidSignature:
+        return False

@@ -1,0 +1,126 @@
+"""Claim checks (RFC 7519 §4.1, RFC 9068). Each raises TokenRejected with its reason."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from spoa.verifier.errors import TokenRejected
+from spoa.verifier.policy import ClaimMatcher, IssuerRules, normalize_type
+from spoa.verifier.reasons import Reason
+
+
+def numeric_date(payload: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim as float, None when absent; anything but a finite number is malformed."""
+    value = payload.get(name)
+    if value is None and name not in payload:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokenRejected(f"{name} is not a number", reason=Reason.MALFORMED)
+    result = float(value)
+    if not math.isfinite(result):
+        raise TokenRejected(f"{name} is not finite", reason=Reason.MALFORMED)
+    return result
+
+
+def check_type(header: Mapping[str, Any], rules: IssuerRules) -> None:
+    if not rules.normalized_types:
+        return
+    typ = header.get("typ")
+    if not isinstance(typ, str) or normalize_type(typ) not in rules.normalized_types:
+        raise TokenRejected("token type is not accepted", reason=Reason.BAD_TYPE)
+
+
+def check_issuer_claims(
+    payload: Mapping[str, Any],
+    rules: IssuerRules,
+    now: float,
+) -> tuple[float | None, float | None]:
+    """Checks that depend only on the token and its issuer; returns (exp, nbf)."""
+    exp = numeric_date(payload, "exp")
+    nbf = numeric_date(payload, "nbf")
+    iat = numeric_date(payload, "iat")
+    if exp is None and rules.require_exp:
+        raise TokenRejected("exp is required", reason=Reason.MISSING_CLAIM)
+    if iat is not None and iat > now + rules.leeway:
+        raise TokenRejected("iat is in the future", reason=Reason.IAT_IN_FUTURE)
+    if rules.max_lifetime is not None:
+        if exp is None:
+            raise TokenRejected(
+                "exp is required for a bounded lifetime", reason=Reason.MISSING_CLAIM
+            )
+        start = iat if iat is not None else now
+        if exp - start > rules.max_lifetime + rules.leeway:
+            raise TokenRejected("token lifetime is too long", reason=Reason.LIFETIME_TOO_LONG)
+    for claim in rules.required_claims:
+        if payload.get(claim) is None:
+            raise TokenRejected("a required claim is missing", reason=Reason.MISSING_CLAIM)
+    return exp, nbf
+
+
+def check_times(exp: float | None, nbf: float | None, leeway: float, now: float) -> None:
+    if exp is not None and now >= exp + leeway:
+        raise TokenRejected("token has expired", reason=Reason.EXPIRED)
+    if nbf is not None and now + leeway < nbf:
+        raise TokenRejected("token is not valid yet", reason=Reason.NOT_YET_VALID)
+
+
+def token_audiences(payload: Mapping[str, Any]) -> frozenset[str]:
+    """`aud` as a set: a string or an array of strings (RFC 7519 §4.1.3)."""
+    aud = payload.get("aud")
+    if aud is None:
+        return frozenset()
+    if isinstance(aud, str):
+        return frozenset((aud,))
+    if isinstance(aud, list) and all(isinstance(item, str) for item in aud):
+        return frozenset(aud)
+    raise TokenRejected("aud is neither a string nor an array of strings", reason=Reason.MALFORMED)
+
+
+def token_scopes(payload: Mapping[str, Any]) -> frozenset[str]:
+    """Scopes from a space-separated `scope` (RFC 9068) and/or an `scp` array or string."""
+    scopes: set[str] = set()
+    for name in ("scope", "scp"):
+        value = payload.get(name)
+        if isinstance(value, str):
+            scopes.update(value.split())
+        elif isinstance(value, list):
+            scopes.update(item for item in value if isinstance(item, str))
+    return frozenset(scopes)
+
+
+def check_audience(token_aud: frozenset[str], accepted: frozenset[str]) -> None:
+    """Any-of match; an empty accepted set means the audience is not enforced."""
+    if accepted and token_aud.isdisjoint(accepted):
+        raise TokenRejected("audience not accepted", reason=Reason.BAD_AUDIENCE)
+
+
+def json_equal(left: object, right: object) -> bool:
+    """JSON equality: true is not 1, and containers compare element-wise by the same rule."""
+    if isinstance(left, bool) or isinstance(right, bool):
+        return type(left) is type(right) and left == right
+    if isinstance(left, list | tuple) and isinstance(right, list | tuple):
+        return len(left) == len(right) and all(
+            json_equal(a, b) for a, b in zip(left, right, strict=True)
+        )
+    if isinstance(left, dict) and isinstance(right, dict):
+        return left.keys() == right.keys() and all(json_equal(left[k], right[k]) for k in left)
+    return left == right
+
+
+def check_matchers(payload: Mapping[str, Any], matchers: tuple[ClaimMatcher, ...]) -> None:
+    for matcher in matchers:
+        if matcher.claim not in payload:
+            raise TokenRejected("a required claim is missing", reason=Reason.MISSING_CLAIM)
+        value = payload[matcher.claim]
+        if matcher.equals is not None:
+            matched = json_equal(value, matcher.equals)
+        elif matcher.one_of is not None:
+            matched = any(json_equal(value, option) for option in matcher.one_of)
+        else:
+            matched = isinstance(value, list) and any(
+                json_equal(item, matcher.contains) for item in value
+            )
+        if not matched:
+            raise TokenRejected("a claim does not match the policy", reason=Reason.CLAIM_MISMATCH)

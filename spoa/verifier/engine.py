@@ -1,0 +1,229 @@
+"""`Verifier.verify(token, policy, context, now) -> Verdict`: the whole decision, pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from spoa.verifier.algorithms import ALGORITHMS, verify_signature
+from spoa.verifier.cache import CacheEntry, VerifiedTokenCache
+from spoa.verifier.claims import (
+    check_audience,
+    check_issuer_claims,
+    check_matchers,
+    check_times,
+    check_type,
+    token_audiences,
+    token_scopes,
+)
+from spoa.verifier.errors import PolicyError, TokenRejected
+from spoa.verifier.keystore import KeyStore
+from spoa.verifier.parsing import parse_compact
+from spoa.verifier.policy import IssuerRules, Policy, RequestContext
+from spoa.verifier.reasons import Reason
+from spoa.verifier.verdict import EMPTY_CLAIMS, Verdict
+
+DEFAULT_MAX_TOKEN_BYTES = 8192
+DEFAULT_CACHE_SIZE = 10_000
+
+
+class Verifier:
+    """Verifies compact JWS tokens against issuer rules and per-request policies.
+
+    Not thread-safe for concurrent mutation of its cache beyond what the GIL gives; the
+    agent calls it from one event loop per worker.
+    """
+
+    def __init__(
+        self,
+        issuers: Sequence[IssuerRules],
+        keys: KeyStore,
+        *,
+        max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
+        if max_token_bytes <= 0:
+            raise PolicyError("max_token_bytes must be positive")
+        by_issuer: dict[str, IssuerRules] = {}
+        by_name: dict[str, IssuerRules] = {}
+        for rules in issuers:
+            if rules.issuer in by_issuer:
+                raise PolicyError(f"issuer {rules.issuer!r} is configured twice")
+            if rules.name in by_name:
+                raise PolicyError(f"issuer name {rules.name!r} is used twice")
+            by_issuer[rules.issuer] = rules
+            by_name[rules.name] = rules
+        self._by_issuer = by_issuer
+        self._by_name = by_name
+        self._keys = keys
+        self.max_token_bytes = max_token_bytes
+        self.cache = VerifiedTokenCache(cache_size)
+
+    @property
+    def issuers(self) -> Mapping[str, IssuerRules]:
+        """Issuer rules by config name."""
+        return MappingProxyType(self._by_name)
+
+    def verify(
+        self, token: str | bytes, policy: Policy, context: RequestContext, now: float
+    ) -> Verdict:
+        try:
+            if not token:
+                return Verdict.rejected(Reason.MISSING_TOKEN)
+            entry = self.cache.get(token)
+            if entry is not None:
+                verdict = self._verify_cached(token, entry, policy, now)
+                if verdict is not None:
+                    return verdict
+            return self._verify_full(token, policy, now)
+        except Exception:  # fail closed on anything unforeseen; the glue logs the reason
+            return Verdict.rejected(Reason.INTERNAL_ERROR)
+
+    def _verify_cached(
+        self, token: str | bytes, entry: CacheEntry, policy: Policy, now: float
+    ) -> Verdict | None:
+        """The hit path: no parsing, no crypto. None means "treat as a miss"."""
+        if entry.issuer not in policy.issuers:
+            return self._cached_rejection(entry, Reason.BAD_ISSUER, policy)
+        generation = self._keys.generation(entry.issuer, now)
+        if generation is None:
+            return self._cached_rejection(entry, Reason.KEYS_UNAVAILABLE, policy)
+        if generation != entry.generation:
+            if not self._keys.holds(entry.issuer, entry.key_id):
+                self.cache.discard(token)
+                return None
+            entry.generation = generation
+        exp = entry.exp
+        if exp is not None and now >= exp + entry.leeway:
+            self.cache.discard(token)
+            return self._cached_rejection(entry, Reason.EXPIRED, policy)
+        if entry.nbf is not None and now + entry.leeway < entry.nbf:
+            return self._cached_rejection(entry, Reason.NOT_YET_VALID, policy)
+        accepted = policy.audiences
+        if accepted is None:
+            accepted = self._by_name[entry.issuer].audiences
+        if accepted and entry.audiences.isdisjoint(accepted):
+            return self._cached_rejection(entry, Reason.BAD_AUDIENCE, policy)
+        if policy.require_scopes and not policy.require_scopes <= entry.scopes:
+            return self._cached_rejection(entry, Reason.INSUFFICIENT_SCOPE, policy)
+        if policy.claim_matchers:
+            try:
+                check_matchers(entry.claims, policy.claim_matchers)
+            except TokenRejected as exc:
+                return self._cached_rejection(entry, exc.reason, policy)
+        return entry.ok_verdict
+
+    @staticmethod
+    def _cached_rejection(entry: CacheEntry, reason: Reason, policy: Policy) -> Verdict:
+        ok = entry.ok_verdict
+        return Verdict.rejected(
+            reason,
+            claims=ok.claims,
+            expires_at=ok.expires_at,
+            issuer=ok.issuer,
+            kid=ok.kid,
+            alg=ok.alg,
+            required_scopes=policy.require_scopes
+            if reason is Reason.INSUFFICIENT_SCOPE
+            else frozenset(),
+            cache_hit=True,
+        )
+
+    def _verify_full(self, token: str | bytes, policy: Policy, now: float) -> Verdict:
+        issuer_name: str | None = None
+        kid: str | None = None
+        alg: str | None = None
+        claims: Mapping[str, Any] = EMPTY_CLAIMS
+        expires_at: float | None = None
+        try:
+            parsed = parse_compact(token, self.max_token_bytes)
+            kid, alg = parsed.kid, parsed.alg
+            payload = parsed.payload
+            iss = payload.get("iss")
+            rules = self._by_issuer.get(iss) if isinstance(iss, str) else None
+            if rules is None:
+                raise TokenRejected("issuer is not trusted", reason=Reason.BAD_ISSUER)
+            issuer_name = rules.name
+            if rules.name not in policy.issuers:
+                raise TokenRejected("policy does not trust this issuer", reason=Reason.BAD_ISSUER)
+            algorithm = ALGORITHMS.get(alg)
+            if algorithm is None or alg not in rules.algorithms:
+                raise TokenRejected(
+                    "alg is not allowed for this issuer", reason=Reason.UNSUPPORTED_ALG
+                )
+            generation, candidates = self._keys.candidates(rules.name, kid, alg, now)
+            signing_key = None
+            for key in candidates:
+                if verify_signature(
+                    algorithm, key.material, key.curve, parsed.signing_input, parsed.signature
+                ):
+                    signing_key = key
+                    break
+            if signing_key is None:
+                raise TokenRejected("signature does not verify", reason=Reason.BAD_SIGNATURE)
+            # From here on the payload is authentic and may be forwarded.
+            claims = MappingProxyType(payload)
+            raw_exp = payload.get("exp")
+            if isinstance(raw_exp, int | float) and not isinstance(raw_exp, bool):
+                expires_at = float(raw_exp)
+            check_type(parsed.header, rules)
+            exp, nbf = check_issuer_claims(payload, rules, now)
+            audiences = token_audiences(payload)
+            scopes = token_scopes(payload)
+            check_times(exp, nbf, rules.leeway, now)
+            ok_verdict = Verdict(
+                ok=True,
+                status=200,
+                reason=Reason.OK,
+                claims=claims,
+                expires_at=exp,
+                issuer=rules.name,
+                kid=kid,
+                alg=alg,
+                cache_hit=True,
+            )
+            self.cache.put(
+                token,
+                CacheEntry(
+                    issuer=rules.name,
+                    key_id=signing_key.key_id,
+                    generation=generation,
+                    claims=claims,
+                    exp=exp,
+                    nbf=nbf,
+                    leeway=rules.leeway,
+                    audiences=audiences,
+                    scopes=scopes,
+                    ok_verdict=ok_verdict,
+                ),
+            )
+            accepted = policy.audiences if policy.audiences is not None else rules.audiences
+            check_audience(audiences, accepted)
+            if policy.require_scopes and not policy.require_scopes <= scopes:
+                raise TokenRejected("scope too low", reason=Reason.INSUFFICIENT_SCOPE)
+            check_matchers(payload, policy.claim_matchers)
+        except TokenRejected as exc:
+            return Verdict.rejected(
+                exc.reason,
+                claims=claims,
+                expires_at=expires_at,
+                issuer=issuer_name,
+                kid=kid,
+                alg=alg,
+                required_scopes=(
+                    policy.require_scopes
+                    if exc.reason is Reason.INSUFFICIENT_SCOPE
+                    else frozenset()
+                ),
+            )
+        return Verdict(
+            ok=True,
+            status=200,
+            reason=Reason.OK,
+            claims=claims,
+            expires_at=exp,
+            issuer=rules.name,
+            kid=kid,
+            alg=alg,
+        )

@@ -1,0 +1,247 @@
+"""Verification keys and key sets: loading PEM, JWK and JWKS (via jwcrypto) and HMAC secrets.
+
+A key is tied to what it may verify: its type and curve (and its JWK `alg`, when given) must
+fit the token's alg, so an RSA public key can never act as an HMAC secret. HMAC keys only
+come from explicitly configured secrets, never from a JWKS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from jwcrypto import jwk as jwcrypto_jwk
+
+from spoa.verifier.algorithms import ALGORITHMS, HMAC_ALGORITHMS, KeyKind, KeyMaterial
+from spoa.verifier.errors import KeyLoadError, TokenRejected
+from spoa.verifier.parsing import parse_json_object
+from spoa.verifier.reasons import Reason
+
+MIN_RSA_BITS = 2048
+DEFAULT_MAX_KEYS = 100
+_EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """One public key or HMAC secret. `key_id` is a stable identity (RFC 7638 thumbprint)."""
+
+    key_id: str
+    kid: str | None
+    kind: KeyKind
+    material: KeyMaterial = field(repr=False)
+    curve: str | None = None
+    alg: str | None = None  # pinned by the JWK or the configuration
+
+    def fits(self, alg: str) -> bool:
+        algorithm = ALGORITHMS.get(alg)
+        if algorithm is None or algorithm.kind is not self.kind:
+            return False
+        if algorithm.curves and self.curve not in algorithm.curves:
+            return False
+        if self.alg is None or self.alg == alg:
+            return True
+        # "EdDSA" and the RFC 9864 names describe the same signature once the curve fits.
+        return self.alg in ("EdDSA", "Ed25519", "Ed448") and alg in ("EdDSA", "Ed25519", "Ed448")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLoadReport:
+    """What a JWKS load kept and why it dropped the rest (no key material here)."""
+
+    kept: int
+    skipped: tuple[str, ...]  # one short reason per skipped key, for logs
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    keys: tuple[VerificationKey, ...]
+    _by_kid: Mapping[str, tuple[VerificationKey, ...]] = field(init=False, repr=False)
+    _unnamed: tuple[VerificationKey, ...] = field(init=False, repr=False)
+    key_ids: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        by_kid: dict[str, list[VerificationKey]] = {}
+        for key in self.keys:
+            if key.kid is not None:
+                by_kid.setdefault(key.kid, []).append(key)
+        object.__setattr__(self, "_by_kid", {kid: tuple(ks) for kid, ks in by_kid.items()})
+        object.__setattr__(self, "_unnamed", tuple(k for k in self.keys if k.kid is None))
+        object.__setattr__(self, "key_ids", frozenset(k.key_id for k in self.keys))
+
+    @property
+    def kids(self) -> frozenset[str]:
+        return frozenset(self._by_kid)
+
+    def candidates(self, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
+        """Keys that may verify a token with this kid and alg.
+
+        A token kid selects keys with that kid plus keys configured without one; a token
+        without kid may try every key that fits. Raises UNKNOWN_KID or UNSUPPORTED_ALG.
+        """
+        if kid is None:
+            named: tuple[VerificationKey, ...] = self.keys
+        else:
+            named = self._by_kid.get(kid, ()) + self._unnamed
+        if not named:
+            raise TokenRejected("no key with this kid", reason=Reason.UNKNOWN_KID)
+        fitting = tuple(key for key in named if key.fits(alg))
+        if not fitting:
+            raise TokenRejected("no key for this alg", reason=Reason.UNSUPPORTED_ALG)
+        return fitting
+
+    def merged(self, other: KeySet) -> KeySet:
+        return KeySet(self.keys + other.keys)
+
+
+def _check_pinned_alg(alg: str | None, kind: KeyKind) -> None:
+    if alg is None:
+        return
+    algorithm = ALGORITHMS.get(alg)
+    if algorithm is None:
+        raise KeyLoadError(f"unsupported algorithm {alg!r}")
+    if algorithm.kind is not kind:
+        raise KeyLoadError(f"algorithm {alg} does not fit a {kind} key")
+
+
+def key_from_public(
+    public_key: object, *, kid: str | None = None, alg: str | None = None
+) -> VerificationKey:
+    """Wrap a `cryptography` public key, enforcing minimum sizes and supported curves."""
+    curve: str | None
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < MIN_RSA_BITS:
+            raise KeyLoadError(f"RSA key has {public_key.key_size} bits, minimum is {MIN_RSA_BITS}")
+        kind, curve = KeyKind.RSA, None
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        curve = _EC_CURVES.get(public_key.curve.name)
+        if curve is None:
+            raise KeyLoadError(f"unsupported EC curve {public_key.curve.name}")
+        kind = KeyKind.EC
+    elif isinstance(public_key, Ed25519PublicKey):
+        kind, curve = KeyKind.OKP, "Ed25519"
+    elif isinstance(public_key, Ed448PublicKey):
+        kind, curve = KeyKind.OKP, "Ed448"
+    else:
+        raise KeyLoadError("unsupported public key type")
+    _check_pinned_alg(alg, kind)
+    if alg is not None and curve is not None:
+        algorithm = ALGORITHMS[alg]
+        if algorithm.curves and curve not in algorithm.curves:
+            raise KeyLoadError(f"algorithm {alg} does not fit curve {curve}")
+    thumbprint = jwcrypto_jwk.JWK.from_pyca(public_key).thumbprint()
+    return VerificationKey(
+        key_id=str(thumbprint), kid=kid, kind=kind, material=public_key, curve=curve, alg=alg
+    )
+
+
+def load_pem(data: bytes, *, kid: str | None = None, alg: str | None = None) -> VerificationKey:
+    """A PEM public key (SubjectPublicKeyInfo) or certificate; private keys are refused."""
+    if b"PRIVATE KEY" in data:
+        raise KeyLoadError("PEM holds a private key; configure the public key only")
+    try:
+        if b"BEGIN CERTIFICATE" in data:
+            public_key: object = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            public_key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise KeyLoadError("not a PEM public key or certificate") from exc
+    return key_from_public(public_key, kid=kid, alg=alg)
+
+
+def hmac_key(secret: bytes, *, alg: str, kid: str | None = None) -> VerificationKey:
+    """An explicitly configured HMAC secret, at least as long as the hash (RFC 7518 §3.2)."""
+    if alg not in HMAC_ALGORITHMS:
+        raise KeyLoadError(f"{alg} is not an HMAC algorithm")
+    minimum = int(alg[2:]) // 8
+    if len(secret) < minimum:
+        raise KeyLoadError(f"{alg} secret must be at least {minimum} bytes")
+    # An identity that changes with the secret without exposing it.
+    identity = hashlib.sha256(b"jwtgate hmac key id\x00" + secret).hexdigest()
+    return VerificationKey(
+        key_id=f"hmac:{identity}", kid=kid, kind=KeyKind.OCT, material=secret, alg=alg
+    )
+
+
+def load_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
+    """One public JWK (RSA, EC or OKP). `oct` keys are refused: secrets are configured apart."""
+    kty = jwk.get("kty")
+    if kty == "oct":
+        raise KeyLoadError("symmetric JWKs are not accepted; configure HMAC secrets explicitly")
+    if kty not in ("RSA", "EC", "OKP"):
+        raise KeyLoadError(f"unsupported kty {kty!r}")
+    if jwk.get("use", "sig") != "sig":
+        raise KeyLoadError("key is not for signatures")
+    key_ops = jwk.get("key_ops")
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        raise KeyLoadError("key_ops does not allow verify")
+    kid = jwk.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise KeyLoadError("kid is not a string")
+    alg = jwk.get("alg")
+    if alg is not None and not isinstance(alg, str):
+        raise KeyLoadError("alg is not a string")
+    # Only the public members go to jwcrypto, so a JWK carrying private parts is still safe.
+    public_members = {"kty", "crv", "x", "y", "n", "e"}
+    try:
+        parsed = jwcrypto_jwk.JWK(**{k: v for k, v in jwk.items() if k in public_members})
+        public_key = parsed.get_op_key("verify")
+    except Exception as exc:  # jwcrypto raises many types for bad key data
+        raise KeyLoadError(f"invalid {kty} JWK") from exc
+    return key_from_public(public_key, kid=kid, alg=alg)
+
+
+def load_jwks(
+    data: bytes | str | Mapping[str, Any], *, max_keys: int = DEFAULT_MAX_KEYS
+) -> tuple[KeySet, KeyLoadReport]:
+    """A JWKS document. Unusable keys (enc, weak, unknown types) are skipped and reported."""
+    if isinstance(data, Mapping):
+        document: Mapping[str, Any] = data
+    else:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        try:
+            document = parse_json_object(raw, "JWKS")
+        except TokenRejected as exc:
+            raise KeyLoadError("JWKS is not a JSON object") from exc
+    entries = document.get("keys")
+    if not isinstance(entries, list):
+        raise KeyLoadError("JWKS has no keys array")
+    if len(entries) > max_keys:
+        raise KeyLoadError(f"JWKS has {len(entries)} keys, limit is {max_keys}")
+    kept: list[VerificationKey] = []
+    skipped: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            skipped.append("entry is not an object")
+            continue
+        try:
+            kept.append(load_jwk(entry))
+        except KeyLoadError as exc:
+            skipped.append(str(exc))
+    return KeySet(tuple(kept)), KeyLoadReport(kept=len(kept), skipped=tuple(skipped))
+
+
+def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None = None) -> KeySet:
+    """A file's bytes holding a PEM key, a JWK or a JWKS (told apart by content)."""
+    stripped = data.lstrip()
+    if stripped.startswith(b"-----BEGIN"):
+        return KeySet((load_pem(data, kid=kid, alg=alg),))
+    try:
+        document = parse_json_object(data, "key file")
+    except TokenRejected as exc:
+        raise KeyLoadError("key file is neither PEM nor a JSON object") from exc
+    if "keys" in document:
+        key_set, _report = load_jwks(document)
+        return key_set
+    return KeySet((load_jwk(document),))
+
+
+def key_set_of(keys: Iterable[VerificationKey]) -> KeySet:
+    return KeySet(tuple(keys))

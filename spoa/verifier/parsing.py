@@ -1,0 +1,143 @@
+"""Compact JWS parsing (RFC 7515 §7.1), strict and bounded.
+
+The size limit is checked before any decoding; base64url must be canonical and unpadded;
+header and payload must be JSON objects without duplicate member names.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import re
+from base64 import urlsafe_b64decode
+from dataclasses import dataclass
+from typing import Any
+
+from spoa.verifier.errors import TokenRejected
+from spoa.verifier.reasons import Reason
+
+# Header parameters we understand; a `crit` naming anything else is refused (RFC 7515 §4.1.11).
+UNDERSTOOD_CRITICAL: frozenset[str] = frozenset()
+
+_B64URL = re.compile(rb"[A-Za-z0-9_-]*")
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# For the last character of a segment: which bits would be dropped when decoding.
+_TAIL_MASK = {2: 0x0F, 3: 0x03}
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedToken:
+    header: dict[str, Any]
+    payload: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+    @property
+    def alg(self) -> str:
+        value = self.header.get("alg")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def kid(self) -> str | None:
+        value = self.header.get("kid")
+        return value if isinstance(value, str) else None
+
+
+def _reject(message: str) -> TokenRejected:
+    return TokenRejected(message, reason=Reason.MALFORMED)
+
+
+def b64url_decode(segment: bytes) -> bytes:
+    """Decode unpadded base64url, refusing padding, whitespace, `+`, `/` and non-canonical tails."""
+    if _B64URL.fullmatch(segment) is None:
+        raise _reject("segment is not base64url")
+    remainder = len(segment) % 4
+    if remainder == 1:
+        raise _reject("segment has an impossible base64url length")
+    if remainder:
+        # Unused low bits must be zero, otherwise two encodings map to one value.
+        last = _B64_ALPHABET.index(segment[-1])
+        if last & _TAIL_MASK[remainder]:
+            raise _reject("segment is not canonical base64url")
+    try:
+        return urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise _reject("segment is not base64url") from exc
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise _reject("duplicate JSON member name")
+        result[name] = value
+    return result
+
+
+def _no_constants(_name: str) -> Any:
+    raise _reject("non-standard JSON constant")
+
+
+def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON object strictly: UTF-8, no duplicates, no NaN/Infinity, bounded depth."""
+    try:
+        text = raw.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except TokenRejected:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _reject(f"{what} is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise _reject(f"{what} is not a JSON object")
+    return value
+
+
+def parse_compact(token: str | bytes, max_bytes: int) -> ParsedToken:
+    """Split, decode and sanity-check a compact JWS; verifies nothing cryptographic."""
+    if len(token) > max_bytes:
+        raise TokenRejected("token exceeds the size limit", reason=Reason.TOKEN_TOO_LARGE)
+    if isinstance(token, str):
+        try:
+            raw = token.encode("ascii")
+        except UnicodeEncodeError as exc:
+            raise _reject("token is not ASCII") from exc
+    else:
+        raw = token
+    if not raw:
+        raise TokenRejected("empty token", reason=Reason.MISSING_TOKEN)
+    parts = raw.split(b".")
+    if len(parts) == 5:
+        raise _reject("JWE tokens are not accepted")
+    if len(parts) != 3:
+        raise _reject("token is not a compact JWS")
+    header_b64, payload_b64, signature_b64 = parts
+    header = parse_json_object(b64url_decode(header_b64), "header")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg:
+        raise _reject("header has no alg")
+    if alg.lower() == "none":
+        raise TokenRejected("unsecured tokens are not accepted", reason=Reason.UNSUPPORTED_ALG)
+    if "kid" in header and not isinstance(header["kid"], str):
+        raise _reject("kid is not a string")
+    if "b64" in header:
+        # RFC 7797 unencoded payloads are not supported; refuse rather than misread them.
+        raise _reject("b64 header parameter is not supported")
+    if "crit" in header:
+        crit = header["crit"]
+        if (
+            not isinstance(crit, list)
+            or not crit
+            or not all(isinstance(name, str) for name in crit)
+            or any(name not in UNDERSTOOD_CRITICAL for name in crit)
+        ):
+            raise _reject("unsupported critical header parameter")
+    payload = parse_json_object(b64url_decode(payload_b64), "payload")
+    signature = b64url_decode(signature_b64)
+    if not signature:
+        raise _reject("empty signature")
+    return ParsedToken(
+        header=header,
+        payload=payload,
+        signing_input=header_b64 + b"." + payload_b64,
+        signature=signature,
+    )

@@ -1,0 +1,103 @@
+"""Typed configuration the verifier checks against: issuer rules, policies, claim matchers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from spoa.verifier.algorithms import SUPPORTED_ALGORITHMS
+from spoa.verifier.errors import PolicyError
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerRules:
+    """How tokens of one trusted issuer are checked."""
+
+    name: str
+    issuer: str
+    algorithms: frozenset[str]
+    audiences: frozenset[str] = frozenset()
+    leeway: float = 30.0
+    require_exp: bool = True
+    max_lifetime: float | None = None
+    required_claims: tuple[str, ...] = ()
+    allowed_types: frozenset[str] = frozenset()
+    # Derived: allowed_types normalised (lower case, no "application/" prefix).
+    normalized_types: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.issuer:
+            raise PolicyError("issuer rules need a name and an issuer")
+        if not self.algorithms:
+            raise PolicyError(f"issuer {self.name!r} allows no algorithms")
+        unknown = self.algorithms - SUPPORTED_ALGORITHMS
+        if unknown:
+            raise PolicyError(
+                f"issuer {self.name!r} allows unsupported algorithms {sorted(unknown)}"
+            )
+        if not math.isfinite(self.leeway) or self.leeway < 0:
+            raise PolicyError(f"issuer {self.name!r} has an invalid leeway")
+        if self.max_lifetime is not None and not self.max_lifetime > 0:
+            raise PolicyError(f"issuer {self.name!r} has an invalid max_lifetime")
+        object.__setattr__(
+            self, "normalized_types", frozenset(normalize_type(t) for t in self.allowed_types)
+        )
+
+
+def normalize_type(value: str) -> str:
+    """RFC 7515 §4.1.9: `typ` compares case-insensitively, "application/" may be omitted."""
+    lowered = value.lower()
+    return lowered.removeprefix("application/")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimMatcher:
+    """A condition on one claim: exactly one of `equals`, `one_of`, `contains` is set."""
+
+    claim: str
+    equals: object = None
+    one_of: tuple[object, ...] | None = None
+    contains: object = None
+
+    def __post_init__(self) -> None:
+        if not self.claim:
+            raise PolicyError("claim matcher needs a claim name")
+        chosen = sum((self.equals is not None, self.one_of is not None, self.contains is not None))
+        if chosen != 1:
+            raise PolicyError(
+                f"claim matcher for {self.claim!r} must set exactly one of equals, one_of, contains"
+            )
+        if self.one_of is not None and not self.one_of:
+            raise PolicyError(f"claim matcher for {self.claim!r} has an empty one_of")
+
+    @classmethod
+    def equal_to(cls, claim: str, value: object) -> ClaimMatcher:
+        return cls(claim, equals=value)
+
+    @classmethod
+    def any_of(cls, claim: str, values: tuple[object, ...]) -> ClaimMatcher:
+        return cls(claim, one_of=tuple(values))
+
+    @classmethod
+    def containing(cls, claim: str, value: object) -> ClaimMatcher:
+        return cls(claim, contains=value)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    issuers: tuple[str, ...]
+    audiences: frozenset[str] | None = None
+    require_scopes: frozenset[str] = frozenset()
+    claim_matchers: tuple[ClaimMatcher, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.issuers:
+            raise PolicyError(f"policy {self.name!r} trusts no issuer")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    method: str = ""
+    path: str = ""
+    host: str = ""
