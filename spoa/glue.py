@@ -1,0 +1,292 @@
+"""From the `check-jwt` SPOE message to a verdict to `set-var` actions.
+
+This is the stable interface users write into their HAProxy configs (docs/haproxy.md):
+the message's named arguments are read here, and every variable jwtgate sets is
+`txn.jwt.<name>`. Unknown arguments are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+from spoa.protocol import Message, Scope, SetVar
+from spoa.verifier import Policy, Reason, RequestContext, Verdict, Verifier
+
+MESSAGE_NAME = "check-jwt"
+ARG_AUTHORIZATION = "authorization"
+ARG_TOKEN = "token"
+ARG_METHOD = "method"
+ARG_PATH = "path"
+ARG_HOST = "host"
+ARG_POLICY = "policy"
+ARG_QUERY = "query"
+DEFAULT_POLICY = "default"
+
+MAX_VAR_BYTES = 1024  # per forwarded value; HAProxy puts these into request headers
+MAX_CLAIMS_BYTES = 6144  # the base64url payload; keeps every ACK well inside 16 KiB frames
+
+# RFC 6750 section 2.1: "Bearer" 1*SP b64token, the scheme case-insensitive.
+_BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+TXN = Scope.TXN
+_VALID = SetVar(TXN, "valid", True)
+_INVALID = SetVar(TXN, "valid", False)
+# Every ACK carries at least one action (HAProxy 3.1.0 stalls on empty ACKs); this one
+# also keeps the outcome fail-closed when a NOTIFY holds no check-jwt message.
+FALLBACK_ACTIONS: tuple[SetVar, ...] = (_INVALID,)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRuntime:
+    """A verifier policy plus what the glue does with its verdicts."""
+
+    policy: Policy
+    report_only: bool = False
+    forward_claims: tuple[tuple[str, str], ...] = ()
+    realm: str = "jwtgate"
+
+
+class KidRefetcher(Protocol):
+    async def refetch_unknown_kid(self, issuer_name: str, kid: str | None) -> bool: ...
+
+
+class VerdictObserver(Protocol):
+    def on_verdict(
+        self,
+        verdict: Verdict,
+        policy: str,
+        seconds: float,
+        token: str | None,
+        report_only: bool,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a configuration reload swaps in one assignment."""
+
+    verifier: Verifier
+    policies: Mapping[str, PolicyRuntime]
+    refetcher: KidRefetcher | None = None
+    token_query_param: str = ""
+
+
+class CheckJwtHandler:
+    """The SPOE handler for `check-jwt`. Sync on the common path; async only when an
+    unknown `kid` makes a (bounded, single-flight) JWKS refetch worth waiting for."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        clock: Callable[[], float] = time.time,
+        observer: VerdictObserver | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self._clock = clock
+        self._observer = observer
+        self._timer = time.perf_counter
+
+    def __call__(self, message: Message) -> Sequence[SetVar] | Awaitable[Sequence[SetVar]]:
+        started = self._timer()
+        runtime = self.runtime  # one reference for the whole request, across a reload
+        args = _args(message)
+        policy_name = _text(args.get(ARG_POLICY)) or DEFAULT_POLICY
+        selected = runtime.policies.get(policy_name)
+        token, problem = _extract_token(args, runtime.token_query_param)
+        context = RequestContext(
+            method=_text(args.get(ARG_METHOD)),
+            path=_text(args.get(ARG_PATH)),
+            host=_text(args.get(ARG_HOST)),
+        )
+        now = self._clock()
+        if selected is None:
+            verdict = _verdict(Reason.UNKNOWN_POLICY, 500)
+        elif problem is not None:
+            verdict = problem
+        else:
+            assert token is not None
+            verdict = runtime.verifier.verify(token, selected.policy, context, now)
+            if (
+                verdict.reason is Reason.UNKNOWN_KID
+                and runtime.refetcher is not None
+                and verdict.issuer is not None
+            ):
+                return self._after_refetch(runtime, selected, token, context, verdict, started)
+        return self._finish(verdict, policy_name, selected, token, now, started)
+
+    async def _after_refetch(
+        self,
+        runtime: Runtime,
+        selected: PolicyRuntime,
+        token: str,
+        context: RequestContext,
+        verdict: Verdict,
+        started: float,
+    ) -> Sequence[SetVar]:
+        assert runtime.refetcher is not None
+        assert verdict.issuer is not None
+        if await runtime.refetcher.refetch_unknown_kid(verdict.issuer, verdict.kid):
+            verdict = runtime.verifier.verify(token, selected.policy, context, self._clock())
+        return self._finish(verdict, selected.policy.name, selected, token, self._clock(), started)
+
+    def _finish(
+        self,
+        verdict: Verdict,
+        policy_name: str,
+        selected: PolicyRuntime | None,
+        token: str | None,
+        now: float,
+        started: float,
+    ) -> Sequence[SetVar]:
+        report_only = selected is not None and selected.report_only
+        if self._observer is not None:
+            self._observer.on_verdict(
+                verdict, policy_name, self._timer() - started, token, report_only
+            )
+        return verdict_actions(verdict, selected, now)
+
+
+def verdict_actions(verdict: Verdict, selected: PolicyRuntime | None, now: float) -> list[SetVar]:
+    """The set-var actions for one verdict (all in txn scope, prefix `jwt`)."""
+    realm = selected.realm if selected is not None else "jwtgate"
+    report_only = selected is not None and selected.report_only
+    actions = [
+        _VALID if verdict.ok or report_only else _INVALID,
+        SetVar(TXN, "status", 200 if report_only else verdict.status),
+        SetVar(TXN, "reason", verdict.reason.value),
+    ]
+    if not verdict.ok:
+        actions.append(SetVar(TXN, "www_authenticate", www_authenticate(verdict, realm)))
+    if verdict.claims:
+        # Only verified claims ever get here: the verifier leaves them empty otherwise.
+        actions.extend(identity_actions(verdict, selected, now))
+    return actions
+
+
+def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, now: float) -> list[SetVar]:
+    claims = verdict.claims
+    actions: list[SetVar] = []
+    for name in ("sub", "iss", "jti"):
+        value = claim_text(claims.get(name))
+        if value:
+            actions.append(SetVar(TXN, name, value))
+    aud = claim_text(claims.get("aud"))
+    if aud:
+        actions.append(SetVar(TXN, "aud", aud))
+    scope = claims.get("scope")
+    if scope is None and isinstance(claims.get("scp"), list):
+        scope = " ".join(str(s) for s in claims["scp"])
+    scope_text = claim_text(scope)
+    if scope_text:
+        actions.append(SetVar(TXN, "scope", scope_text))
+    exp = claims.get("exp")
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        actions.append(SetVar(TXN, "exp", int(exp)))
+        actions.append(SetVar(TXN, "expires_in", max(0, int(exp - now))))
+    encoded = encode_claims(claims)
+    if encoded is not None:
+        actions.append(SetVar(TXN, "claims", encoded))
+    if selected is not None:
+        for var, claim in selected.forward_claims:
+            value = claim_text(claims.get(claim))
+            if value:
+                actions.append(SetVar(TXN, var, value))
+    return actions
+
+
+def encode_claims(claims: Mapping[str, Any]) -> str | None:
+    """The verified payload as unpadded base64url JSON, or None when too large to send."""
+    raw = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded = base64.urlsafe_b64encode(raw).rstrip(b"=")
+    if len(encoded) > MAX_CLAIMS_BYTES:
+        return None
+    return encoded.decode("ascii")
+
+
+def claim_text(value: Any) -> str:
+    """A claim as a header-safe string: lists joined with ',', control characters
+    removed, capped in size. Objects are not forwarded as text."""
+    if value is None or isinstance(value, dict):
+        return ""
+    if isinstance(value, list):
+        text = ",".join(claim_text(item) for item in value if not isinstance(item, list | dict))
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    else:
+        text = str(value)
+    text = _CONTROL.sub("", text)
+    if len(text.encode()) > MAX_VAR_BYTES:
+        text = text.encode()[:MAX_VAR_BYTES].decode("utf-8", "ignore")
+    return text
+
+
+def www_authenticate(verdict: Verdict, realm: str) -> str:
+    """An RFC 6750 section 3 challenge. No error code when no token was sent."""
+    if verdict.reason is Reason.MISSING_TOKEN:
+        return f'Bearer realm="{realm}"'
+    if verdict.status == 403:
+        scope = " ".join(sorted(verdict.required_scopes))
+        return (
+            f'Bearer realm="{realm}", error="insufficient_scope", '
+            f'error_description="{verdict.reason.value}", scope="{scope}"'
+        )
+    error = "invalid_request" if verdict.status == 400 else "invalid_token"
+    return f'Bearer realm="{realm}", error="{error}", error_description="{verdict.reason.value}"'
+
+
+def _verdict(reason: Reason, status: int) -> Verdict:
+    return Verdict(ok=False, status=status, reason=reason, claims={}, expires_at=None)
+
+
+def _args(message: Message) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for name, value in message.args:
+        args.setdefault(name, value)  # the first of a repeated name wins
+    return args
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return ""
+
+
+def _extract_token(args: Mapping[str, Any], query_param: str) -> tuple[str | None, Verdict | None]:
+    """Find the one bearer token of a request (RFC 6750 section 2).
+
+    Sending it in more than one place is a malformed request (400), as the RFC says
+    clients MUST NOT use more than one method. A non-Bearer Authorization scheme is
+    treated as no bearer token at all.
+    """
+    found: list[str] = []
+    header = _text(args.get(ARG_AUTHORIZATION)).strip()
+    if header:
+        match = _BEARER.match(header)
+        if match is not None:
+            found.append(match.group(1))
+        elif header.partition(" ")[0].lower() == "bearer":
+            return None, _verdict(Reason.MALFORMED, 400)
+    other = _text(args.get(ARG_TOKEN)).strip()
+    if other:
+        found.append(other)
+    if query_param:
+        query = _text(args.get(ARG_QUERY))
+        for name, value in parse_qsl(query, keep_blank_values=False):
+            if name == query_param:
+                found.append(value)
+    if not found:
+        return None, _verdict(Reason.MISSING_TOKEN, 401)
+    if len(found) > 1:
+        return None, _verdict(Reason.MALFORMED, 400)
+    return found[0], None
