@@ -42,7 +42,6 @@ __all__ = [
     "ReadinessCheck",
     "mark_worker_dead",
     "multiprocess_registry",
-    "parse_listen",
     "prepare_multiprocess_dir",
 ]
 
@@ -294,7 +293,7 @@ class Metrics:
 
     # -- verdicts (per request) ----------------------------------------------------------
 
-    def record_verdict(  # noqa: PLR0917 (positional order fixed by the observer contract)
+    def record_verdict(
         self,
         outcome: str,
         reason: str,
@@ -475,16 +474,6 @@ def mark_worker_dead(pid: int, path: str | os.PathLike[str] | None = None) -> No
 
 
 # -- HTTP listener -----------------------------------------------------------------------
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """'127.0.0.1:9101', '[::1]:9101' or ':9101' (all IPv4 interfaces) -> (host, port)."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"listen address must be host:port, got {listen!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "0.0.0.0", int(port_text)
 
 
 class _Server(ThreadingHTTPServer):
