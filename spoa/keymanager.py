@@ -1,0 +1,452 @@
+"""The key manager: fills a `MemoryKeyStore` from static files, JWKS URLs and OIDC discovery.
+
+All scheduling decisions live in the pure `JwksSchedule`; this module does the I/O. The
+background loop only calls `run_due(now)` periodically, so tests drive it with a fake clock.
+Every fetch is single-flight per issuer and bounded by the issuer's fetch_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from spoa.verifier import (
+    JwksSchedule,
+    JwksTiming,
+    KeyLoadError,
+    KeySet,
+    MemoryKeyStore,
+    RefetchDecision,
+    VerificationKey,
+    hmac_key,
+    load_jwks,
+    load_key_file_bytes,
+    parse_max_age,
+)
+from spoa.verifier.parsing import parse_json_object
+
+_READ_CHUNK = 64 * 1024
+
+
+class KeySourceError(KeyLoadError):
+    """A key source could not be read, fetched or trusted."""
+
+
+# --- Key sources -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFile:
+    """A PEM public key or certificate, a JWK or a JWKS; kid/alg apply to PEM keys."""
+
+    path: str
+    kid: str | None = None
+    alg: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HmacSecret:
+    secret: bytes = field(repr=False)
+    alg: str
+    kid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StaticKeySource:
+    files: tuple[KeyFile, ...] = ()
+    secrets: tuple[HmacSecret, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JwksUrlSource:
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class OidcDiscoverySource:
+    """`<issuer>/.well-known/openid-configuration` names the jwks_uri; its `issuer` must match."""
+
+    issuer: str
+    discovery_url: str | None = None
+
+    @property
+    def url(self) -> str:
+        if self.discovery_url is not None:
+            return self.discovery_url
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+KeySource = StaticKeySource | JwksUrlSource | OidcDiscoverySource
+
+
+def load_static_keys(source: StaticKeySource) -> KeySet:
+    keys: list[VerificationKey] = []
+    for key_file in source.files:
+        try:
+            data = Path(key_file.path).read_bytes()
+        except OSError as exc:
+            raise KeySourceError(f"cannot read key file {key_file.path}: {exc.strerror}") from exc
+        keys.extend(load_key_file_bytes(data, kid=key_file.kid, alg=key_file.alg).keys)
+    keys.extend(hmac_key(s.secret, alg=s.alg, kid=s.kid) for s in source.secrets)
+    if not keys:
+        raise KeySourceError("static key source holds no keys")
+    return KeySet(tuple(keys))
+
+
+# --- Events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeysFetched:
+    issuer: str
+    key_count: int
+    lifetime: float
+    skipped: tuple[str, ...] = ()  # why keys were left out (enc, weak, unknown type)
+
+
+@dataclass(frozen=True, slots=True)
+class KeysChanged:
+    issuer: str
+    added: tuple[str, ...]  # kids (or thumbprints for keys without one)
+    removed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed:
+    issuer: str
+    cause: str
+    retry_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class StaleServingStarted:
+    issuer: str
+    last_success: float
+
+
+@dataclass(frozen=True, slots=True)
+class StaleServingEnded:
+    issuer: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeysUnavailable:
+    """The last good keys are older than max_stale: the issuer now fails closed."""
+
+    issuer: str
+    last_success: float | None
+
+
+KeyEvent = (
+    KeysFetched
+    | KeysChanged
+    | FetchFailed
+    | StaleServingStarted
+    | StaleServingEnded
+    | KeysUnavailable
+)
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    body: bytes = field(repr=False)
+    cache_control: str | None = None
+
+
+class HttpFetch(Protocol):
+    async def __call__(self, url: str, *, timeout: float, max_bytes: int) -> HttpResponse: ...
+
+
+def _check_url(url: str) -> None:
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in ("http", "https"):
+        raise KeySourceError(f"unsupported URL scheme {scheme!r}")
+
+
+class UrllibFetch:
+    """Stdlib HTTP(S) GET in a worker thread, with a size cap and an overall deadline."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._ssl_context = ssl_context or ssl.create_default_context()
+
+    async def __call__(self, url: str, *, timeout: float, max_bytes: int) -> HttpResponse:
+        _check_url(url)
+        return await asyncio.to_thread(self._get, url, timeout, max_bytes)
+
+    def _get(self, url: str, timeout: float, max_bytes: int) -> HttpResponse:
+        deadline = time.monotonic() + timeout
+        request = urllib.request.Request(  # noqa: S310 - scheme checked above
+            url, headers={"Accept": "application/json", "User-Agent": "jwtgate"}
+        )
+        try:
+            response = urllib.request.urlopen(  # noqa: S310 - scheme checked above
+                request, timeout=timeout, context=self._ssl_context
+            )
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return HttpResponse(status=exc.code, body=b"")
+        with response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise KeySourceError(f"response is larger than {max_bytes} bytes")
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise KeySourceError("response took longer than the fetch timeout")
+                chunk = response.read(_READ_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_bytes:
+                    raise KeySourceError(f"response is larger than {max_bytes} bytes")
+                chunks.append(chunk)
+            return HttpResponse(
+                status=response.status,
+                body=b"".join(chunks),
+                cache_control=response.headers.get("Cache-Control"),
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    """A log-safe cause: our own messages, or the exception type and OS reason."""
+    if isinstance(exc, KeyLoadError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, urllib.error.URLError):
+        return f"URLError: {type(exc.reason).__name__}"
+    return type(exc).__name__
+
+
+# --- The manager ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _IssuerState:
+    name: str
+    source: KeySource
+    timing: JwksTiming
+    schedule: JwksSchedule
+    jwks_url: str | None = None
+    task: asyncio.Task[bool] | None = None
+    stale_reported: bool = False
+    unavailable_reported: bool = False
+
+
+def _labels(key_set: KeySet | None) -> dict[str, str]:
+    if key_set is None:
+        return {}
+    return {key.key_id: key.kid if key.kid is not None else key.key_id for key in key_set.keys}
+
+
+class KeyManager:
+    def __init__(
+        self,
+        sources: Mapping[str, KeySource],
+        timing: Mapping[str, JwksTiming],
+        store: MemoryKeyStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        fetch: HttpFetch | None = None,
+        on_event: Callable[[KeyEvent], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._fetch: HttpFetch = fetch if fetch is not None else UrllibFetch()
+        self._on_event = on_event
+        self._issuers: dict[str, _IssuerState] = {}
+        for name, source in sources.items():
+            issuer_timing = timing.get(name, JwksTiming())
+            self._issuers[name] = _IssuerState(
+                name, source, issuer_timing, JwksSchedule(issuer_timing)
+            )
+
+    def _emit(self, event: KeyEvent) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+    async def start(self, timeout: float) -> bool:
+        """Load static keys and fetch every remote set once; True when all issuers have keys.
+
+        Static key errors are configuration errors and raise; remote failures are retried.
+        """
+        now = self._clock()
+        remote: list[_IssuerState] = []
+        for state in self._issuers.values():
+            if isinstance(state.source, StaticKeySource):
+                self._store.replace(state.name, load_static_keys(state.source), now)
+            else:
+                remote.append(state)
+        if remote:
+            waits = [asyncio.shield(self._fetch_task(state)) for state in remote]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        return self.ready(self._clock())
+
+    def ready(self, now: float) -> bool:
+        return all(self._store.generation(name, now) is not None for name in self._issuers)
+
+    async def run_due(self, now: float) -> None:
+        """Start the refreshes that are due and wait for them (each bounded by its timeout)."""
+        due = [
+            state
+            for state in self._issuers.values()
+            if not isinstance(state.source, StaticKeySource) and state.schedule.due(now)
+        ]
+        for state in self._issuers.values():
+            self._report_staleness(state, now)
+        if due:
+            await asyncio.gather(*(self._fetch_task(state) for state in due))
+
+    async def refetch_unknown_kid(self, issuer_name: str, kid: str) -> bool:
+        """Fetch again because a token named an unknown kid; True when the kid is now known.
+
+        Single flight, at most once per refetch_interval, with a negative cache; never waits
+        longer than the issuer's fetch_timeout.
+        """
+        state = self._issuers.get(issuer_name)
+        if state is None or isinstance(state.source, StaticKeySource):
+            return False
+        if self._has_kid(issuer_name, kid):
+            return True
+        now = self._clock()
+        decision = state.schedule.refetch_decision(kid, now)
+        if decision in (RefetchDecision.KNOWN_UNKNOWN, RefetchDecision.RATE_LIMITED):
+            return False
+        if decision is RefetchDecision.FETCH:
+            state.schedule.begin_refetch(now)
+        task = self._fetch_task(state)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), state.timing.fetch_timeout)
+        except TimeoutError:
+            return False
+        found = self._has_kid(issuer_name, kid)
+        if not found and decision is RefetchDecision.FETCH:
+            state.schedule.remember_unknown_kid(kid, self._clock())
+        return found
+
+    async def aclose(self) -> None:
+        tasks = [s.task for s in self._issuers.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        close = getattr(self._fetch, "aclose", None)
+        if close is not None:
+            await close()
+
+    def _has_kid(self, issuer_name: str, kid: str) -> bool:
+        entry = self._store.get(issuer_name)
+        return entry is not None and kid in entry.key_set.kids
+
+    def _fetch_task(self, state: _IssuerState) -> asyncio.Task[bool]:
+        """The issuer's in-flight fetch, started if there is none (single flight)."""
+        if state.task is None or state.task.done():
+            state.schedule.begin_fetch()
+            state.task = asyncio.get_running_loop().create_task(self._refresh(state))
+        return state.task
+
+    async def _refresh(self, state: _IssuerState) -> bool:
+        timing = state.timing
+        try:
+            url = await self._resolve_jwks_url(state)
+            response = await asyncio.wait_for(
+                self._fetch(url, timeout=timing.fetch_timeout, max_bytes=timing.max_response_bytes),
+                timing.fetch_timeout,
+            )
+            if response.status != 200:
+                raise KeySourceError(f"JWKS answered HTTP {response.status}")
+            key_set, report = load_jwks(response.body, max_keys=timing.max_keys)
+            if not key_set.keys:
+                raise KeySourceError("JWKS holds no usable signing keys")
+        except Exception as exc:
+            now = self._clock()
+            state.jwks_url = None  # discover again next time
+            delay = state.schedule.record_failure(now)
+            self._emit(FetchFailed(state.name, _describe(exc), delay))
+            self._report_staleness(state, now)
+            return False
+        now = self._clock()
+        lifetime = state.schedule.record_success(now, parse_max_age(response.cache_control))
+        previous = self._store.get(state.name)
+        old = _labels(previous.key_set if previous else None)
+        new = _labels(key_set)
+        if previous is not None and previous.key_set.key_ids == key_set.key_ids:
+            self._store.confirm(state.name, now)
+        else:
+            self._store.replace(state.name, key_set, now, max_stale=timing.max_stale)
+        self._emit(KeysFetched(state.name, len(key_set.keys), lifetime, report.skipped))
+        added = tuple(sorted(label for kid, label in new.items() if kid not in old))
+        removed = tuple(sorted(label for kid, label in old.items() if kid not in new))
+        if added or removed:
+            self._emit(KeysChanged(state.name, added, removed))
+        if state.stale_reported or state.unavailable_reported:
+            state.stale_reported = state.unavailable_reported = False
+            self._emit(StaleServingEnded(state.name))
+        return True
+
+    async def _resolve_jwks_url(self, state: _IssuerState) -> str:
+        source = state.source
+        if isinstance(source, JwksUrlSource):
+            _check_url(source.url)
+            return source.url
+        if state.jwks_url is not None:
+            return state.jwks_url
+        if not isinstance(source, OidcDiscoverySource):
+            raise KeySourceError("source has no JWKS")
+        discovery_url = source.url
+        _check_url(discovery_url)
+        timing = state.timing
+        response = await asyncio.wait_for(
+            self._fetch(
+                discovery_url, timeout=timing.fetch_timeout, max_bytes=timing.max_response_bytes
+            ),
+            timing.fetch_timeout,
+        )
+        if response.status != 200:
+            raise KeySourceError(f"discovery answered HTTP {response.status}")
+        try:
+            document = parse_json_object(response.body, "discovery document")
+        except Exception as exc:
+            raise KeySourceError("discovery document is not a JSON object") from exc
+        if document.get("issuer") != source.issuer:
+            raise KeySourceError("discovered issuer differs from the configured issuer")
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            raise KeySourceError("discovery document has no jwks_uri")
+        _check_url(jwks_uri)
+        # Never step down from https to plain http on the discovery document's say-so.
+        if (
+            urllib.parse.urlsplit(discovery_url).scheme == "https"
+            and urllib.parse.urlsplit(jwks_uri).scheme != "https"
+        ):
+            raise KeySourceError("jwks_uri must use https")
+        state.jwks_url = jwks_uri
+        return jwks_uri
+
+    def _report_staleness(self, state: _IssuerState, now: float) -> None:
+        schedule = state.schedule
+        if schedule.last_success is None:
+            return
+        if not schedule.usable(now):
+            if not state.unavailable_reported:
+                state.unavailable_reported = True
+                self._emit(KeysUnavailable(state.name, schedule.last_success))
+        elif schedule.serving_stale(now) and not state.stale_reported:
+            state.stale_reported = True
+            self._emit(StaleServingStarted(state.name, schedule.last_success))
