@@ -478,19 +478,28 @@ def load_key_ring(directory: str | os.PathLike[str]) -> list[RingEntry]:
 def load_current_key(directory: str | os.PathLike[str]) -> SigningKey:
     """The key named by the directory's `current` file."""
     path = Path(directory)
+    # A rotation between reading `current` and reading the key removes the old private key;
+    # the rotation has then already named the new key, so read `current` again.
+    for _ in range(3):
+        kid = _read_current_kid(path)
+        algs = dict(_read_manifest(path))
+        if kid not in algs:
+            continue
+        try:
+            data = private_key_path(path, kid).read_bytes()
+        except FileNotFoundError:
+            if _read_current_kid(path) != kid:
+                continue
+            raise KeyDirError(f"{path}: the current key's private key file is missing") from None
+        return load_signing_key_pem(data, algs[kid], kid)
+    raise KeyDirError(f"{path}: the current kid is not in {MANIFEST_FILE}")
+
+
+def _read_current_kid(path: Path) -> str:
     try:
-        kid = (path / CURRENT_FILE).read_text("ascii").strip()
+        return (path / CURRENT_FILE).read_text("ascii").strip()
     except FileNotFoundError as exc:
         raise KeyDirError(f"{path} is not a key directory (no {CURRENT_FILE} file)") from exc
-    algs = dict(_read_manifest(path))
-    if kid not in algs:
-        raise KeyDirError(f"{path}: current kid {kid!r} is not in {MANIFEST_FILE}")
-    private_path = private_key_path(path, kid)
-    try:
-        data = private_path.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeyDirError(f"{path}: the current key's {private_path.name} is missing") from exc
-    return load_signing_key_pem(data, algs[kid], kid)
 
 
 def init_key_dir(
