@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from .errors import InvalidFrame, InvalidValue, ResourceLimit
-from .types import Value, decode_string, decode_value, encode_string, encode_value
+from .types import (
+    SHORT_STRING_HEADS,
+    Value,
+    decode_string,
+    decode_value,
+    encode_string,
+    encode_value,
+)
 from .varint import Buffer
 
 
@@ -66,13 +73,29 @@ def _action_head(action_type: int, scope: int, name: str) -> bytes:
 
 def encode_actions(actions: Iterable[Action]) -> bytes:
     """The LIST-OF-ACTIONS payload of an ACK."""
-    parts = []
+    parts: list[bytes] = []
+    append = parts.append
+    heads = _HEAD_CACHE
     for action in actions:
-        if type(action) is SetVar:
-            parts.append(_action_head(1, action.scope, action.name))
-            parts.append(encode_value(action.value))
-        elif type(action) is UnsetVar:
-            parts.append(_action_head(2, action.scope, action.name))
+        if isinstance(action, SetVar):
+            head = heads.get((1, action.scope, action.name))
+            append(head or _action_head(1, action.scope, action.name))
+            value = action.value
+            if isinstance(value, str):
+                # Inlined common case: a short UTF-8 string.
+                try:
+                    raw = value.encode()
+                except UnicodeEncodeError:
+                    append(encode_value(value))
+                    continue
+                if len(raw) < 240:
+                    append(SHORT_STRING_HEADS[len(raw)])
+                    append(raw)
+                    continue
+            append(encode_value(value))
+        elif isinstance(action, UnsetVar):
+            head = heads.get((2, action.scope, action.name))
+            append(head or _action_head(2, action.scope, action.name))
         else:
             raise InvalidValue(f"not an action: {type(action).__name__}")
     return b"".join(parts)

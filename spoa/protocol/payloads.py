@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidFrame, InvalidValue, ResourceLimit
 from .types import Value, decode_string, decode_value, encode_string, encode_value
-from .varint import Buffer
+from .varint import Buffer, decode_varint
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,8 @@ def encode_messages(messages: Iterable[Message]) -> bytes:
 
 def decode_messages(buf: Buffer, pos: int, end: int, max_items: int) -> tuple[Message, ...]:
     """Decode the LIST-OF-MESSAGES payload of a NOTIFY; it may be empty."""
+    # The hot path of the agent: short names and short STRING values are decoded
+    # inline; anything else goes through the general decoders.
     messages: list[Message] = []
     while pos < end:
         if len(messages) >= max_items:
@@ -66,10 +68,42 @@ def decode_messages(buf: Buffer, pos: int, end: int, max_items: int) -> tuple[Me
         pos += 1
         if nb_args > max_items:
             raise ResourceLimit("too many message arguments")
-        args = []
+        args: list[tuple[str, Value]] = []
+        append = args.append
         for _ in range(nb_args):
-            arg_name, pos = decode_string(buf, pos, end)
-            value, pos = decode_value(buf, pos, end)
-            args.append((arg_name, value))
+            if pos + 1 < end and buf[pos] < 240:
+                stop = pos + 1 + buf[pos]
+                if stop > end:
+                    raise InvalidFrame("string longer than its frame")
+                raw = buf[pos + 1 : stop]
+                try:
+                    arg_name = raw.decode()
+                except UnicodeDecodeError:
+                    arg_name = raw.decode("utf-8", "surrogateescape")
+                pos = stop
+            else:
+                arg_name, pos = decode_string(buf, pos, end)
+            if pos + 1 < end and buf[pos] & 0x0F == 8:
+                length = buf[pos + 1]
+                pos += 2
+                if length >= 240:
+                    # Tokens are usually 240..2287 bytes: a two-byte varint.
+                    if pos < end and buf[pos] < 128:
+                        length += buf[pos] << 4
+                        pos += 1
+                    else:
+                        length, pos = decode_varint(buf, pos - 1, end)
+                stop = pos + length
+                if stop > end:
+                    raise InvalidFrame("string longer than its frame")
+                raw = buf[pos:stop]
+                try:
+                    value: Value = raw.decode()
+                except UnicodeDecodeError:
+                    value = raw.decode("utf-8", "surrogateescape")
+                pos = stop
+            else:
+                value, pos = decode_value(buf, pos, end)
+            append((arg_name, value))
         messages.append(Message(name, tuple(args)))
     return tuple(messages)

@@ -44,9 +44,20 @@ _STRING = DataType.STRING.value
 _BINARY = DataType.BINARY.value
 
 
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # lone surrogates that came from undecodable input
+        return text.encode("utf-8", "surrogateescape")
+
+
+# Type byte and one-byte length of every short STRING: the common case.
+SHORT_STRING_HEADS = tuple(bytes((DataType.STRING, length)) for length in range(240))
+
+
 def encode_string(text: str) -> bytes:
     """A length-prefixed string without a type byte (names in KV lists, messages, actions)."""
-    raw = text.encode("utf-8", "surrogateescape")
+    raw = _utf8(text)
     return encode_varint(len(raw)) + raw
 
 
@@ -60,7 +71,11 @@ def decode_string(buf: Buffer, pos: int, end: int) -> tuple[str, int]:
     stop = pos + length
     if stop > end:
         raise InvalidFrame("string longer than its frame")
-    return bytes(buf[pos:stop]).decode("utf-8", "surrogateescape"), stop
+    raw = buf[pos:stop]
+    try:
+        return raw.decode(), stop
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "surrogateescape"), stop
 
 
 def encode_value(value: Value) -> bytes:
@@ -73,8 +88,11 @@ def encode_value(value: Value) -> bytes:
     if value is False:
         return FALSE_BYTES
     if isinstance(value, str):
-        raw = value.encode("utf-8", "surrogateescape")
-        return b"\x08" + encode_varint(len(raw)) + raw
+        raw = _utf8(value)
+        size = len(raw)
+        if size < 240:
+            return SHORT_STRING_HEADS[size] + raw
+        return b"\x08" + encode_varint(size) + raw
     if isinstance(value, int):
         if 0 <= value <= MAX_UINT64:
             kind = b"\x04" if value < _SIGN_BIT else b"\x05"
@@ -107,10 +125,13 @@ def decode_value(buf: Buffer, pos: int, end: int) -> tuple[Value, int]:
         stop = pos + length
         if stop > end:
             raise InvalidFrame("string longer than its frame")
-        raw = bytes(buf[pos:stop])
         if kind == _STRING:
-            return raw.decode("utf-8", "surrogateescape"), stop
-        return raw, stop
+            raw = buf[pos:stop]
+            try:
+                return raw.decode(), stop
+            except UnicodeDecodeError:
+                return raw.decode("utf-8", "surrogateescape"), stop
+        return bytes(buf[pos:stop]), stop
     if kind == 0:
         return None, pos
     if kind == 1:

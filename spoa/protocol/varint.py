@@ -14,7 +14,7 @@ MAX_VARINT_BYTES = 10
 
 _ONE_BYTE = tuple(bytes((value,)) for value in range(240))
 
-Buffer = bytes | bytearray | memoryview
+Buffer = bytes | bytearray
 
 
 def encode_varint(value: int) -> bytes:
