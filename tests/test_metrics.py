@@ -1,0 +1,395 @@
+"""Metrics, scraped over real HTTP from MetricsServer on 127.0.0.1 and parsed back."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from spoa import __version__
+from spoa.metrics import (
+    MULTIPROC_ENV,
+    Metrics,
+    MetricsServer,
+    mark_worker_dead,
+    multiprocess_registry,
+    prepare_multiprocess_dir,
+)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+ISSUERS = ["corp", "partner"]
+POLICIES = ["api", "admin"]
+REASONS = ["ok", "expired", "bad_signature"]
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fetch(port: int, path: str, accept: str = "") -> tuple[int, str, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if accept:
+        request.add_header("Accept", accept)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+def scrape(port: int) -> Samples:
+    status, _, body = fetch(port, "/metrics")
+    assert status == 200
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[sample.name, frozenset(sample.labels.items())] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def label_values(samples: Samples, name: str, label: str) -> set[str]:
+    return {dict(labels)[label] for sample_name, labels in samples if sample_name == name}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(10_000.0)
+
+
+@pytest.fixture
+def metrics(clock: FakeClock) -> Metrics:
+    return Metrics(issuers=ISSUERS, policies=POLICIES, reasons=REASONS, clock=clock)
+
+
+@pytest.fixture
+def server(metrics: Metrics) -> Iterator[MetricsServer]:
+    with MetricsServer(metrics.registry) as running:
+        yield running
+
+
+def test_verdicts_are_counted_by_outcome_reason_issuer_and_policy(
+    metrics: Metrics, server: MetricsServer
+) -> None:
+    name = "jwtgate_verdicts_total"
+    accept = {"outcome": "accept", "reason": "ok", "issuer": "corp", "policy": "api"}
+    reject = {"outcome": "reject", "reason": "expired", "issuer": "corp", "policy": "api"}
+
+    before = scrape(server.port)
+    assert value(before, name, **accept) is None
+
+    for _ in range(3):
+        metrics.record_verdict("accept", "ok", "corp", "api", 2e-5, True)
+    metrics.record_verdict("reject", "expired", "corp", "api", 3e-3, False)
+    after = scrape(server.port)
+    assert value(after, name, **accept) == 3
+    assert value(after, name, **reject) == 1
+
+    metrics.record_verdict("reject", "expired", "corp", "api", 3e-3, False)
+    assert value(scrape(server.port), name, **reject) == 2
+
+
+def test_verify_latency_histogram_separates_cache_hits_from_misses(
+    metrics: Metrics, server: MetricsServer
+) -> None:
+    metrics.record_verdict("accept", "ok", "corp", "api", 4e-6, True)
+    metrics.record_verdict("accept", "ok", "corp", "api", 7e-6, True)
+    metrics.record_verdict("accept", "ok", "corp", "api", 0.004, False)
+    samples = scrape(server.port)
+    name = "jwtgate_verify_duration_seconds"
+    assert value(samples, name + "_count", cache="hit") == 2
+    assert value(samples, name + "_count", cache="miss") == 1
+    assert value(samples, name + "_bucket", cache="hit", le="5e-06") == 1
+    assert value(samples, name + "_bucket", cache="hit", le="1e-05") == 2
+    assert value(samples, name + "_bucket", cache="miss", le="0.0025") == 0
+    assert value(samples, name + "_bucket", cache="miss", le="0.005") == 1
+    buckets = {float(dict(labels)["le"]) for n, labels in samples if n == name + "_bucket"}
+    assert min(buckets) == 5e-6
+    assert max(buckets - {float("inf")}) == 0.1
+
+
+def test_unknown_label_values_become_other(metrics: Metrics, server: MetricsServer) -> None:
+    for attempt in range(50):  # an attacker-controlled value must not create 50 series
+        metrics.record_verdict(
+            "reject", f"reason-{attempt}", f"issuer-{attempt}", f"policy-{attempt}", 1e-4, False
+        )
+    metrics.record_verdict("whatever", "expired", None, None, 1e-4, False)
+    metrics.jwks_fetch("not-configured", "exploded")
+
+    samples = scrape(server.port)
+    name = "jwtgate_verdicts_total"
+    assert value(samples, name, outcome="reject", reason="other", issuer="other", policy="other")
+    assert value(
+        samples, name, outcome="other", reason="expired", issuer="unknown", policy="unknown"
+    )
+    assert label_values(samples, name, "issuer") == {"other", "unknown"}
+    assert value(samples, "jwtgate_jwks_fetches_total", issuer="other", result="other") == 1
+
+
+def test_reload_replaces_the_allowed_label_sets(metrics: Metrics, server: MetricsServer) -> None:
+    metrics.record_verdict("accept", "ok", "newcomer", "api", 1e-5, True)
+    metrics.issuer_ready("partner", True)
+    metrics.set_label_sets(issuers=["corp", "newcomer"], policies=POLICIES, reasons=REASONS)
+    metrics.record_verdict("accept", "ok", "newcomer", "api", 1e-5, True)
+    metrics.record_verdict("accept", "ok", "partner", "api", 1e-5, True)
+
+    samples = scrape(server.port)
+    name = "jwtgate_verdicts_total"
+    assert value(samples, name, outcome="accept", reason="ok", issuer="newcomer", policy="api")
+    # The "partner" verdict after the reload is bounded, the earlier "newcomer" one was too.
+    assert value(samples, name, outcome="accept", reason="ok", issuer="other", policy="api") == 2
+    # A removed issuer's readiness no longer shows; a new one starts unready.
+    assert label_values(samples, "jwtgate_issuer_ready", "issuer") == {"corp", "newcomer"}
+    assert value(samples, "jwtgate_issuer_ready", issuer="newcomer") == 0
+
+
+def test_spop_observer_interface(metrics: Metrics, server: MetricsServer) -> None:
+    metrics.connection_opened()
+    metrics.connection_opened()
+    metrics.connection_closed(0)
+    for kind in ("haproxy_hello", "notify", "NOTIFY", "notify", "haproxy-disconnect", "bogus"):
+        metrics.frame_received(kind)
+    metrics.inflight_changed(+3)
+    metrics.inflight_changed(-1)
+    metrics.protocol_error(3)
+    metrics.protocol_error(3)
+    metrics.protocol_error(4242)
+
+    samples = scrape(server.port)
+    assert value(samples, "jwtgate_spop_connections_open") == 1
+    assert value(samples, "jwtgate_spop_connections_total") == 2
+    assert value(samples, "jwtgate_spop_disconnects_total", status="0") == 1
+    assert value(samples, "jwtgate_spop_frames_total", type="notify") == 3
+    assert value(samples, "jwtgate_spop_frames_total", type="haproxy_hello") == 1
+    assert value(samples, "jwtgate_spop_frames_total", type="haproxy_disconnect") == 1
+    assert value(samples, "jwtgate_spop_frames_total", type="other") == 1
+    assert value(samples, "jwtgate_spop_inflight_frames") == 2
+    assert value(samples, "jwtgate_spop_protocol_errors_total", status="3") == 2
+    assert value(samples, "jwtgate_spop_protocol_errors_total", status="other") == 1
+
+
+def test_jwks_gauges_and_key_set_age(
+    metrics: Metrics, server: MetricsServer, clock: FakeClock
+) -> None:
+    assert value(scrape(server.port), "jwtgate_jwks_age_seconds", issuer="corp") is None
+
+    metrics.jwks_fetch("corp", "ok")
+    metrics.jwks_keys("corp", 3, fetched_at=clock.now)
+    metrics.issuer_ready("corp", True)
+    clock.now += 90
+    metrics.jwks_fetch("corp", "error")
+
+    samples = scrape(server.port)
+    assert value(samples, "jwtgate_jwks_fetches_total", issuer="corp", result="ok") == 1
+    assert value(samples, "jwtgate_jwks_fetches_total", issuer="corp", result="error") == 1
+    assert value(samples, "jwtgate_jwks_keys", issuer="corp") == 3
+    assert value(samples, "jwtgate_jwks_last_success_timestamp_seconds", issuer="corp") == 10_000
+    assert value(samples, "jwtgate_jwks_age_seconds", issuer="corp") == 90
+    assert value(samples, "jwtgate_issuer_ready", issuer="corp") == 1
+    assert value(samples, "jwtgate_issuer_ready", issuer="partner") == 0
+
+    clock.now += 10  # the age is computed at scrape time, not when it was last written
+    assert value(scrape(server.port), "jwtgate_jwks_age_seconds", issuer="corp") == 100
+
+
+def test_cache_stats_turn_cumulative_totals_into_counter_increments(
+    metrics: Metrics, server: MetricsServer
+) -> None:
+    metrics.cache_stats(entries=10, hits=100, misses=20, evictions=0)
+    metrics.cache_stats(entries=12, hits=150, misses=25, evictions=2)
+    metrics.cache_stats(entries=1, hits=5, misses=1, evictions=0)  # cache rebuilt on reload
+    samples = scrape(server.port)
+    assert value(samples, "jwtgate_token_cache_hits_total") == 155
+    assert value(samples, "jwtgate_token_cache_misses_total") == 26
+    assert value(samples, "jwtgate_token_cache_evictions_total") == 2
+    assert value(samples, "jwtgate_token_cache_entries") == 1
+
+
+def test_config_reloads_and_build_info(metrics: Metrics, server: MetricsServer) -> None:
+    metrics.config_reload("ok")
+    metrics.config_reload("error")
+    metrics.config_reload("error")
+    samples = scrape(server.port)
+    assert value(samples, "jwtgate_config_reloads_total", result="ok") == 1
+    assert value(samples, "jwtgate_config_reloads_total", result="error") == 2
+    assert value(samples, "jwtgate_build_info", version=__version__) == 1
+
+
+def test_two_metrics_objects_do_not_share_state() -> None:
+    first, second = Metrics(issuers=ISSUERS), Metrics(issuers=ISSUERS)
+    first.connection_opened()
+    assert first.registry.get_sample_value("jwtgate_spop_connections_total") == 1
+    assert second.registry.get_sample_value("jwtgate_spop_connections_total") == 0
+
+
+# -- the HTTP listener -------------------------------------------------------------------
+
+
+def test_healthz_readyz_and_unknown_paths() -> None:
+    state: dict[str, Any] = {"ready": False, "detail": {"corp": "no keys yet"}}
+    with MetricsServer(
+        Metrics().registry, readiness=lambda: (state["ready"], state["detail"])
+    ) as server:
+        assert fetch(server.port, "/healthz")[::2] == (200, "ok\n")
+
+        status, content_type, body = fetch(server.port, "/readyz")
+        assert (status, content_type) == (503, "application/json")
+        assert json.loads(body) == {"ready": False, "detail": {"corp": "no keys yet"}}
+
+        state.update(ready=True, detail={"corp": "ok"})
+        status, _, body = fetch(server.port, "/readyz")
+        assert status == 200
+        assert json.loads(body) == {"ready": True, "detail": {"corp": "ok"}}
+
+        assert fetch(server.port, "/nope")[0] == 404
+        assert fetch(server.port, "/metrics/extra")[0] == 404
+
+
+def test_failures_answer_without_a_traceback() -> None:
+    secret = "detail-that-must-stay-inside"
+
+    def broken_readiness() -> tuple[bool, Any]:
+        raise RuntimeError(secret)
+
+    class BrokenCollector:
+        def describe(self) -> list[Any]:
+            return []
+
+        def collect(self) -> list[Any]:
+            raise RuntimeError(secret)
+
+    registry = CollectorRegistry()
+    registry.register(BrokenCollector())
+    with MetricsServer(registry, readiness=broken_readiness) as server:
+        status, _, body = fetch(server.port, "/readyz")
+        assert status == 503
+        assert json.loads(body)["ready"] is False
+        assert secret not in body
+
+        status, _, body = fetch(server.port, "/metrics")
+        assert status == 500
+        assert secret not in body
+        assert "Traceback" not in body
+
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"\x00\x01garbage that is not http\r\n\r\n")
+            answer = raw.recv(4096).decode(errors="replace")
+        assert answer.startswith("400")  # no version was given, so HTTP/0.9 style
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"BREW /metrics HTTP/1.1\r\n\r\n")
+            answer += raw.recv(4096).decode(errors="replace")
+        assert "HTTP/1.0 501" in answer
+        assert "Traceback" not in answer
+        assert "<html" not in answer.lower()
+
+
+def test_openmetrics_is_served_when_asked_for(metrics: Metrics, server: MetricsServer) -> None:
+    status, content_type, body = fetch(server.port, "/metrics", "application/openmetrics-text")
+    assert status == 200
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith("# EOF\n")
+
+
+def test_stop_joins_every_thread_and_closes_the_port() -> None:
+    server = MetricsServer(Metrics().registry)
+    server.start()
+    port = server.port
+    assert fetch(port, "/healthz")[0] == 200
+    server.stop()
+    server.stop()  # idempotent
+    assert not [t for t in threading.enumerate() if t.name == "jwtgate-metrics"]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    with pytest.raises(RuntimeError):
+        _ = server.port
+
+
+# -- several worker processes ------------------------------------------------------------
+
+
+def _worker(ready: bool, connections: int, keys: int, fetched_at: float, success_at: float) -> None:
+    # Runs in a forked child: prometheus_client was imported by the parent before the
+    # directory was set, which is exactly the case Metrics must correct.
+    metrics = Metrics(issuers=ISSUERS, policies=POLICIES, reasons=REASONS, clock=lambda: success_at)
+    assert metrics.multiprocess
+    for _ in range(connections):
+        metrics.connection_opened()
+    metrics.record_verdict("accept", "ok", "corp", "api", 2e-5, True)
+    metrics.record_verdict("reject", "expired", "corp", "api", 2e-3, False)
+    metrics.jwks_fetch("corp", "ok")
+    metrics.jwks_keys("corp", keys, fetched_at)
+    metrics.issuer_ready("corp", ready)
+
+
+def test_multiprocess_mode_merges_two_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    (directory / "counter_99999.db").write_bytes(b"stale file from an earlier run")
+    monkeypatch.setenv(MULTIPROC_ENV, "placeholder")  # restored after the test
+    prepare_multiprocess_dir(directory)
+    assert os.environ[MULTIPROC_ENV] == str(directory)
+    assert not (directory / "counter_99999.db").exists()
+
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_worker, args=(True, 2, 3, 1_000.0, 5_000.0)),
+        context.Process(target=_worker, args=(False, 1, 2, 2_000.0, 6_000.0)),
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    monkeypatch.delenv(MULTIPROC_ENV)  # the parent only reads the files
+
+    registry = multiprocess_registry(directory, clock=FakeClock(10_000.0))
+    with MetricsServer(registry) as server:
+        samples = scrape(server.port)
+        name = "jwtgate_verdicts_total"
+        assert value(samples, name, outcome="accept", reason="ok", issuer="corp", policy="api") == 2
+        assert value(samples, "jwtgate_verify_duration_seconds_count", cache="miss") == 2
+        assert value(samples, "jwtgate_spop_connections_total") == 3
+        assert value(samples, "jwtgate_spop_connections_open") == 3  # livesum
+        assert value(samples, "jwtgate_issuer_ready", issuer="corp") == 0  # livemin
+        assert value(samples, "jwtgate_jwks_keys", issuer="corp") == 2  # livemin
+        assert value(samples, "jwtgate_jwks_last_success_timestamp_seconds", issuer="corp") == 6_000
+        assert value(samples, "jwtgate_jwks_age_seconds", issuer="corp") == 9_000  # the oldest
+        assert value(samples, "jwtgate_jwks_fetches_total", issuer="corp", result="ok") == 2
+
+        # The unready worker exits: its live gauges go, its counters stay.
+        pid = workers[1].pid
+        assert pid is not None
+        mark_worker_dead(pid, directory)
+        samples = scrape(server.port)
+        assert value(samples, "jwtgate_issuer_ready", issuer="corp") == 1
+        assert value(samples, "jwtgate_spop_connections_open") == 2
+        assert value(samples, "jwtgate_spop_connections_total") == 3
+    for worker in workers:
+        worker.close()
+
+
+def test_multiprocess_registry_needs_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=MULTIPROC_ENV):
+        multiprocess_registry(tmp_path / "missing")
