@@ -1,0 +1,113 @@
+"""A small real HTTP server on loopback for JWKS and discovery tests.
+
+Routes are set per path with a body, status, Cache-Control and an optional delay; every
+request is counted per path. The delay waits on an event, so `close()` never waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Route:
+    body: bytes
+    status: int = 200
+    cache_control: str | None = None
+    delay: float = 0.0
+    content_type: str = "application/json"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        with self.server.lock:
+            self.server.counts[path] += 1
+            route = self.server.routes.get(path)
+        if route is None:
+            route = Route(body=b"{}", status=404)
+        if route.delay > 0:
+            self.server.release.wait(route.delay)
+        try:
+            self.send_response(route.status)
+            self.send_header("Content-Type", route.content_type)
+            self.send_header("Content-Length", str(len(route.body)))
+            if route.cache_control is not None:
+                self.send_header("Cache-Control", route.cache_control)
+            self.end_headers()
+            self.wfile.write(route.body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout tests); nothing to do
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.Lock()
+        self.routes: dict[str, Route] = {}
+        self.counts: Counter[str] = Counter()
+        self.release = threading.Event()
+
+
+class JwksServer:
+    """Use as a context manager; `url(path)` gives the address of a route."""
+
+    def __init__(self) -> None:
+        self._server = _Server()
+        self._thread = threading.Thread(target=self._server.serve_forever, name="jwks-server")
+
+    def __enter__(self) -> JwksServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def set(
+        self,
+        path: str,
+        body: bytes | str | dict[str, Any],
+        *,
+        status: int = 200,
+        cache_control: str | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        if isinstance(body, dict):
+            raw = json.dumps(body).encode()
+        elif isinstance(body, str):
+            raw = body.encode()
+        else:
+            raw = body
+        with self._server.lock:
+            self._server.routes[path] = Route(raw, status, cache_control, delay)
+
+    def requests(self, path: str) -> int:
+        with self._server.lock:
+            return self._server.counts[path]
+
+    def close(self) -> None:
+        self._server.release.set()  # wake handlers sleeping in a delay
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join()
+        self._server.server_close()  # joins the handler threads (block_on_close)
