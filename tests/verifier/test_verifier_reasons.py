@@ -1,0 +1,299 @@
+"""Every reason code, produced by the verifier for the case it names."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from verifier_helpers import (
+    AUDIENCE,
+    CONTEXT,
+    ISSUER,
+    NOW,
+    POLICY,
+    KeyPair,
+    b64,
+    default_claims,
+    make_key,
+    mint,
+    rules,
+    verifier_for,
+)
+
+from spoa.verifier import (
+    ClaimMatcher,
+    KeySet,
+    MemoryKeyStore,
+    Policy,
+    PolicyError,
+    Reason,
+    Verdict,
+    Verifier,
+    bearer_error,
+    http_status,
+)
+
+ES = "ES256"
+
+
+@pytest.fixture(scope="module")
+def es_key() -> KeyPair:
+    return make_key(ES, kid="es-1")
+
+
+def _verify(
+    key: KeyPair, token: Any, *, policy: Policy = POLICY, now: float = NOW, **rule_overrides: Any
+) -> Verdict:
+    algorithms = rule_overrides.pop("algorithms", {ES})
+    verifier, _ = verifier_for([key.verification_key()], algorithms, **rule_overrides)
+    return verifier.verify(token, policy, CONTEXT, now)
+
+
+# Each case: (reason, function of the key giving a verdict).
+CASES: dict[Reason, Callable[[KeyPair], Verdict]] = {
+    Reason.OK: lambda k: _verify(k, mint(k)),
+    Reason.MISSING_TOKEN: lambda k: _verify(k, ""),
+    Reason.MALFORMED: lambda k: _verify(k, "not-a-token"),
+    Reason.TOKEN_TOO_LARGE: lambda k: _verify(k, mint(k, default_claims(pad="x" * 9000))),
+    Reason.UNSUPPORTED_ALG: lambda k: _verify(k, mint(k), algorithms=frozenset({"ES384"})),
+    Reason.UNKNOWN_KID: lambda k: _verify(k, mint(k, header={"kid": "who-is-this"})),
+    Reason.BAD_SIGNATURE: lambda k: _verify(k, mint(make_key(ES, kid="es-1"))),
+    Reason.EXPIRED: lambda k: _verify(k, mint(k), now=NOW + 600 + 31),
+    Reason.NOT_YET_VALID: lambda k: _verify(k, mint(k, default_claims(nbf=int(NOW) + 120))),
+    Reason.IAT_IN_FUTURE: lambda k: _verify(k, mint(k, default_claims(iat=int(NOW) + 120))),
+    Reason.LIFETIME_TOO_LONG: lambda k: _verify(k, mint(k), max_lifetime=300.0),
+    Reason.BAD_ISSUER: lambda k: _verify(k, mint(k, default_claims(iss="https://evil.example"))),
+    Reason.BAD_AUDIENCE: lambda k: _verify(k, mint(k, default_claims(aud="api://other"))),
+    Reason.MISSING_CLAIM: lambda k: _verify(k, mint(k, default_claims(exp=None))),
+    Reason.CLAIM_MISMATCH: lambda k: _verify(
+        k,
+        mint(k),
+        policy=Policy("p", ("main",), claim_matchers=(ClaimMatcher.equal_to("sub", "root"),)),
+    ),
+    Reason.BAD_TYPE: lambda k: _verify(
+        k, mint(k, header={"typ": "JWT"}), allowed_types=frozenset({"at+jwt"})
+    ),
+    Reason.INSUFFICIENT_SCOPE: lambda k: _verify(
+        k, mint(k), policy=Policy("p", ("main",), require_scopes=frozenset({"orders:write"}))
+    ),
+    Reason.KEYS_UNAVAILABLE: lambda k: Verifier([rules({ES})], MemoryKeyStore()).verify(
+        mint(k), POLICY, CONTEXT, NOW
+    ),
+    Reason.UNKNOWN_POLICY: lambda k: Verdict.rejected(Reason.UNKNOWN_POLICY),
+    # A caller handing the verifier something that is not a token fails closed.
+    Reason.INTERNAL_ERROR: lambda k: _verify(k, 12345),
+}
+
+
+def test_every_reason_has_a_case() -> None:
+    assert set(CASES) == set(Reason)
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+def test_reason_is_produced(reason: Reason, es_key: KeyPair) -> None:
+    verdict = CASES[reason](es_key)
+    assert verdict.reason is reason, verdict
+    assert verdict.ok is (reason is Reason.OK)
+    assert verdict.status == http_status(reason)
+
+
+def test_statuses_follow_rfc6750() -> None:
+    assert http_status(Reason.OK) == 200
+    assert http_status(Reason.INSUFFICIENT_SCOPE) == 403
+    assert http_status(Reason.EXPIRED) == 401
+    assert bearer_error(Reason.EXPIRED) == "invalid_token"
+    assert bearer_error(Reason.MISSING_TOKEN) == ""
+    assert bearer_error(Reason.INSUFFICIENT_SCOPE) == "insufficient_scope"
+
+
+def test_insufficient_scope_names_the_required_scopes(es_key: KeyPair) -> None:
+    policy = Policy("p", ("main",), require_scopes=frozenset({"orders:write", "orders:read"}))
+    verdict = _verify(es_key, mint(es_key), policy=policy)
+    assert verdict.status == 403
+    assert verdict.required_scopes == {"orders:write", "orders:read"}
+
+
+def test_claims_are_empty_unless_the_signature_verified(es_key: KeyPair) -> None:
+    assert dict(_verify(es_key, mint(make_key(ES, kid="es-1"))).claims) == {}
+    expired = _verify(es_key, mint(es_key), now=NOW + 10_000)
+    assert expired.reason is Reason.EXPIRED
+    assert expired.claims["sub"] == "user-42"
+
+
+# --- Time checks ------------------------------------------------------------------------
+
+
+def test_leeway_applies_to_exp_and_nbf(es_key: KeyPair) -> None:
+    token = mint(es_key)
+    assert _verify(es_key, token, now=NOW + 600 + 29).ok
+    assert _verify(es_key, token, now=NOW + 600 + 30).reason is Reason.EXPIRED
+    early = mint(es_key, default_claims(nbf=int(NOW) + 20))
+    assert _verify(es_key, early).ok
+    assert _verify(es_key, early, leeway=0.0).reason is Reason.NOT_YET_VALID
+
+
+def test_exp_can_be_optional(es_key: KeyPair) -> None:
+    token = mint(es_key, default_claims(exp=None))
+    assert _verify(es_key, token, require_exp=False).ok
+
+
+@pytest.mark.parametrize("bad", ["1800000000", True, None, [1], 1e400])
+# None is JSON null: present but not a number, so malformed rather than missing.
+def test_non_numeric_dates_are_malformed(bad: Any, es_key: KeyPair) -> None:
+    claims = default_claims()
+    claims["exp"] = bad
+    raw = json.dumps(claims).encode().replace(b"Infinity", b"1e400")
+    verdict = _verify(es_key, mint(es_key, raw_payload=raw))
+    assert (
+        verdict.reason in (Reason.MALFORMED, Reason.MISSING_CLAIM)
+        if bad is None
+        else (verdict.reason is Reason.MALFORMED)
+    )
+
+
+def test_lifetime_without_iat_counts_from_now(es_key: KeyPair) -> None:
+    token = mint(es_key, default_claims(iat=None))
+    assert _verify(es_key, token, max_lifetime=900.0).ok
+    assert _verify(es_key, token, max_lifetime=100.0).reason is Reason.LIFETIME_TOO_LONG
+
+
+# --- Issuer, audience, type ------------------------------------------------------------
+
+
+def test_policy_must_trust_the_tokens_issuer(es_key: KeyPair) -> None:
+    store = MemoryKeyStore()
+    store.replace("main", KeySet((es_key.verification_key(),)), NOW)
+    other = rules({ES}, name="other", issuer="https://other.example")
+    verifier = Verifier([rules({ES}), other], store)
+    only_other = Policy("p", ("other",))
+    assert verifier.verify(mint(es_key), only_other, CONTEXT, NOW).reason is Reason.BAD_ISSUER
+
+
+def test_several_issuers_are_chosen_by_iss_with_their_own_keys() -> None:
+    key_a, key_b = make_key(ES, kid="same-kid"), make_key(ES, kid="same-kid")
+    store = MemoryKeyStore()
+    store.replace("a", KeySet((key_a.verification_key(),)), NOW)
+    store.replace("b", KeySet((key_b.verification_key(),)), NOW)
+    issuers = [rules({ES}, name="a", issuer="https://a"), rules({ES}, name="b", issuer="https://b")]
+    verifier = Verifier(issuers, store)
+    both = Policy("p", ("a", "b"))
+    token_a = mint(key_a, default_claims(iss="https://a"))
+    token_b = mint(key_b, default_claims(iss="https://b"))
+    assert verifier.verify(token_a, both, CONTEXT, NOW).issuer == "a"
+    assert verifier.verify(token_b, both, CONTEXT, NOW).issuer == "b"
+    # Same kid, other issuer's key: a token claiming issuer b but signed by a's key fails.
+    cross = mint(key_a, default_claims(iss="https://b"))
+    assert verifier.verify(cross, both, CONTEXT, NOW).reason is Reason.BAD_SIGNATURE
+
+
+def test_issuer_must_match_exactly(es_key: KeyPair) -> None:
+    for iss in (ISSUER + "/", ISSUER.upper(), " " + ISSUER, ["https://issuer.example"]):
+        assert _verify(es_key, mint(es_key, default_claims(iss=iss))).reason is Reason.BAD_ISSUER
+
+
+def test_audience_string_or_list_any_of(es_key: KeyPair) -> None:
+    assert _verify(es_key, mint(es_key, default_claims(aud=["x", AUDIENCE]))).ok
+    assert (
+        _verify(es_key, mint(es_key, default_claims(aud=["x", "y"]))).reason is Reason.BAD_AUDIENCE
+    )
+    assert _verify(es_key, mint(es_key, default_claims(aud=None))).reason is Reason.BAD_AUDIENCE
+    assert _verify(es_key, mint(es_key, default_claims(aud=[1]))).reason is Reason.MALFORMED
+
+
+def test_policy_audiences_override_the_issuers(es_key: KeyPair) -> None:
+    token = mint(es_key, default_claims(aud="api://billing"))
+    assert _verify(es_key, token).reason is Reason.BAD_AUDIENCE
+    assert _verify(
+        es_key, token, policy=Policy("p", ("main",), audiences=frozenset({"api://billing"}))
+    ).ok
+
+
+@pytest.mark.parametrize("typ", ["at+jwt", "AT+JWT", "application/at+jwt", "Application/AT+JWT"])
+def test_type_compares_case_insensitively_with_optional_prefix(typ: str, es_key: KeyPair) -> None:
+    token = mint(es_key, header={"typ": typ})
+    assert _verify(es_key, token, allowed_types=frozenset({"application/at+jwt"})).ok
+
+
+def test_missing_type_is_refused_when_types_are_enforced(es_key: KeyPair) -> None:
+    token = mint(es_key, header={"typ": None})
+    assert _verify(es_key, token, allowed_types=frozenset({"at+jwt"})).reason is Reason.BAD_TYPE
+    assert _verify(es_key, token).ok  # not enforced by default
+
+
+def test_required_claims(es_key: KeyPair) -> None:
+    token = mint(es_key, default_claims(client_id="cli"))
+    assert _verify(es_key, token, required_claims=("sub", "client_id")).ok
+    assert _verify(es_key, token, required_claims=("jti",)).reason is Reason.MISSING_CLAIM
+
+
+# --- Scopes and matchers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"scope": "a b  c"},
+        {"scp": ["a", "b", "c"]},
+        {"scp": "a b c"},
+        {"scope": "a", "scp": ["b", "c"]},
+    ],
+)
+def test_scopes_from_scope_or_scp(claims: dict[str, Any], es_key: KeyPair) -> None:
+    token = mint(es_key, {**default_claims(scope=None), **claims})
+    assert _verify(
+        es_key, token, policy=Policy("p", ("main",), require_scopes=frozenset({"a", "c"}))
+    ).ok
+    short = Policy("p", ("main",), require_scopes=frozenset({"a", "d"}))
+    assert _verify(es_key, token, policy=short).reason is Reason.INSUFFICIENT_SCOPE
+
+
+def test_claim_matchers(es_key: KeyPair) -> None:
+    token = mint(
+        es_key, default_claims(roles=["reader", "admin"], tier="gold", level=1, active=True)
+    )
+
+    def check(*matchers: ClaimMatcher) -> Reason:
+        return _verify(es_key, token, policy=Policy("p", ("main",), claim_matchers=matchers)).reason
+
+    assert (
+        check(ClaimMatcher.containing("roles", "admin"), ClaimMatcher.equal_to("tier", "gold"))
+        is Reason.OK
+    )
+    assert check(ClaimMatcher.any_of("tier", ("silver", "gold"))) is Reason.OK
+    assert check(ClaimMatcher.equal_to("roles", ["reader", "admin"])) is Reason.OK
+    assert check(ClaimMatcher.containing("roles", "owner")) is Reason.CLAIM_MISMATCH
+    assert check(ClaimMatcher.containing("tier", "g")) is Reason.CLAIM_MISMATCH  # not an array
+    assert check(ClaimMatcher.equal_to("active", 1)) is Reason.CLAIM_MISMATCH  # true is not 1
+    assert check(ClaimMatcher.equal_to("level", True)) is Reason.CLAIM_MISMATCH
+    assert check(ClaimMatcher.equal_to("level", 1)) is Reason.OK
+    assert check(ClaimMatcher.equal_to("group", "x")) is Reason.MISSING_CLAIM
+
+
+def test_claim_matcher_needs_exactly_one_condition() -> None:
+    with pytest.raises(PolicyError):
+        ClaimMatcher("sub")
+    with pytest.raises(PolicyError):
+        ClaimMatcher("sub", equals="a", contains="b")
+    with pytest.raises(PolicyError):
+        ClaimMatcher("sub", one_of=())
+
+
+def test_issuer_rules_are_validated() -> None:
+    with pytest.raises(PolicyError):
+        rules({"none"})
+    with pytest.raises(PolicyError):
+        rules(set())
+    with pytest.raises(PolicyError):
+        rules({ES}, leeway=-1.0)
+    with pytest.raises(PolicyError):
+        Verifier([rules({ES}), rules({ES})], MemoryKeyStore())
+
+
+def test_token_as_bytes_verifies(es_key: KeyPair) -> None:
+    assert _verify(es_key, mint(es_key).encode()).ok
+
+
+def test_b64_helper_roundtrip() -> None:
+    assert b64(b"\xff") == "_w"
