@@ -1,0 +1,417 @@
+"""The SPOE agent server: asyncio glue over `spoa.protocol.AgentConnection`.
+
+One `asyncio.Protocol` per HAProxy connection feeds bytes to the core, runs the
+handler registered for each message of a NOTIFY and writes back whatever the
+core queued, once per read. Sync handlers answer inline; async ones run as
+tasks whose ACKs go out as each finishes. Time is the loop's clock, and each
+connection keeps a single timer for the core's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .protocol import (
+    DEFAULT_HELLO_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_INFLIGHT,
+    DEFAULT_MAX_LIST_ITEMS,
+    Action,
+    AgentConnection,
+    ConnectionClosed,
+    DisconnectReceived,
+    Event,
+    HelloReceived,
+    Message,
+    NotifyReceived,
+    SpopError,
+    Status,
+    build_disconnect,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message], Sequence[Action] | Awaitable[Sequence[Action]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Bounds of the server. `max_inflight` must be at least HAProxy's
+    `max-waiting-frames` (20 by default); timeouts and grace are seconds."""
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_list_items: int = DEFAULT_MAX_LIST_ITEMS
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    max_connections: int = 1024
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+    shutdown_grace: float = 5.0
+
+
+class ServerObserver(Protocol):
+    """What the server reports, for metrics. Every method must be cheap."""
+
+    def connection_opened(self) -> None: ...
+    def connection_closed(self, status: Status) -> None: ...
+    def frame_received(self, kind: str) -> None: ...
+    def protocol_error(self, status: Status) -> None: ...
+    def inflight_changed(self, delta: int) -> None: ...
+
+
+class NullObserver:
+    """The default observer: reports nowhere."""
+
+    def connection_opened(self) -> None:
+        pass
+
+    def connection_closed(self, status: Status) -> None:
+        pass
+
+    def frame_received(self, kind: str) -> None:
+        pass
+
+    def protocol_error(self, status: Status) -> None:
+        pass
+
+    def inflight_changed(self, delta: int) -> None:
+        pass
+
+
+def install_uvloop() -> bool:
+    """Make uvloop the event loop policy when it is installed; say whether it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def _close_unstarted(pending: list[tuple[str, Awaitable[Sequence[Action]]]]) -> None:
+    """Close handler coroutines that will never be awaited, so none leaks a warning."""
+    for _, awaitable in pending:
+        if inspect.iscoroutine(awaitable) and (
+            inspect.getcoroutinestate(awaitable) == inspect.CORO_CREATED
+        ):
+            awaitable.close()
+
+
+class SpoaServer:
+    """Serves SPOP to HAProxy; handlers are looked up by message name."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        fallback_actions: Sequence[Action],
+        limits: ServerLimits = ServerLimits(),
+        observer: ServerObserver | None = None,
+    ) -> None:
+        if not fallback_actions:
+            raise ValueError("fallback_actions must hold at least one action")
+        self.handlers = dict(handlers)
+        self.fallback_actions = tuple(fallback_actions)
+        self.limits = limits
+        self.observer: ServerObserver = observer or NullObserver()
+        self._server: asyncio.Server | None = None
+        self._connections: set[_AgentProtocol] = set()
+        self._closing = False
+
+    @property
+    def bound_port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the server is not listening")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._make_protocol, host, port, backlog=1024, reuse_address=True
+        )
+
+    async def start_on_socket(self, sock: socket.socket) -> None:
+        """Serve on a socket that is already bound and listening (SO_REUSEPORT workers)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._make_protocol, sock=sock)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight NOTIFYs finish within the grace period,
+        then send AGENT-DISCONNECT (normal) and close every connection."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.shutdown_grace
+        while any(c.busy for c in self._connections) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for connection in list(self._connections):
+            connection.close(Status.NORMAL, "agent shutting down")
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        # Let connection_lost callbacks run so no task outlives the server.
+        while self._connections and loop.time() < deadline + 1.0:
+            await asyncio.sleep(0.005)
+
+    def _make_protocol(self) -> _AgentProtocol:
+        return _AgentProtocol(self)
+
+
+class _AgentProtocol(asyncio.Protocol):
+    def __init__(self, server: SpoaServer) -> None:
+        self._server = server
+        self._observer = server.observer
+        self._handlers = server.handlers
+        self._fallback = server.fallback_actions
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._conn: AgentConnection | None = None
+        # Each task with the handler awaitables it still has to await.
+        self._tasks: dict[asyncio.Task[None], list[tuple[str, Awaitable[Sequence[Action]]]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._refused = False
+
+    @property
+    def busy(self) -> bool:
+        return self._conn is not None and self._conn.inflight > 0
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        server = self._server
+        if server._closing or len(server._connections) >= server.limits.max_connections:
+            # Refuse politely: HAProxy reads a DISCONNECT even while awaiting AGENT-HELLO.
+            self._refused = True
+            transport.write(build_disconnect(Status.RESOURCE_ALLOCATION, "too many connections"))
+            transport.close()
+            return
+        limits = server.limits
+        self._conn = AgentConnection(
+            max_frame_size=limits.max_frame_size,
+            max_list_items=limits.max_list_items,
+            max_inflight=limits.max_inflight,
+            hello_timeout=limits.hello_timeout,
+            idle_timeout=limits.idle_timeout,
+            now=self._loop.time(),
+        )
+        server._connections.add(self)
+        self._observer.connection_opened()
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self._handle_events(conn.receive_data(data, self._loop.time()))
+        self._flush()
+
+    def eof_received(self) -> bool:
+        conn = self._conn
+        if conn is not None:
+            self._handle_events(conn.receive_data(b"", self._loop.time()))
+            self._flush()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A reset from HAProxy is a normal close: 3.1+ drops pooled connections that way.
+        conn = self._conn
+        self._conn = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task, pending in list(self._tasks.items()):
+            task.cancel()
+            _close_unstarted(pending)
+        if conn is None:
+            return
+        if not conn.closed:
+            conn.receive_data(b"", self._loop.time())
+        in_flight = conn.inflight
+        if in_flight:
+            self._observer.inflight_changed(-in_flight)
+        self._server._connections.discard(self)
+        self._observer.connection_closed(conn.close_status or Status.NORMAL)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # -- events ------------------------------------------------------------
+
+    def _handle_events(self, events: list[Event]) -> None:
+        for event in events:
+            if type(event) is NotifyReceived:
+                self._observer.frame_received("notify")
+                self._observer.inflight_changed(1)
+                self._dispatch(event)
+            elif isinstance(event, HelloReceived):
+                self._observer.frame_received("hello")
+            elif isinstance(event, DisconnectReceived):
+                self._observer.frame_received("disconnect")
+            elif isinstance(event, ConnectionClosed):
+                self._on_closed(event)
+        self._update_reading()
+
+    def _dispatch(self, event: NotifyReceived) -> None:
+        actions: list[Action] = []
+        pending: list[tuple[str, Awaitable[Sequence[Action]]]] = []
+        for message in event.messages:
+            handler = self._handlers.get(message.name)
+            if handler is None:
+                continue
+            try:
+                result = handler(message)
+            except Exception as error:
+                _close_unstarted(pending)
+                self._handler_failed(message.name, error)
+                self._ack(event, self._fallback)
+                return
+            if inspect.isawaitable(result):
+                pending.append((message.name, result))
+            else:
+                actions.extend(result)
+        if not pending:
+            self._ack(event, actions)
+            return
+        task = self._loop.create_task(self._finish(event, actions, pending))
+        self._tasks[task] = pending
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    async def _finish(
+        self,
+        event: NotifyReceived,
+        actions: list[Action],
+        pending: list[tuple[str, Awaitable[Sequence[Action]]]],
+    ) -> None:
+        for name, awaitable in pending:
+            try:
+                actions.extend(await awaitable)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                _close_unstarted(pending)
+                self._handler_failed(name, error)
+                actions = list(self._fallback)
+                break
+        self._ack(event, actions)
+        self._flush()
+        self._update_reading()
+
+    def _handler_failed(self, message_name: str, error: Exception) -> None:
+        # The exception text may quote a token: log its type only.
+        log.error(
+            "spoe handler failed, answering with fallback actions",
+            extra={"spoe_message": message_name, "error_type": type(error).__name__},
+        )
+
+    def _ack(self, event: NotifyReceived, actions: Sequence[Action]) -> None:
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        try:
+            conn.send_ack(event.stream_id, event.frame_id, actions or self._fallback)
+        except SpopError as error:
+            # An action that cannot be encoded or an ACK too big: fail closed.
+            log.error(
+                "spoe ack could not be built, answering with fallback actions",
+                extra={"error_type": type(error).__name__},
+            )
+            conn.send_ack(event.stream_id, event.frame_id, self._fallback)
+        self._observer.inflight_changed(-1)
+
+    def _on_closed(self, event: ConnectionClosed) -> None:
+        if not event.status.is_normal:
+            self._observer.protocol_error(event.status)
+            log.info(
+                "spoe connection closed on error",
+                extra={"spop_status": int(event.status), "reason": event.message},
+            )
+
+    # -- output, flow and time -----------------------------------------------
+
+    def _flush(self) -> None:
+        conn = self._conn
+        transport = self._transport
+        if conn is None or transport is None:
+            return
+        data = conn.data_to_send()
+        if data:
+            transport.write(data)
+        if conn.closed:
+            transport.close()
+        else:
+            self._arm_timer()
+
+    def _update_reading(self) -> None:
+        conn = self._conn
+        transport = self._transport
+        if conn is None or transport is None or transport.is_closing():
+            return
+        should_pause = self._write_paused or conn.inflight >= self._server.limits.max_inflight
+        if should_pause and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not should_pause and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _arm_timer(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        deadline = conn.next_deadline()
+        if deadline is None:
+            return
+        # A later deadline is picked up when the armed timer fires: no re-arming per frame.
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        conn = self._conn
+        if conn is None:
+            return
+        self._handle_events(conn.handle_timeout(self._loop.time()))
+        self._flush()
+
+    def close(self, status: Status, message: str) -> None:
+        """Send AGENT-DISCONNECT and close (used by shutdown)."""
+        conn = self._conn
+        transport = self._transport
+        if conn is None or transport is None:
+            return
+        conn.send_disconnect(status, message)
+        self._handle_events(conn.receive_data(b"", self._loop.time()))
+        self._flush()
+        with contextlib.suppress(Exception):
+            transport.close()
