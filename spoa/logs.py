@@ -142,7 +142,9 @@ def configure_logging(
     """Configure structlog (and the stdlib root logger) for the whole process.
 
     Loggers are cached on first use, which keeps disabled levels nearly free; a logger
-    obtained before a later call keeps the earlier level and stream.
+    obtained before a later call keeps the earlier level and stream. On a hot path keep a
+    bound logger (`structlog.get_logger().bind()` after this call): a disabled call then
+    costs about 0.15 µs, against about 1 µs through the lazy module-level proxy.
     """
     threshold = _level_number(level)
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
