@@ -98,7 +98,7 @@ class HAProxy:
     ) -> None:
         if (config is None) == (config_path is None):
             raise ValueError("give exactly one of config and config_path")
-        self.binary = Path(binary)
+        self.binary = Path(binary).absolute()
         self.env = dict(env or {})
         self._config_text = config
         self._config_path = Path(config_path) if config_path is not None else None
