@@ -1,0 +1,138 @@
+"""The verified-token cache: hits re-run per-request checks, entries die with exp and keys."""
+
+from __future__ import annotations
+
+import pytest
+from verifier_helpers import (
+    CONTEXT,
+    NOW,
+    POLICY,
+    KeyPair,
+    default_claims,
+    make_key,
+    mint,
+    rules,
+    verifier_for,
+)
+
+from spoa.verifier import ClaimMatcher, KeySet, MemoryKeyStore, Policy, Reason, Verifier
+
+
+@pytest.fixture(scope="module")
+def key() -> KeyPair:
+    return make_key("ES256", kid="k1")
+
+
+def test_second_verify_is_a_hit_with_the_same_claims(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    token = mint(key)
+    first = verifier.verify(token, POLICY, CONTEXT, NOW)
+    second = verifier.verify(token, POLICY, CONTEXT, NOW + 1)
+    assert first.ok
+    assert not first.cache_hit
+    assert second.ok
+    assert second.cache_hit
+    assert second.claims == first.claims
+    assert (second.issuer, second.kid, second.alg, second.expires_at) == (
+        "main", "k1", "ES256", first.expires_at,
+    )  # fmt: skip
+
+
+def test_hit_rechecks_expiry_and_drops_the_entry(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    token = mint(key)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    expired = verifier.verify(token, POLICY, CONTEXT, NOW + 600 + 30)
+    assert expired.reason is Reason.EXPIRED
+    assert expired.cache_hit
+    assert len(verifier.cache) == 0
+
+
+def test_hit_rechecks_not_before(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"}, leeway=0.0)
+    token = mint(key, default_claims(nbf=int(NOW) + 10, iat=int(NOW)))
+    assert verifier.verify(token, POLICY, CONTEXT, NOW + 10).ok  # cached now
+    assert verifier.verify(token, POLICY, CONTEXT, NOW + 5).reason is Reason.NOT_YET_VALID
+
+
+def test_hit_runs_each_policys_own_checks(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    token = mint(key, default_claims(roles=["reader"]))
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    writer = Policy("w", ("main",), require_scopes=frozenset({"orders:write"}))
+    verdict = verifier.verify(token, writer, CONTEXT, NOW)
+    assert verdict.cache_hit
+    assert verdict.status == 403
+    assert verdict.required_scopes == {"orders:write"}
+    other_audience = Policy("a", ("main",), audiences=frozenset({"api://billing"}))
+    assert verifier.verify(token, other_audience, CONTEXT, NOW).reason is Reason.BAD_AUDIENCE
+    admins = Policy("m", ("main",), claim_matchers=(ClaimMatcher.containing("roles", "admin"),))
+    assert verifier.verify(token, admins, CONTEXT, NOW).reason is Reason.CLAIM_MISMATCH
+    untrusting = Policy("u", ("elsewhere",))
+    assert verifier.verify(token, untrusting, CONTEXT, NOW).reason is Reason.BAD_ISSUER
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+
+
+def test_entry_is_dropped_when_its_key_leaves_the_set(key: KeyPair) -> None:
+    verifier, store = verifier_for([key.verification_key()], {"ES256"})
+    token = mint(key)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    newcomer = make_key("ES256", kid="k2")
+    # Rotation that keeps the key: still a hit.
+    store.replace("main", KeySet((key.verification_key(), newcomer.verification_key())), NOW)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).cache_hit
+    # The key is gone: the entry goes, and a fresh verify finds no key.
+    store.replace("main", KeySet((newcomer.verification_key(),)), NOW)
+    verdict = verifier.verify(token, POLICY, CONTEXT, NOW)
+    assert verdict.reason is Reason.UNKNOWN_KID
+    assert not verdict.cache_hit
+    assert len(verifier.cache) == 0
+
+
+def test_same_kid_with_a_new_key_invalidates_the_entry(key: KeyPair) -> None:
+    verifier, store = verifier_for([key.verification_key()], {"ES256"})
+    token = mint(key)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    impostor = make_key("ES256", kid="k1")
+    store.replace("main", KeySet((impostor.verification_key(),)), NOW)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).reason is Reason.BAD_SIGNATURE
+
+
+def test_stale_keys_fail_closed_even_on_a_hit(key: KeyPair) -> None:
+    store = MemoryKeyStore()
+    store.replace("main", KeySet((key.verification_key(),)), NOW, max_stale=60.0)
+    verifier = Verifier([rules({"ES256"})], store)
+    token = mint(key)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    assert verifier.verify(token, POLICY, CONTEXT, NOW + 60).cache_hit
+    assert verifier.verify(token, POLICY, CONTEXT, NOW + 61).reason is Reason.KEYS_UNAVAILABLE
+    store.confirm("main", NOW + 62)  # a refresh brought the same keys back
+    assert verifier.verify(token, POLICY, CONTEXT, NOW + 62).ok
+
+
+def test_cache_is_a_bounded_lru(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"}, cache_size=3)
+    tokens = [mint(key, default_claims(jti=str(i))) for i in range(5)]
+    for token in tokens:
+        assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    assert len(verifier.cache) == 3
+    assert verifier.verify(tokens[4], POLICY, CONTEXT, NOW).cache_hit
+    assert not verifier.verify(tokens[0], POLICY, CONTEXT, NOW).cache_hit
+    # tokens[0] was re-inserted and evicted the least recently used one (tokens[2]).
+    assert not verifier.verify(tokens[2], POLICY, CONTEXT, NOW).cache_hit
+
+
+def test_cache_size_zero_disables_caching(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"}, cache_size=0)
+    token = mint(key)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    assert not verifier.verify(token, POLICY, CONTEXT, NOW).cache_hit
+
+
+def test_failed_tokens_are_not_cached(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    forged = mint(make_key("ES256", kid="k1"))
+    for _ in range(2):
+        assert verifier.verify(forged, POLICY, CONTEXT, NOW).reason is Reason.BAD_SIGNATURE
+    assert verifier.verify(mint(key), POLICY, CONTEXT, NOW + 10_000).reason is Reason.EXPIRED
+    assert len(verifier.cache) == 0
