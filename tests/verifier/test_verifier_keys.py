@@ -1,0 +1,123 @@
+"""Key loading (PEM, JWK, JWKS, HMAC secrets) and how keys are matched to tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from verifier_helpers import KeyPair, b64, make_key
+
+from spoa.verifier import (
+    KeyLoadError,
+    KeySet,
+    Reason,
+    TokenRejected,
+    hmac_key,
+    load_jwk,
+    load_jwks,
+    load_key_file_bytes,
+    load_pem,
+)
+from spoa.verifier.algorithms import KeyKind
+
+
+def test_pem_public_key_and_certificate(rsa_key: KeyPair) -> None:
+    key = load_pem(rsa_key.public_pem(), kid="pem")
+    assert key.kind is KeyKind.RSA
+    assert key.kid == "pem"
+    assert key.key_id == load_jwk(rsa_key.public_jwk()).key_id  # RFC 7638 thumbprint
+
+
+def test_pem_private_key_is_refused(rsa_key: KeyPair) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    private_pem = rsa_key.private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(KeyLoadError) as caught:
+        load_pem(private_pem)
+    assert "BEGIN" not in str(caught.value)  # no key material in a message that may be logged
+
+
+def test_jwk_with_private_members_loads_only_the_public_part(rsa_key: KeyPair) -> None:
+    from jwcrypto import jwk
+
+    private_jwk = json.loads(jwk.JWK.from_pyca(rsa_key.private).export_private())
+    key = load_jwk(private_jwk)
+    assert key.key_id == load_jwk(rsa_key.public_jwk()).key_id
+
+
+@pytest.mark.parametrize("alg", ["ES256", "ES384", "ES512", "Ed25519", "Ed448"])
+def test_jwk_curves(alg: str) -> None:
+    pair = make_key(alg, kid=alg)
+    key = load_jwk(pair.public_jwk())
+    assert key.fits(alg)
+    assert not key.fits("RS256")
+    assert not key.fits("HS256")
+
+
+def test_jwks_skips_unusable_keys_and_reports_why(rsa_key: KeyPair) -> None:
+    document = {
+        "keys": [
+            rsa_key.public_jwk(),
+            rsa_key.public_jwk(use="enc", kid="enc"),
+            {"kty": "oct", "k": b64(b"k" * 32)},
+            {"kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA"},
+            {"kty": "RSA", "n": "not-base64!", "e": "AQAB"},
+            rsa_key.public_jwk(alg="HS256", kid="mismatch"),
+            rsa_key.public_jwk(key_ops=["encrypt"], kid="ops"),
+            "not an object",
+        ]
+    }
+    key_set, report = load_jwks(json.dumps(document).encode())
+    assert [k.kid for k in key_set.keys] == ["rsa-1"]
+    assert report.kept == 1
+    assert len(report.skipped) == 7
+
+
+def test_jwks_limits_and_shape() -> None:
+    with pytest.raises(KeyLoadError):
+        load_jwks(b"[]")
+    with pytest.raises(KeyLoadError):
+        load_jwks(b'{"keys": {}}')
+    with pytest.raises(KeyLoadError):
+        load_jwks(b'{"keys": [], "keys": []}')
+    with pytest.raises(KeyLoadError):
+        load_jwks({"keys": [{}] * 5}, max_keys=4)
+
+
+def test_hmac_secrets_need_enough_entropy() -> None:
+    with pytest.raises(KeyLoadError):
+        hmac_key(b"short", alg="HS256")
+    with pytest.raises(KeyLoadError):
+        hmac_key(b"x" * 48, alg="HS512")
+    with pytest.raises(KeyLoadError):
+        hmac_key(b"x" * 64, alg="RS256")
+    key = hmac_key(b"x" * 32, alg="HS256", kid="h")
+    assert key.fits("HS256")
+    assert not key.fits("HS384")  # pinned to the configured alg
+    assert "x" * 32 not in repr(key)
+
+
+def test_key_file_detection(rsa_key: KeyPair) -> None:
+    assert load_key_file_bytes(rsa_key.public_pem(), kid="p").keys[0].kid == "p"
+    assert load_key_file_bytes(json.dumps(rsa_key.public_jwk()).encode()).keys[0].kid == "rsa-1"
+    jwks = json.dumps({"keys": [rsa_key.public_jwk()]}).encode()
+    assert len(load_key_file_bytes(jwks).keys) == 1
+    with pytest.raises(KeyLoadError):
+        load_key_file_bytes(b"garbage")
+
+
+def test_candidates_by_kid_and_alg(rsa_key: KeyPair, rsa_key_2: KeyPair) -> None:
+    unnamed = make_key("ES256").verification_key(kid=None)
+    key_set = KeySet((rsa_key.verification_key(), rsa_key_2.verification_key(), unnamed))
+    assert [k.kid for k in key_set.candidates("rsa-2", "RS256")] == ["rsa-2"]
+    # Keys configured without a kid stay candidates for any kid that fits their alg.
+    assert key_set.candidates("other", "ES256") == (unnamed,)
+    assert len(key_set.candidates(None, "RS256")) == 2
+    with pytest.raises(TokenRejected) as caught:
+        KeySet((rsa_key.verification_key(),)).candidates("nope", "RS256")
+    assert caught.value.reason is Reason.UNKNOWN_KID
+    with pytest.raises(TokenRejected) as caught:
+        key_set.candidates("rsa-1", "HS256")
+    assert caught.value.reason is Reason.UNSUPPORTED_ALG
