@@ -1,0 +1,454 @@
+"""The AgentConnection state machine: negotiation, framing, limits, time, and
+malformed input of every kind ending in the right DISCONNECT status."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spoa.protocol import (
+    AgentConnection,
+    ConnectionClosed,
+    DisconnectReceived,
+    Event,
+    FrameFlags,
+    FrameIdNotFound,
+    FrameTooBig,
+    FrameType,
+    HelloReceived,
+    Message,
+    NotifyReceived,
+    Scope,
+    SetVar,
+    Status,
+    UnsetVar,
+    Value,
+    build_agent_hello,
+    build_frame,
+    decode_actions,
+    decode_kv_list,
+    encode_kv_list,
+    encode_messages,
+    split_frames,
+)
+
+HELLO_ITEMS: dict[str, Value] = {
+    "supported-versions": "2.0",
+    "max-frame-size": 16380,
+    "capabilities": "pipelining,async",
+    "engine-id": "engine-1",
+}
+REQUEST = Message("check-jwt", (("token", "abc"), ("method", "GET"), ("n", -5)))
+
+
+def hello(**changes: Value) -> bytes:
+    items = {**HELLO_ITEMS, **{k.replace("_", "-"): v for k, v in changes.items()}}
+    payload = encode_kv_list((k, v) for k, v in items.items() if v is not None)
+    return build_frame(FrameType.HAPROXY_HELLO, 0, 0, payload)
+
+
+def hello_without(key: str) -> bytes:
+    payload = encode_kv_list((k, v) for k, v in HELLO_ITEMS.items() if k != key)
+    return build_frame(FrameType.HAPROXY_HELLO, 0, 0, payload)
+
+
+def notify(stream_id: int = 1, frame_id: int = 1, *messages: Message) -> bytes:
+    payload = encode_messages(messages or (REQUEST,))
+    return build_frame(FrameType.NOTIFY, stream_id, frame_id, payload)
+
+
+def disconnect(status: int, message: str) -> bytes:
+    payload = encode_kv_list((("status-code", status), ("message", message)))
+    return build_frame(FrameType.HAPROXY_DISCONNECT, 0, 0, payload)
+
+
+def ready(**limits: int) -> AgentConnection:
+    conn = AgentConnection(now=0.0, **limits)  # type: ignore[arg-type]
+    conn.receive_data(hello(), 0.0)
+    conn.data_to_send()
+    return conn
+
+
+def sent_disconnect_status(conn: AgentConnection) -> int | None:
+    """The status of the AGENT-DISCONNECT the connection queued, if any."""
+    for frame in split_frames(conn.data_to_send()):
+        if frame.header.type == FrameType.AGENT_DISCONNECT:
+            items = dict(decode_kv_list(frame.payload, 0, len(frame.payload), 8))
+            status = items["status-code"]
+            assert isinstance(status, int)
+            return status
+    return None
+
+
+def closed_events(events: list[Event]) -> list[ConnectionClosed]:
+    return [e for e in events if isinstance(e, ConnectionClosed)]
+
+
+# -- negotiation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "agreed"), [(16380, 65536, 16380), (65536, 16380, 16380), (300, 256, 256)]
+)
+def test_max_frame_size_is_the_minimum(ours: int, theirs: int, agreed: int) -> None:
+    conn = AgentConnection(max_frame_size=ours, now=0.0)
+    (event,) = conn.receive_data(hello(max_frame_size=theirs), 0.0)
+    assert isinstance(event, HelloReceived)
+    assert event.negotiated_max_frame_size == agreed
+    assert conn.data_to_send() == build_agent_hello(agreed)
+
+
+def test_announces_pipelining_only() -> None:
+    conn = AgentConnection(now=0.0)
+    conn.receive_data(hello(capabilities=" pipelining , async,fragmentation "), 0.0)
+    (frame,) = split_frames(conn.data_to_send())
+    items = dict(decode_kv_list(frame.payload, 0, len(frame.payload), 8))
+    assert items == {"version": "2.0", "max-frame-size": 16380, "capabilities": "pipelining"}
+    assert conn.pipelining
+
+
+def test_version_list_ignores_spaces() -> None:
+    conn = AgentConnection(now=0.0)
+    (event,) = conn.receive_data(hello(supported_versions=" 1.0 , 2.0 "), 0.0)
+    assert isinstance(event, HelloReceived)
+    assert event.supported_versions == ("1.0", "2.0")
+
+
+def test_healthcheck_hello_gets_hello_then_closes() -> None:
+    conn = AgentConnection(now=0.0)
+    events = conn.receive_data(hello(capabilities="", healthcheck=True), 0.0)
+    assert isinstance(events[0], HelloReceived)
+    assert events[0].healthcheck
+    assert events[1] == ConnectionClosed(Status.NORMAL, "health check answered")
+    frames = split_frames(conn.data_to_send())
+    assert [f.header.type for f in frames] == [FrameType.AGENT_HELLO]
+    assert conn.closed
+
+
+def test_healthcheck_hello_may_omit_capabilities() -> None:
+    payload = encode_kv_list(
+        [("supported-versions", "2.0"), ("max-frame-size", 16380), ("healthcheck", True)]
+    )
+    conn = AgentConnection(now=0.0)
+    events = conn.receive_data(build_frame(FrameType.HAPROXY_HELLO, 0, 0, payload), 0.0)
+    assert isinstance(events[0], HelloReceived)
+    assert closed_events(events)[0].status == Status.NORMAL
+
+
+# -- malformed input -----------------------------------------------------------
+
+INVALID_AFTER_HELLO: list[tuple[str, bytes, Status]] = [
+    ("second hello", hello(), Status.INVALID_FRAME),
+    (
+        "fragmented notify",
+        build_frame(FrameType.NOTIFY, 1, 1, b"", FrameFlags.NONE),
+        Status.FRAGMENTATION_NOT_SUPPORTED,
+    ),
+    (
+        "continuation frame",
+        build_frame(FrameType.UNSET, 1, 1, b""),
+        Status.FRAGMENTATION_NOT_SUPPORTED,
+    ),
+    ("ack sent by haproxy", build_frame(FrameType.ACK, 1, 1, b""), Status.INVALID_FRAME),
+    ("body shorter than a header", b"\x00\x00\x00\x03\x03\x00\x00", Status.INVALID_FRAME),
+    ("frame longer than negotiated", (16381).to_bytes(4, "big"), Status.FRAME_TOO_BIG),
+    ("truncated varint id", b"\x00\x00\x00\x07\x03\x00\x00\x00\x01\xf0\xf0", Status.INVALID_FRAME),
+    (
+        "varint of 11 bytes",
+        b"\x00\x00\x00\x10\x03\x00\x00\x00\x01" + b"\xff" + b"\xff" * 10,
+        Status.INVALID_FRAME,
+    ),
+    (
+        "string past its frame",
+        build_frame(FrameType.NOTIFY, 1, 1, b"\x09check-jwt\x01\x05token\x08\x40abc"),
+        Status.INVALID_FRAME,
+    ),
+    (
+        "message without arg count",
+        build_frame(FrameType.NOTIFY, 1, 1, b"\x03abc"),
+        Status.INVALID_FRAME,
+    ),
+    (
+        "reserved data type",
+        build_frame(FrameType.NOTIFY, 1, 1, b"\x03abc\x01\x01x\x0c"),
+        Status.INVALID_FRAME,
+    ),
+    (
+        "truncated ipv6",
+        build_frame(FrameType.NOTIFY, 1, 1, b"\x03abc\x01\x01x\x07\x00\x00"),
+        Status.INVALID_FRAME,
+    ),
+    (
+        "too many arguments",
+        build_frame(FrameType.NOTIFY, 1, 1, b"\x03abc\xff"),
+        Status.RESOURCE_ALLOCATION,
+    ),
+    ("same ids twice in flight", notify(7, 1) + notify(7, 1), Status.INVALID_INTERLACED_FRAMES),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [c[1:] for c in INVALID_AFTER_HELLO],
+    ids=[c[0] for c in INVALID_AFTER_HELLO],
+)
+def test_invalid_input_after_hello(data: bytes, status: Status) -> None:
+    conn = AgentConnection(max_list_items=64, now=0.0)
+    conn.receive_data(hello(), 0.0)
+    conn.data_to_send()
+    events = conn.receive_data(data, 1.0)
+    assert closed_events(events) == [ConnectionClosed(status, closed_events(events)[0].message)]
+    assert sent_disconnect_status(conn) == status
+    assert conn.closed
+    # Later input is ignored, and nothing more is sent.
+    assert conn.receive_data(notify(), 2.0) == []
+    assert conn.data_to_send() == b""
+
+
+INVALID_HELLO: list[tuple[str, bytes, Status]] = [
+    ("notify first", notify(), Status.INVALID_FRAME),
+    ("unknown type first", build_frame(50, 0, 0, b""), Status.INVALID_FRAME),
+    ("no supported-versions", hello_without("supported-versions"), Status.VERSION_MISSING),
+    ("no 2.0 offered", hello(supported_versions="1.0,3.0"), Status.UNSUPPORTED_VERSION),
+    ("no max-frame-size", hello_without("max-frame-size"), Status.MAX_FRAME_SIZE_MISSING),
+    ("max-frame-size not a number", hello(max_frame_size="big"), Status.MAX_FRAME_SIZE_MISSING),
+    ("max-frame-size below 256", hello(max_frame_size=255), Status.BAD_MAX_FRAME_SIZE),
+    ("no capabilities", hello_without("capabilities"), Status.CAPABILITIES_MISSING),
+    (
+        "fragmented hello",
+        build_frame(FrameType.HAPROXY_HELLO, 0, 0, b"", FrameFlags.NONE),
+        Status.FRAGMENTATION_NOT_SUPPORTED,
+    ),
+    ("length over the pre-hello cap", b"\x7f\xff\xff\xff", Status.FRAME_TOO_BIG),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "status"), [c[1:] for c in INVALID_HELLO], ids=[c[0] for c in INVALID_HELLO]
+)
+def test_invalid_hello(data: bytes, status: Status) -> None:
+    conn = AgentConnection(now=0.0)
+    events = conn.receive_data(data, 0.0)
+    assert [e.status for e in closed_events(events)] == [status]
+    assert sent_disconnect_status(conn) == status
+
+
+def test_too_many_kv_items_is_a_resource_error() -> None:
+    payload = encode_kv_list([*HELLO_ITEMS.items(), *((f"x{i}", i) for i in range(10))])
+    conn = AgentConnection(max_list_items=8, now=0.0)
+    conn.receive_data(build_frame(FrameType.HAPROXY_HELLO, 0, 0, payload), 0.0)
+    assert sent_disconnect_status(conn) == Status.RESOURCE_ALLOCATION
+
+
+def test_inflight_limit() -> None:
+    conn = ready(max_inflight=2)
+    events = conn.receive_data(notify(1, 1) + notify(2, 1), 1.0)
+    assert conn.inflight == 2
+    assert len(events) == 2
+    events = conn.receive_data(notify(3, 1), 1.0)
+    assert closed_events(events)[0].status == Status.RESOURCE_ALLOCATION
+
+
+def test_unknown_frame_types_are_skipped() -> None:
+    conn = ready()
+    events = conn.receive_data(build_frame(50, 0, 0, b"whatever") + notify(3, 1), 1.0)
+    assert events == [NotifyReceived(3, 1, (REQUEST,))]
+
+
+def test_stream_id_zero_and_large_ids_are_echoed() -> None:
+    conn = ready()
+    events = conn.receive_data(notify(0, 1) + notify(2**32 - 1, 2**20), 1.0)
+    assert [(e.stream_id, e.frame_id) for e in events if isinstance(e, NotifyReceived)] == [
+        (0, 1),
+        (2**32 - 1, 2**20),
+    ]
+    conn.send_ack(2**32 - 1, 2**20, [SetVar(Scope.TXN, "a", 1)])
+    conn.send_ack(0, 1, [UnsetVar(Scope.REQ, "b")])
+    frames = split_frames(conn.data_to_send())
+    assert [(f.header.stream_id, f.header.frame_id) for f in frames] == [(2**32 - 1, 2**20), (0, 1)]
+    assert all(f.header.type == FrameType.ACK and f.header.flags == 1 for f in frames)
+    assert decode_actions(frames[1].payload, 0, len(frames[1].payload)) == [
+        UnsetVar(Scope.REQ, "b")
+    ]
+
+
+def test_empty_notify() -> None:
+    conn = ready()
+    events = conn.receive_data(build_frame(FrameType.NOTIFY, 5, 1, b""), 1.0)
+    assert events == [NotifyReceived(5, 1, ())]
+
+
+# -- acks ----------------------------------------------------------------------
+
+
+def test_ack_for_unknown_ids_is_refused() -> None:
+    conn = ready()
+    with pytest.raises(FrameIdNotFound):
+        conn.send_ack(1, 1, [])
+
+
+def test_ack_larger_than_negotiated_size_keeps_the_notify_in_flight() -> None:
+    conn = AgentConnection(max_frame_size=256, now=0.0)
+    conn.receive_data(hello(), 0.0)
+    conn.data_to_send()
+    conn.receive_data(notify(1, 1), 1.0)
+    with pytest.raises(FrameTooBig):
+        conn.send_ack(1, 1, [SetVar(Scope.TXN, "big", "x" * 300)])
+    assert conn.inflight == 1
+    conn.send_ack(1, 1, [SetVar(Scope.TXN, "ok", True)])
+    assert conn.inflight == 0
+
+
+def test_acks_in_any_order() -> None:
+    conn = ready()
+    conn.receive_data(notify(1, 1) + notify(3, 1) + notify(5, 1), 1.0)
+    for stream_id in (5, 1, 3):
+        conn.send_ack(stream_id, 1, [SetVar(Scope.TXN, "sid", stream_id)])
+    frames = split_frames(conn.data_to_send())
+    assert [f.header.stream_id for f in frames] == [5, 1, 3]
+    assert conn.inflight == 0
+
+
+def test_ack_after_close_is_ignored() -> None:
+    conn = ready()
+    conn.receive_data(notify(1, 1), 1.0)
+    conn.receive_data(b"", 2.0)
+    conn.send_ack(1, 1, [SetVar(Scope.TXN, "late", True)])
+    assert conn.data_to_send() == b""
+
+
+# -- closing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(0, Status.NORMAL), (2, Status.TIMEOUT), (4, Status.INVALID_FRAME), (1234, Status.UNKNOWN)],
+)
+def test_haproxy_disconnect(code: int, status: Status) -> None:
+    conn = ready()
+    events = conn.receive_data(disconnect(code, "bye now"), 1.0)
+    assert events == [DisconnectReceived(code, "bye now"), ConnectionClosed(status, "bye now")]
+    assert sent_disconnect_status(conn) == Status.NORMAL
+    assert status.is_normal == (code in (0, 2))
+
+
+def test_eof_is_a_normal_close() -> None:
+    conn = ready()
+    assert conn.receive_data(b"", 1.0) == [ConnectionClosed(Status.NORMAL, "peer closed")]
+    assert conn.data_to_send() == b""
+    assert conn.receive_data(b"", 1.0) == []
+
+
+def test_local_disconnect() -> None:
+    conn = ready()
+    conn.send_disconnect(Status.NORMAL, "shutting down")
+    assert conn.closed
+    assert sent_disconnect_status(conn) == Status.NORMAL
+    assert conn.receive_data(b"", 1.0) == [ConnectionClosed(Status.NORMAL, "shutting down")]
+
+
+# -- time ----------------------------------------------------------------------
+
+
+def test_hello_timeout() -> None:
+    conn = AgentConnection(hello_timeout=5.0, now=100.0)
+    assert conn.next_deadline() == 105.0
+    assert conn.handle_timeout(104.9) == []
+    assert conn.handle_timeout(105.0) == [ConnectionClosed(Status.TIMEOUT, "no HELLO in time")]
+    assert sent_disconnect_status(conn) == Status.TIMEOUT
+    assert conn.next_deadline() is None
+
+
+def test_hello_timeout_counts_from_first_input_without_a_start_time() -> None:
+    conn = AgentConnection(hello_timeout=5.0)
+    assert conn.next_deadline() is None
+    conn.receive_data(hello()[:3], 50.0)
+    assert conn.next_deadline() == 55.0
+
+
+def test_idle_timeout_only_without_notifies_in_flight() -> None:
+    conn = AgentConnection(idle_timeout=30.0, now=0.0)
+    conn.receive_data(hello(), 10.0)
+    assert conn.next_deadline() == 40.0
+    conn.receive_data(notify(1, 1), 20.0)
+    assert conn.next_deadline() is None
+    assert conn.handle_timeout(100.0) == []
+    conn.send_ack(1, 1, [SetVar(Scope.TXN, "v", True)])
+    assert conn.next_deadline() == 50.0
+    assert conn.handle_timeout(49.0) == []
+    assert conn.handle_timeout(50.0) == [ConnectionClosed(Status.TIMEOUT, "idle timeout")]
+
+
+# -- chunking and fuzzing ------------------------------------------------------
+
+STREAM = hello() + notify(0, 1) + build_frame(77, 0, 0, b"skip me") + notify(300, 2)
+
+
+def feed(chunks: list[bytes]) -> tuple[list[Event], bytes]:
+    conn = AgentConnection(now=0.0)
+    events: list[Event] = []
+    out = b""
+    for chunk in chunks:
+        new_events = conn.receive_data(chunk, 1.0)
+        events += new_events
+        for event in new_events:
+            if isinstance(event, NotifyReceived) and not conn.closed:
+                conn.send_ack(event.stream_id, event.frame_id, [SetVar(Scope.TXN, "v", 1)])
+        out += conn.data_to_send()
+    return events, out
+
+
+def test_byte_by_byte_equals_whole() -> None:
+    whole = feed([STREAM])
+    assert [type(e) for e in whole[0]] == [
+        HelloReceived,
+        NotifyReceived,
+        NotifyReceived,
+    ]
+    assert feed([STREAM[i : i + 1] for i in range(len(STREAM))]) == whole
+
+
+@settings(max_examples=50)
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAM)), max_size=20))
+def test_random_chunks_equal_whole(cuts: list[int]) -> None:
+    points = sorted({0, len(STREAM), *cuts})
+    chunks = [STREAM[a:b] for a, b in itertools.pairwise(points)]
+    assert feed(chunks) == feed([STREAM])
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(min_size=1, max_size=64), max_size=6))
+def test_random_bytes_after_hello_never_raise(chunks: list[bytes]) -> None:
+    conn = ready(max_list_items=16)
+    events: list[Event] = []
+    for chunk in chunks:
+        events += conn.receive_data(chunk, 1.0)
+    closes = closed_events(events)
+    assert len(closes) <= 1
+    assert conn.closed == bool(closes)
+    out = conn.data_to_send()
+    frames = split_frames(out)  # every frame whole
+    if closes:
+        assert [f.header.type for f in frames] == [FrameType.AGENT_DISCONNECT]
+        assert sent_disconnect_status_of(out) == closes[0].status
+    else:
+        assert frames == []
+
+
+@settings(max_examples=150)
+@given(st.binary(min_size=1, max_size=200))
+def test_random_frame_bodies_after_hello_never_raise(body: bytes) -> None:
+    conn = ready(max_list_items=16)
+    events = conn.receive_data(len(body).to_bytes(4, "big") + body, 1.0)
+    for event in events:
+        assert isinstance(event, NotifyReceived | ConnectionClosed)
+
+
+def sent_disconnect_status_of(data: bytes) -> int:
+    (frame,) = split_frames(data)
+    status = dict(decode_kv_list(frame.payload, 0, len(frame.payload), 8))["status-code"]
+    assert isinstance(status, int)
+    return status
