@@ -67,7 +67,9 @@ class JwksServer:
 
     def __init__(self) -> None:
         self._server = _Server()
-        self._thread = threading.Thread(target=self._server.serve_forever, name="jwks-server")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="jwks-server"
+        )
 
     def __enter__(self) -> JwksServer:
         self._thread.start()

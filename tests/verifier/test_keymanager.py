@@ -1,0 +1,375 @@
+"""The key manager against a real JWKS server on loopback, scheduled by a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from verifier_helpers import (
+    CONTEXT,
+    NOW,
+    POLICY,
+    KeyPair,
+    default_claims,
+    make_key,
+    mint,
+    rules,
+)
+
+from spoa.keymanager import (
+    FetchFailed,
+    HmacSecret,
+    JwksUrlSource,
+    KeyEvent,
+    KeyFile,
+    KeyManager,
+    KeysChanged,
+    KeysFetched,
+    KeySource,
+    KeySourceError,
+    KeysUnavailable,
+    OidcDiscoverySource,
+    StaleServingEnded,
+    StaleServingStarted,
+    StaticKeySource,
+)
+from spoa.verifier import JwksTiming, MemoryKeyStore, Reason, Verifier
+from tests.support.jwks_server import JwksServer
+
+T = TypeVar("T")
+TIMING = JwksTiming(
+    refresh_min=60.0,
+    refresh_max=3600.0,
+    default_max_age=600.0,
+    refresh_ahead=0.1,
+    backoff_initial=5.0,
+    backoff_max=60.0,
+    refetch_interval=30.0,
+    negative_ttl=300.0,
+    max_stale=1800.0,
+    fetch_timeout=2.0,
+    max_response_bytes=64 * 1024,
+    max_keys=20,
+)
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def no_threads_left_behind() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert leftover == []
+
+
+@pytest.fixture
+def server() -> Iterator[JwksServer]:
+    with JwksServer() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def key_a() -> KeyPair:
+    return make_key("ES256", kid="a")
+
+
+@pytest.fixture(scope="module")
+def key_b() -> KeyPair:
+    return make_key("ES256", kid="b")
+
+
+def jwks(*keys: KeyPair) -> dict[str, Any]:
+    return {"keys": [k.public_jwk() for k in keys]}
+
+
+class Harness:
+    def __init__(self, source: KeySource, timing: JwksTiming = TIMING) -> None:
+        self.clock = FakeClock(NOW)
+        self.store = MemoryKeyStore()
+        self.events: list[KeyEvent] = []
+        self.manager = KeyManager(
+            {"main": source},
+            {"main": timing},
+            self.store,
+            clock=self.clock,
+            on_event=self.events.append,
+        )
+        self.verifier = Verifier([rules({"ES256", "HS256"})], self.store, cache_size=0)
+
+    def verify(self, key: KeyPair, **claims: Any) -> Reason:
+        token = mint(key, default_claims(**claims))
+        return self.verifier.verify(token, POLICY, CONTEXT, self.clock.now).reason
+
+    def of_type(self, kind: type[T]) -> list[T]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def run(scenario: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(scenario())
+
+
+def test_start_fetches_before_ready_and_tokens_verify(server: JwksServer, key_a: KeyPair) -> None:
+    server.set("/jwks", jwks(key_a), cache_control="max-age=300")
+    harness = Harness(JwksUrlSource(server.url("/jwks")))
+    assert not harness.manager.ready(NOW)
+
+    async def scenario() -> bool:
+        try:
+            return await harness.manager.start(timeout=5.0)
+        finally:
+            await harness.manager.aclose()
+
+    assert run(scenario)
+    assert harness.manager.ready(NOW)
+    assert harness.verify(key_a) is Reason.OK
+    fetched = harness.of_type(KeysFetched)
+    assert [(e.key_count, e.lifetime) for e in fetched] == [(1, 300.0)]
+    assert server.requests("/jwks") == 1
+
+
+def test_oidc_discovery(server: JwksServer, key_a: KeyPair) -> None:
+    issuer = server.url("")
+    server.set(
+        "/.well-known/openid-configuration", {"issuer": issuer, "jwks_uri": server.url("/k")}
+    )
+    server.set("/k", jwks(key_a))
+    harness = Harness(OidcDiscoverySource(issuer))
+
+    async def scenario() -> bool:
+        try:
+            return await harness.manager.start(timeout=5.0)
+        finally:
+            await harness.manager.aclose()
+
+    assert run(scenario)
+    assert harness.verify(key_a) is Reason.OK
+
+
+def test_oidc_discovery_refuses_a_different_issuer(server: JwksServer, key_a: KeyPair) -> None:
+    issuer = server.url("")
+    server.set(
+        "/.well-known/openid-configuration",
+        {"issuer": issuer + "/evil", "jwks_uri": server.url("/k")},
+    )
+    server.set("/k", jwks(key_a))
+    harness = Harness(OidcDiscoverySource(issuer))
+
+    async def scenario() -> bool:
+        try:
+            return await harness.manager.start(timeout=5.0)
+        finally:
+            await harness.manager.aclose()
+
+    assert not run(scenario)
+    assert server.requests("/k") == 0
+    failures = harness.of_type(FetchFailed)
+    assert len(failures) == 1
+    assert "issuer" in failures[0].cause
+    assert harness.verify(key_a) is Reason.KEYS_UNAVAILABLE
+
+
+def test_rotation_follows_cache_control(server: JwksServer, key_a: KeyPair, key_b: KeyPair) -> None:
+    server.set("/jwks", jwks(key_a), cache_control="public, max-age=120")
+    harness = Harness(JwksUrlSource(server.url("/jwks")))
+    clock = harness.clock
+
+    async def scenario() -> None:
+        try:
+            await harness.manager.start(timeout=5.0)
+            server.set("/jwks", jwks(key_a, key_b), cache_control="max-age=120")
+            clock.now = NOW + 100  # not due before 0.9 * 120 s
+            await harness.manager.run_due(clock.now)
+            assert server.requests("/jwks") == 1
+            assert harness.verify(key_b) is Reason.UNKNOWN_KID
+            clock.now = NOW + 108
+            await harness.manager.run_due(clock.now)
+            assert server.requests("/jwks") == 2
+            assert harness.verify(key_b) is Reason.OK
+            server.set("/jwks", jwks(key_b), cache_control="max-age=120")
+            clock.now = NOW + 108 + 108
+            await harness.manager.run_due(clock.now)
+            assert harness.verify(key_a, iat=int(clock.now)) is Reason.UNKNOWN_KID
+            assert harness.verify(key_b, iat=int(clock.now)) is Reason.OK
+        finally:
+            await harness.manager.aclose()
+
+    run(scenario)
+    changes = [(e.added, e.removed) for e in harness.of_type(KeysChanged)]
+    assert changes == [(("a",), ()), (("b",), ()), ((), ("a",))]
+
+
+def test_outage_serves_stale_keys_then_fails_closed(server: JwksServer, key_a: KeyPair) -> None:
+    server.set("/jwks", jwks(key_a), cache_control="max-age=600")
+    harness = Harness(JwksUrlSource(server.url("/jwks")))
+    clock = harness.clock
+
+    async def scenario() -> None:
+        try:
+            await harness.manager.start(timeout=5.0)
+            server.set("/jwks", "upstream down", status=503)
+            clock.now = NOW + 540
+            await harness.manager.run_due(clock.now)
+            assert harness.of_type(FetchFailed)[-1].retry_in == 5.0
+            clock.now = NOW + 600
+            await harness.manager.run_due(clock.now)  # retry after backoff; still failing
+            assert harness.of_type(StaleServingStarted)
+            token = mint(key_a, default_claims(iat=int(NOW), exp=int(NOW) + 7200))
+            assert harness.verifier.verify(token, POLICY, CONTEXT, clock.now).ok
+            clock.now = NOW + 1801  # past max_stale since the last success
+            await harness.manager.run_due(clock.now)
+            assert harness.of_type(KeysUnavailable)
+            assert not harness.manager.ready(clock.now)
+            verdict = harness.verifier.verify(token, POLICY, CONTEXT, clock.now)
+            assert verdict.reason is Reason.KEYS_UNAVAILABLE
+            server.set("/jwks", jwks(key_a), cache_control="max-age=600")
+            clock.now += 60  # past any backoff
+            await harness.manager.run_due(clock.now)
+            assert harness.manager.ready(clock.now)
+            assert harness.verifier.verify(token, POLICY, CONTEXT, clock.now).ok
+        finally:
+            await harness.manager.aclose()
+
+    run(scenario)
+    assert len(harness.of_type(StaleServingEnded)) == 1
+    assert all("503" in e.cause for e in harness.of_type(FetchFailed))
+
+
+def test_slow_server_never_holds_a_request_past_the_fetch_timeout(
+    server: JwksServer, key_a: KeyPair
+) -> None:
+    timing = JwksTiming(fetch_timeout=0.2, refetch_interval=0.0)
+    server.set("/jwks", jwks(key_a), delay=0.8)
+    harness = Harness(JwksUrlSource(server.url("/jwks")), timing)
+
+    async def scenario() -> tuple[bool, float, bool, float]:
+        try:
+            started = time.monotonic()
+            ready = await harness.manager.start(timeout=5.0)
+            start_took = time.monotonic() - started
+            started = time.monotonic()
+            found = await harness.manager.refetch_unknown_kid("main", "a")
+            return ready, start_took, found, time.monotonic() - started
+        finally:
+            await harness.manager.aclose()
+
+    ready, start_took, found, refetch_took = run(scenario)
+    assert not ready
+    assert not found
+    assert start_took < 0.6
+    assert refetch_took < 0.6
+    assert harness.of_type(FetchFailed)
+
+
+@pytest.mark.parametrize(
+    ("body", "cause"),
+    [
+        ("<html>oops</html>", "JSON"),
+        ('{"keys": "nope"}', "keys"),
+        ('{"keys": []}', "no usable"),
+        (
+            json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}]}),
+            "no usable",
+        ),
+        (json.dumps({"keys": [{"kty": "EC"}] * 21}), "limit"),
+        ("x" * (64 * 1024 + 1), "larger"),
+    ],
+)
+def test_garbage_and_huge_responses_keep_the_last_good_keys(
+    body: str, cause: str, server: JwksServer, key_a: KeyPair
+) -> None:
+    server.set("/jwks", jwks(key_a))
+    harness = Harness(JwksUrlSource(server.url("/jwks")))
+
+    async def scenario() -> None:
+        try:
+            await harness.manager.start(timeout=5.0)
+            server.set("/jwks", body)
+            harness.clock.now = NOW + 600
+            await harness.manager.run_due(harness.clock.now)
+        finally:
+            await harness.manager.aclose()
+
+    run(scenario)
+    failure = harness.of_type(FetchFailed)[-1]
+    assert cause in failure.cause
+    assert harness.verify(key_a, iat=int(NOW) + 500) is Reason.OK
+
+
+def test_unknown_kid_flood_becomes_one_fetch(
+    server: JwksServer, key_a: KeyPair, key_b: KeyPair
+) -> None:
+    server.set("/jwks", jwks(key_a))
+    harness = Harness(JwksUrlSource(server.url("/jwks")))
+    manager = harness.manager
+
+    async def scenario() -> list[bool]:
+        try:
+            await manager.start(timeout=5.0)
+            harness.clock.now = NOW + 31  # outside the refetch interval of the start-up fetch
+            forged = [manager.refetch_unknown_kid("main", f"forged-{i}") for i in range(300)]
+            results = await asyncio.gather(*forged)
+            # Right after: rate limited, and the first forged kid is negatively cached.
+            again = await asyncio.gather(
+                *(manager.refetch_unknown_kid("main", f"x{i}") for i in range(50))
+            )
+            assert not any(again)
+            assert not await manager.refetch_unknown_kid("main", "forged-0")
+            # A real new kid after the interval is fetched and found.
+            server.set("/jwks", jwks(key_a, key_b))
+            harness.clock.now = NOW + 62
+            assert await manager.refetch_unknown_kid("main", "b")
+            return list(results)
+        finally:
+            await manager.aclose()
+
+    results = run(scenario)
+    assert not any(results)
+    assert server.requests("/jwks") == 3  # start-up, one for the flood, one for "b"
+    assert harness.verify(key_b) is Reason.OK
+
+
+def test_static_sources(tmp_path: Path, rsa_key: KeyPair) -> None:
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(rsa_key.public_pem())
+    secret = b"s" * 32
+    source = StaticKeySource(
+        files=(KeyFile(str(pem), kid="pem-key"),),
+        secrets=(HmacSecret(secret, alg="HS256", kid="h"),),
+    )
+    assert "sss" not in repr(source)
+    store = MemoryKeyStore()
+    manager = KeyManager({"main": source}, {}, store, clock=lambda: NOW)
+
+    async def scenario() -> bool:
+        try:
+            return await manager.start(timeout=1.0)
+        finally:
+            await manager.aclose()
+
+    assert run(scenario)
+    verifier = Verifier([rules({"RS256", "HS256"})], store)
+    rsa_token = mint(KeyPair("RS256", "pem-key", rsa_key.private))
+    assert verifier.verify(rsa_token, POLICY, CONTEXT, NOW).ok
+    assert verifier.verify(mint(KeyPair("HS256", "h", secret)), POLICY, CONTEXT, NOW).ok
+    wrong_secret = mint(KeyPair("HS256", "h", b"t" * 32))
+    assert verifier.verify(wrong_secret, POLICY, CONTEXT, NOW).reason is Reason.BAD_SIGNATURE
+
+
+def test_static_source_errors_are_raised(tmp_path: Path) -> None:
+    missing = StaticKeySource(files=(KeyFile(str(tmp_path / "absent.pem")),))
+    manager = KeyManager({"main": missing}, {}, MemoryKeyStore(), clock=lambda: NOW)
+    with pytest.raises(KeySourceError):
+        run(lambda: manager.start(timeout=1.0))
