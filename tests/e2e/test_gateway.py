@@ -1,0 +1,335 @@
+"""The whole product, end to end: a real HAProxy with the shipped haproxy/ files, two
+real `jwtgate run` agents, echo backends and a loopback issuer; requests from a real
+HTTP client. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from spoa.devkit.issuer import LocalIssuer
+from spoa.devkit.stack import Stack, StackOptions
+from spoa.devkit.tokens import alg_none_token, expired_token, forge_signature
+from tests.support.haproxy import haproxy_binaries
+
+AUD = "orders-api"
+
+
+def agent_config(issuer: LocalIssuer) -> str:
+    return f"""
+[log]
+format = "json"
+
+[[issuers]]
+name = "local"
+issuer = "{issuer.issuer}"
+audiences = ["{AUD}"]
+algorithms = ["RS256"]
+jwks_uri = "{issuer.jwks_url}"
+typ = ["at+jwt"]
+refetch_interval = "0s"
+leeway = "5s"
+
+[policies.default]
+issuers = ["local"]
+
+[policies.admin]
+issuers = ["local"]
+require_scopes = ["admin"]
+forward_claims = {{ email = "email" }}
+
+[policies.shadow]
+issuers = ["local"]
+require_scopes = ["beta"]
+report_only = true
+"""
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads(self.body)
+        return data
+
+
+def request(
+    stack: Stack,
+    path: str = "/api/orders",
+    token: str | None = None,
+    headers: list[tuple[str, str]] | None = None,
+) -> Reply:
+    connection = http.client.HTTPConnection("127.0.0.1", stack.frontend_port, timeout=10)
+    try:
+        connection.putrequest("GET", path)
+        if token is not None:
+            connection.putheader("Authorization", f"Bearer {token}")
+        for name, value in headers or []:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return Reply(
+            response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        )
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module", params=haproxy_binaries(), ids=lambda b: b.version)
+def gateway(request: pytest.FixtureRequest) -> Iterator[tuple[Stack, LocalIssuer]]:
+    with (
+        LocalIssuer() as issuer,
+        Stack(
+            StackOptions(agent_config=agent_config(issuer), haproxy=str(request.param.path))
+        ) as stack,
+    ):
+        yield stack, issuer
+
+
+def mint(issuer: LocalIssuer, **claims: object) -> str:
+    return issuer.mint({"sub": "alice", "aud": AUD, "scope": "read", **claims})
+
+
+# --- the accept and reject matrix -------------------------------------------------------
+
+
+def test_valid_token_reaches_a_backend_with_verified_claims(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    stack, issuer = gateway
+    token = mint(issuer, jti="order-1")
+    reply = request(stack, token=token)
+    assert reply.status == 200
+    seen = reply.json["jwt_headers"]
+    assert isinstance(seen, dict)
+    assert seen["x-jwt-sub"] == "alice"
+    assert seen["x-jwt-iss"] == issuer.issuer
+    assert seen["x-jwt-aud"] == AUD
+    assert seen["x-jwt-scope"] == "read"
+    assert seen["x-jwt-jti"] == "order-1"
+    claims = json.loads(base64.urlsafe_b64decode(seen["x-jwt-claims"] + "=="))
+    assert claims["sub"] == "alice"
+    assert claims["aud"] == AUD
+    assert reply.headers["x-backend"] in {"app1", "app2"}
+
+
+def challenge(reason: str, error: str = "invalid_token") -> str:
+    return f'Bearer realm="jwtgate", error="{error}", error_description="{reason}"'
+
+
+@pytest.mark.parametrize(
+    ("case", "path", "status", "www_authenticate"),
+    [
+        ("missing", "/api/orders", 401, 'Bearer realm="jwtgate"'),
+        ("expired", "/api/orders", 401, challenge("expired")),
+        ("forged", "/api/orders", 401, challenge("bad_signature")),
+        ("wrong_audience", "/api/orders", 401, challenge("bad_audience")),
+        ("alg_none", "/api/orders", 401, challenge("unsupported_alg")),
+        ("garbage", "/api/orders", 401, challenge("malformed")),
+        ("id_token", "/api/orders", 401, challenge("bad_type")),
+        (
+            "no_admin_scope",
+            "/admin/users",
+            403,
+            'Bearer realm="jwtgate", error="insufficient_scope", '
+            'error_description="insufficient_scope", scope="admin"',
+        ),
+    ],
+)
+def test_rejections_never_reach_a_backend(
+    gateway: tuple[Stack, LocalIssuer], case: str, path: str, status: int, www_authenticate: str
+) -> None:
+    stack, issuer = gateway
+    claims = {"iss": issuer.issuer, "sub": "mallory", "aud": AUD}
+    tokens: dict[str, str | None] = {
+        "missing": None,
+        "expired": expired_token(issuer.current_key, claims, time.time(), expired_for=600),
+        "forged": forge_signature(mint(issuer)),
+        "wrong_audience": mint(issuer, aud="another-api"),
+        "alg_none": alg_none_token(claims),
+        "garbage": "not.a.jwt",
+        "id_token": issuer.mint({**claims, "scope": "read"}, typ="JWT"),
+        "no_admin_scope": mint(issuer),
+    }
+    before = sum(backend.requests for backend in stack.backends)
+    reply = request(stack, path, tokens[case])
+    assert reply.status == status
+    assert reply.headers["www-authenticate"] == www_authenticate
+    assert "x-backend" not in reply.headers
+    assert sum(backend.requests for backend in stack.backends) == before
+
+
+def test_malformed_authorization_is_400(gateway: tuple[Stack, LocalIssuer]) -> None:
+    stack, _ = gateway
+    reply = request(stack, headers=[("Authorization", "Bearer two tokens")])
+    assert reply.status == 400
+    assert 'error="invalid_request"' in reply.headers["www-authenticate"]
+
+
+def test_two_authorization_headers_are_refused_by_haproxy(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    stack, issuer = gateway
+    token = mint(issuer)
+    reply = request(stack, token=token, headers=[("Authorization", f"Bearer {token}")])
+    assert reply.status == 400
+
+
+def test_non_bearer_scheme_counts_as_no_token(gateway: tuple[Stack, LocalIssuer]) -> None:
+    stack, _ = gateway
+    reply = request(stack, headers=[("Authorization", "Basic YWxpY2U6c2VjcmV0")])
+    assert reply.status == 401
+    assert reply.headers["www-authenticate"] == 'Bearer realm="jwtgate"'
+
+
+# --- headers, policies, report-only ------------------------------------------------------
+
+
+def test_spoofed_identity_headers_never_reach_a_backend(gateway: tuple[Stack, LocalIssuer]) -> None:
+    stack, issuer = gateway
+    spoofed = [("X-JWT-Sub", "admin"), ("X-Jwt-Scope", "admin"), ("x-jwt-email", "ceo@corp")]
+    reply = request(stack, token=mint(issuer), headers=spoofed)
+    assert reply.status == 200
+    seen = reply.json["jwt_headers"]
+    assert isinstance(seen, dict)
+    assert seen["x-jwt-sub"] == "alice"
+    assert seen["x-jwt-scope"] == "read"
+    assert "x-jwt-email" not in seen
+
+
+def test_policy_is_chosen_by_path(gateway: tuple[Stack, LocalIssuer]) -> None:
+    stack, issuer = gateway
+    admin = mint(issuer, scope="read admin", email="alice@example.com")
+    assert request(stack, "/api/orders", mint(issuer)).status == 200
+    assert request(stack, "/admin/users", mint(issuer)).status == 403
+    reply = request(stack, "/admin/users", admin)
+    assert reply.status == 200
+    seen = reply.json["jwt_headers"]
+    assert isinstance(seen, dict)
+    assert seen["x-jwt-scope"] == "read admin"
+    assert seen["x-jwt-email"] == "alice@example.com"  # the admin policy's forward_claims
+
+
+def test_report_only_policy_lets_failures_through_and_says_why(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    stack, issuer = gateway
+    reply = request(stack, "/shadow/beta", mint(issuer))
+    assert reply.status == 200
+    seen = reply.json["jwt_headers"]
+    assert isinstance(seen, dict)
+    assert seen["x-jwt-reason"] == "insufficient_scope"
+    assert seen["x-jwt-sub"] == "alice"  # the signature did verify
+    forged = request(stack, "/shadow/beta", forge_signature(mint(issuer)))
+    assert forged.status == 200
+    seen = forged.json["jwt_headers"]
+    assert isinstance(seen, dict)
+    assert seen["x-jwt-reason"] == "bad_signature"
+    assert "x-jwt-sub" not in seen  # never forward claims that did not verify
+
+
+# --- keys rotate, agents die ------------------------------------------------------------
+
+
+def test_key_rotation_mid_traffic_causes_no_wrongful_401(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    stack, issuer = gateway
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            statuses.append(request(stack, token=mint(issuer)).status)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        for _ in range(3):
+            issuer.rotate()
+            for _ in range(5):
+                statuses.append(request(stack, token=mint(issuer)).status)
+    finally:
+        stop.set()
+        thread.join()
+    assert statuses
+    assert set(statuses) == {200}
+
+
+@pytest.fixture
+def fragile_gateway() -> Iterator[tuple[Stack, LocalIssuer]]:
+    with (
+        LocalIssuer() as issuer,
+        Stack(StackOptions(agent_config=agent_config(issuer))) as stack,
+    ):
+        yield stack, issuer
+
+
+def test_dead_agents_mean_503_never_200_and_traffic_recovers(
+    fragile_gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    stack, issuer = fragile_gateway
+    token = mint(issuer)
+    assert request(stack, token=token).status == 200
+    for agent in stack.agents:
+        agent.process.signal(signal.SIGKILL)
+        agent.process.wait(5)
+    statuses = {request(stack, token=token).status for _ in range(10)}
+    assert statuses == {503}
+    for agent in stack.agents:
+        stack.restart_agent(agent)
+    stack.wait_servers_up(timeout=15)
+    assert request(stack, token=token).status == 200
+
+
+# --- configuration errors and the demo --------------------------------------------------
+
+
+def test_a_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[agent]\nlisten = "127.0.0.1:1"\n[[issuers]]\nname = "x"\nissuer = "https://i"\n'
+        'algorithms = ["RS256"]\njwks_uri = "https://i/jwks"\nleeway = "30x"\n'
+        '[policies.default]\nissuers = ["x"]\naudiences = ["a"]\n'
+    )
+    for command in (["check-config", str(bad)], ["run", "--config", str(bad)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "spoa", *command],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 1
+        assert 'issuers[0].leeway: expected a duration like "30s"' in result.stderr
+        assert "got 30x" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_the_demo_runs_in_short_mode() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "spoa", "demo", "--short", "--no-live", "--exit"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Every request got the answer it should have" in result.stdout
+    assert "curl -i -H 'Authorization: Bearer " in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
