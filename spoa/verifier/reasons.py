@@ -10,9 +10,9 @@ from enum import StrEnum
 
 class Reason(StrEnum):
     OK = "ok"
-    MISSING_TOKEN = "missing_token"  # noqa: S105 - a reason code, not a secret
+    MISSING_TOKEN = "missing_token"
     MALFORMED = "malformed"
-    TOKEN_TOO_LARGE = "token_too_large"  # noqa: S105 - a reason code
+    TOKEN_TOO_LARGE = "token_too_large"
     UNSUPPORTED_ALG = "unsupported_alg"
     UNKNOWN_KID = "unknown_kid"
     BAD_SIGNATURE = "bad_signature"
