@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from spoa.verifier import (
     JwksSchedule,
@@ -176,11 +176,33 @@ def _check_url(url: str) -> None:
         raise KeySourceError(f"unsupported URL scheme {scheme!r}")
 
 
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s), and never from https down to http."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        old_scheme = urllib.parse.urlsplit(req.full_url).scheme
+        new_scheme = urllib.parse.urlsplit(newurl).scheme
+        if new_scheme not in ("http", "https") or (old_scheme == "https" and new_scheme != "https"):
+            raise KeySourceError("refusing a redirect to another scheme")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class UrllibFetch:
     """Stdlib HTTP(S) GET in a worker thread, with a size cap and an overall deadline."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._ssl_context = ssl_context or ssl.create_default_context()
+        context = ssl_context or ssl.create_default_context()
+        self._opener = urllib.request.build_opener(
+            _SafeRedirects(), urllib.request.HTTPSHandler(context=context)
+        )
 
     async def __call__(self, url: str, *, timeout: float, max_bytes: int) -> HttpResponse:
         _check_url(url)
@@ -192,9 +214,7 @@ class UrllibFetch:
             url, headers={"Accept": "application/json", "User-Agent": "jwtgate"}
         )
         try:
-            response = urllib.request.urlopen(  # noqa: S310 - scheme checked above
-                request, timeout=timeout, context=self._ssl_context
-            )
+            response = self._opener.open(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             exc.close()
             return HttpResponse(status=exc.code, body=b"")
@@ -312,14 +332,14 @@ class KeyManager:
         if due:
             await asyncio.gather(*(self._fetch_task(state) for state in due))
 
-    async def refetch_unknown_kid(self, issuer_name: str, kid: str) -> bool:
+    async def refetch_unknown_kid(self, issuer_name: str, kid: str | None) -> bool:
         """Fetch again because a token named an unknown kid; True when the kid is now known.
 
         Single flight, at most once per refetch_interval, with a negative cache; never waits
         longer than the issuer's fetch_timeout.
         """
         state = self._issuers.get(issuer_name)
-        if state is None or isinstance(state.source, StaticKeySource):
+        if kid is None or state is None or isinstance(state.source, StaticKeySource):
             return False
         if self._has_kid(issuer_name, kid):
             return True

@@ -25,6 +25,9 @@ from spoa.verifier.parsing import parse_json_object
 from spoa.verifier.reasons import Reason
 
 MIN_RSA_BITS = 2048
+# A token without kid may be tried against this many keys at most; beyond that it must name
+# its key, so one forged token cannot cost a hundred signature checks.
+MAX_KIDLESS_CANDIDATES = 4
 DEFAULT_MAX_KEYS = 100
 _EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
@@ -84,7 +87,8 @@ class KeySet:
         """Keys that may verify a token with this kid and alg.
 
         A token kid selects keys with that kid plus keys configured without one; a token
-        without kid may try every key that fits. Raises UNKNOWN_KID or UNSUPPORTED_ALG.
+        without kid may try the keys that fit, when there are few of them.
+        Raises UNKNOWN_KID or UNSUPPORTED_ALG.
         """
         if kid is None:
             named: tuple[VerificationKey, ...] = self.keys
@@ -95,6 +99,8 @@ class KeySet:
         fitting = tuple(key for key in named if key.fits(alg))
         if not fitting:
             raise TokenRejected("no key for this alg", reason=Reason.UNSUPPORTED_ALG)
+        if kid is None and len(fitting) > MAX_KIDLESS_CANDIDATES:
+            raise TokenRejected("token must name its key", reason=Reason.UNKNOWN_KID)
         return fitting
 
     def merged(self, other: KeySet) -> KeySet:

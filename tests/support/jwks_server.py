@@ -21,6 +21,7 @@ class Route:
     cache_control: str | None = None
     delay: float = 0.0
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -41,6 +42,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(route.body)))
             if route.cache_control is not None:
                 self.send_header("Cache-Control", route.cache_control)
+            for name, value in route.headers:
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(route.body)
         except (BrokenPipeError, ConnectionResetError):
@@ -93,6 +96,7 @@ class JwksServer:
         status: int = 200,
         cache_control: str | None = None,
         delay: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> None:
         if isinstance(body, dict):
             raw = json.dumps(body).encode()
@@ -101,7 +105,8 @@ class JwksServer:
         else:
             raw = body
         with self._server.lock:
-            self._server.routes[path] = Route(raw, status, cache_control, delay)
+            extra = tuple((headers or {}).items())
+            self._server.routes[path] = Route(raw, status, cache_control, delay, headers=extra)
 
     def requests(self, path: str) -> int:
         with self._server.lock:

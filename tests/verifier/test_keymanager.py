@@ -373,3 +373,28 @@ def test_static_source_errors_are_raised(tmp_path: Path) -> None:
     manager = KeyManager({"main": missing}, {}, MemoryKeyStore(), clock=lambda: NOW)
     with pytest.raises(KeySourceError):
         run(lambda: manager.start(timeout=1.0))
+
+
+@pytest.mark.parametrize(
+    ("target", "follows"),
+    [("/real", True), ("file:///etc/passwd", False), ("ftp://127.0.0.1/k", False)],
+)
+def test_redirects_stay_on_http(
+    target: str, follows: bool, server: JwksServer, key_a: KeyPair
+) -> None:
+    location = server.url(target) if target.startswith("/") else target
+    server.set("/jwks", b"", status=302, headers={"Location": location})
+    server.set("/real", jwks(key_a))
+    harness = Harness(JwksUrlSource(server.url("/jwks")))
+
+    async def scenario() -> bool:
+        try:
+            return await harness.manager.start(timeout=5.0)
+        finally:
+            await harness.manager.aclose()
+
+    assert run(scenario) is follows
+    if not follows:
+        # urllib itself refuses file: (leaving the 302); our handler refuses ftp:.
+        cause = harness.of_type(FetchFailed)[0].cause
+        assert "redirect" in cause or "302" in cause

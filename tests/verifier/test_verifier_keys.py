@@ -121,3 +121,13 @@ def test_candidates_by_kid_and_alg(rsa_key: KeyPair, rsa_key_2: KeyPair) -> None
     with pytest.raises(TokenRejected) as caught:
         key_set.candidates("rsa-1", "HS256")
     assert caught.value.reason is Reason.UNSUPPORTED_ALG
+
+
+def test_a_token_without_kid_may_try_only_a_few_keys() -> None:
+    few = KeySet(tuple(make_key("ES256").verification_key(kid=None) for _ in range(4)))
+    assert len(few.candidates(None, "ES256")) == 4
+    many = KeySet(tuple(make_key("ES256", kid=f"k{i}").verification_key() for i in range(5)))
+    with pytest.raises(TokenRejected) as caught:
+        many.candidates(None, "ES256")
+    assert caught.value.reason is Reason.UNKNOWN_KID
+    assert len(many.candidates("k3", "ES256")) == 1
