@@ -261,8 +261,9 @@ def test_random_bytes_never_escape(data: bytes, cut_points: list[int]) -> None:
 @given(data=st.binary(max_size=512), cut_points=cuts, timer=ticks)
 def test_random_bytes_after_hello(data: bytes, cut_points: list[int], timer: list[float]) -> None:
     run = drive(split_at(hello() + data, cut_points), ticks=timer)
-    # The valid HELLO is always answered first, whatever garbage follows.
-    assert split_frames(bytes(run.output))[0].header.type == FrameType.AGENT_HELLO
+    # The valid HELLO is answered first whatever follows, unless it came in too slowly.
+    if run.closes[0].status is not Status.TIMEOUT:
+        assert split_frames(bytes(run.output))[0].header.type == FrameType.AGENT_HELLO
 
 
 @pytest.mark.timeout(120)
