@@ -1,0 +1,330 @@
+"""SpoaServer over real loopback sockets, with a raw SPOP client playing HAProxy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from spoa.protocol import (
+    Action,
+    Frame,
+    FrameType,
+    Message,
+    Scope,
+    SetVar,
+    Status,
+    build_frame,
+    decode_actions,
+    decode_kv_list,
+    encode_kv_list,
+    encode_messages,
+    split_frames,
+)
+from spoa.server import ServerLimits, SpoaServer
+
+FALLBACK = [SetVar(Scope.TXN, "valid", False)]
+SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.c2lnbmF0dXJl"
+
+
+def hello(healthcheck: bool = False) -> bytes:
+    items: list[tuple[str, Any]] = [
+        ("supported-versions", "2.0"),
+        ("max-frame-size", 16380),
+        ("capabilities", "" if healthcheck else "pipelining"),
+    ]
+    if healthcheck:
+        items.append(("healthcheck", True))
+    return build_frame(FrameType.HAPROXY_HELLO, 0, 0, encode_kv_list(items))
+
+
+def notify(stream_id: int, *messages: Message) -> bytes:
+    return build_frame(FrameType.NOTIFY, stream_id, 1, encode_messages(messages))
+
+
+def msg(name: str, **args: Any) -> Message:
+    return Message(name, tuple(args.items()))
+
+
+class Recorder:
+    """A ServerObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.closed: list[Status] = []
+        self.errors: list[Status] = []
+        self.frames: list[str] = []
+        self.inflight = 0
+        self.opened = 0
+
+    def connection_opened(self) -> None:
+        self.opened += 1
+
+    def connection_closed(self, status: Status) -> None:
+        self.closed.append(status)
+
+    def frame_received(self, kind: str) -> None:
+        self.frames.append(kind)
+
+    def protocol_error(self, status: Status) -> None:
+        self.errors.append(status)
+
+    def inflight_changed(self, delta: int) -> None:
+        self.inflight += delta
+
+
+class Client:
+    """The HAProxy side of one connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, greet: bool = True) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = cls(reader, writer)
+        if greet:
+            await client.send(hello())
+            assert (await client.frame()).header.type == FrameType.AGENT_HELLO
+        return client
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def frame(self) -> Frame:
+        head = await asyncio.wait_for(self.reader.readexactly(4), 5)
+        body = await asyncio.wait_for(self.reader.readexactly(int.from_bytes(head, "big")), 5)
+        (frame,) = split_frames(head + body)
+        return frame
+
+    async def ack(self) -> tuple[int, list[Action]]:
+        frame = await self.frame()
+        assert frame.header.type == FrameType.ACK
+        return frame.header.stream_id, decode_actions(frame.payload, 0, len(frame.payload))
+
+    async def disconnect_status(self) -> int:
+        frame = await self.frame()
+        assert frame.header.type == FrameType.AGENT_DISCONNECT
+        status = dict(decode_kv_list(frame.payload, 0, len(frame.payload), 8))["status-code"]
+        assert isinstance(status, int)
+        return status
+
+    async def at_eof(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 5) == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def serve(
+    handlers: dict[str, Callable[[Message], Any]],
+    body: Callable[[SpoaServer, int], Coroutine[Any, Any, None]],
+    limits: ServerLimits | None = None,
+    observer: Recorder | None = None,
+) -> None:
+    async def main() -> None:
+        server = SpoaServer(
+            handlers,
+            fallback_actions=FALLBACK,
+            limits=limits or ServerLimits(),
+            observer=observer,
+        )
+        await server.start("127.0.0.1", 0)
+        try:
+            await body(server, server.bound_port)
+        finally:
+            await server.shutdown()
+
+    asyncio.run(main())
+
+
+def sync_echo(message: Message) -> list[Action]:
+    return [SetVar(Scope.TXN, "echo", message.get("id"))]
+
+
+def test_sync_handler_unknown_message_and_empty_notify() -> None:
+    async def body(server: SpoaServer, port: int) -> None:
+        client = await Client.connect(port)
+        await client.send(notify(0, msg("echo", id="a")))
+        assert await client.ack() == (0, [SetVar(Scope.TXN, "echo", "a")])
+        await client.send(notify(1, msg("nobody-handles-this", id="b")))
+        assert await client.ack() == (1, FALLBACK)
+        await client.send(notify(2))
+        assert await client.ack() == (2, FALLBACK)
+        # Two handled messages in one NOTIFY: their actions are concatenated.
+        await client.send(notify(3, msg("echo", id="c"), msg("echo", id="d")))
+        assert await client.ack() == (
+            3,
+            [SetVar(Scope.TXN, "echo", "c"), SetVar(Scope.TXN, "echo", "d")],
+        )
+        await client.close()
+
+    serve({"echo": sync_echo}, body)
+
+
+def test_pipelined_async_handlers_run_concurrently() -> None:
+    release_first = asyncio.Event
+
+    async def body(server: SpoaServer, port: int) -> None:
+        gate = release_first()
+
+        async def gated(message: Message) -> list[Action]:
+            if message.get("id") == "first":
+                await gate.wait()
+            else:
+                gate.set()
+            return [SetVar(Scope.TXN, "echo", message.get("id"))]
+
+        server.handlers["gated"] = gated
+        client = await Client.connect(port)
+        # Both in one write: the first waits until the second has run.
+        await client.send(
+            notify(1, msg("gated", id="first")) + notify(2, msg("gated", id="second"))
+        )
+        assert await client.ack() == (2, [SetVar(Scope.TXN, "echo", "second")])
+        assert await client.ack() == (1, [SetVar(Scope.TXN, "echo", "first")])
+        await client.close()
+
+    serve({}, body)
+
+
+def test_failing_handler_fails_closed_without_logging_secrets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def explode(message: Message) -> list[Action]:
+        raise ValueError(f"cannot parse {message.get('token')}")
+
+    async def explode_later(message: Message) -> list[Action]:
+        await asyncio.sleep(0)
+        raise RuntimeError(f"bad token {message.get('token')}")
+
+    async def body(server: SpoaServer, port: int) -> None:
+        client = await Client.connect(port)
+        await client.send(notify(1, msg("sync", token=SECRET_TOKEN)))
+        assert await client.ack() == (1, FALLBACK)
+        await client.send(notify(2, msg("async", token=SECRET_TOKEN)))
+        assert await client.ack() == (2, FALLBACK)
+        # An action that cannot be encoded also falls back.
+        await client.send(notify(3, msg("unencodable")))
+        assert await client.ack() == (3, FALLBACK)
+        await client.send(notify(4, msg("echo", id="still-open")))
+        assert await client.ack() == (4, [SetVar(Scope.TXN, "echo", "still-open")])
+        await client.close()
+
+    with caplog.at_level(logging.DEBUG):
+        serve(
+            {
+                "sync": explode,
+                "async": explode_later,
+                "unencodable": lambda _: [SetVar(Scope.TXN, "bad name!", 1)],
+                "echo": sync_echo,
+            },
+            body,
+        )
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 3
+    for record in caplog.records:
+        assert SECRET_TOKEN not in record.getMessage()
+        assert SECRET_TOKEN not in str(record.__dict__)
+
+
+def test_healthcheck_hello_is_answered_then_closed() -> None:
+    async def body(server: SpoaServer, port: int) -> None:
+        client = await Client.connect(port, greet=False)
+        await client.send(hello(healthcheck=True))
+        assert (await client.frame()).header.type == FrameType.AGENT_HELLO
+        assert await client.at_eof()
+        await client.close()
+
+    serve({}, body)
+
+
+def test_hello_timeout_and_protocol_errors_are_reported() -> None:
+    observer = Recorder()
+
+    async def body(server: SpoaServer, port: int) -> None:
+        silent = await Client.connect(port, greet=False)
+        assert await silent.disconnect_status() == Status.TIMEOUT
+        assert await silent.at_eof()
+        await silent.close()
+        rude = await Client.connect(port, greet=False)
+        await rude.send(notify(1, msg("echo")))
+        assert await rude.disconnect_status() == Status.INVALID_FRAME
+        assert await rude.at_eof()
+        await rude.close()
+
+    serve({}, body, ServerLimits(hello_timeout=0.05), observer)
+    # Timeouts (status 2) are routine closes; only real violations count as errors.
+    assert observer.errors == [Status.INVALID_FRAME]
+    assert observer.closed == [Status.TIMEOUT, Status.INVALID_FRAME]
+
+
+def test_too_many_connections_are_refused_politely() -> None:
+    async def body(server: SpoaServer, port: int) -> None:
+        first = await Client.connect(port)
+        second = await Client.connect(port, greet=False)
+        assert await second.disconnect_status() == Status.RESOURCE_ALLOCATION
+        assert await second.at_eof()
+        await second.close()
+        await first.send(notify(1, msg("echo", id="x")))
+        assert await first.ack() == (1, [SetVar(Scope.TXN, "echo", "x")])
+        await first.close()
+
+    serve({"echo": sync_echo}, body, ServerLimits(max_connections=1))
+
+
+def test_reset_and_eof_from_haproxy_are_normal_closes() -> None:
+    observer = Recorder()
+
+    async def body(server: SpoaServer, port: int) -> None:
+        client = await Client.connect(port)
+        sock = client.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.writer.transport.abort()  # RST
+        polite = await Client.connect(port)
+        polite.writer.write_eof()
+        assert await polite.at_eof()
+        await polite.close()
+        for _ in range(100):
+            if server.connection_count == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    serve({}, body, observer=observer)
+    assert observer.closed == [Status.NORMAL, Status.NORMAL]
+    assert observer.errors == []
+
+
+def test_shutdown_finishes_inflight_then_disconnects() -> None:
+    observer = Recorder()
+
+    async def body(server: SpoaServer, port: int) -> None:
+        gate = asyncio.Event()
+
+        async def slow(message: Message) -> list[Action]:
+            await gate.wait()
+            return [SetVar(Scope.TXN, "done", True)]
+
+        server.handlers["slow"] = slow
+        client = await Client.connect(port)
+        await client.send(notify(9, msg("slow")))
+        while observer.inflight == 0:
+            await asyncio.sleep(0)
+        stopping = asyncio.create_task(server.shutdown())
+        await asyncio.sleep(0)
+        gate.set()
+        assert await client.ack() == (9, [SetVar(Scope.TXN, "done", True)])
+        assert await client.disconnect_status() == Status.NORMAL
+        assert await client.at_eof()
+        await stopping
+        await client.close()
+
+    serve({}, body, observer=observer)
+    assert observer.inflight == 0
+    assert observer.frames == ["hello", "notify"]
