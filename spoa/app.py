@@ -68,6 +68,7 @@ from spoa.verifier import (
 log = structlog.get_logger("jwtgate")
 
 REFRESH_TICK = 1.0  # how often due JWKS refreshes are looked for
+STATS_TICK = 5.0  # how often the token-cache gauges are updated
 
 
 class StartupError(Exception):
@@ -357,6 +358,7 @@ class Worker:
         )
         self._tasks = [
             asyncio.create_task(self._refresh_keys()),
+            asyncio.create_task(self._update_cache_stats()),
         ]
         await self._stop.wait()
         log.info("agent_stopping", pid=os.getpid())
@@ -385,6 +387,13 @@ class Worker:
                 except Exception:  # a refresh bug must not stop future refreshes
                     log.exception("jwks_refresh_error")
                 self._publish_readiness()
+
+    async def _update_cache_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_TICK)
+            if self.engine is not None:
+                stats = self.engine.verifier.cache.stats()
+                self.metrics.cache_stats(stats.entries, stats.hits, stats.misses, stats.evictions)
 
     def _schedule_reload(self) -> None:
         self._tasks.append(asyncio.create_task(self.reload()))

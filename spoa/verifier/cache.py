@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from spoa.verifier.verdict import Verdict
@@ -57,19 +58,34 @@ class CacheEntry:
         self.ok_verdict = ok_verdict  # returned as is when every per-request check passes
 
 
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    entries: int
+    hits: int
+    misses: int
+    evictions: int
+
+
 class VerifiedTokenCache:
     def __init__(self, max_entries: int) -> None:
         if max_entries < 0:
             raise ValueError("cache size must not be negative")
         self.max_entries = max_entries
         self._entries: OrderedDict[str | bytes, CacheEntry] = OrderedDict()
+        # Running totals for metrics; plain integer increments, cheap on the hot path.
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, token: str | bytes) -> CacheEntry | None:
         entry = self._entries.get(token)
-        if entry is not None:
+        if entry is None:
+            self.misses += 1
+        else:
+            self.hits += 1
             # Evicted meanwhile by another thread? The entry itself is still valid.
             with contextlib.suppress(KeyError):
                 self._entries.move_to_end(token)
@@ -82,6 +98,10 @@ class VerifiedTokenCache:
         self._entries.move_to_end(token)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def stats(self) -> CacheStats:
+        return CacheStats(len(self._entries), self.hits, self.misses, self.evictions)
 
     def discard(self, token: str | bytes) -> None:
         self._entries.pop(token, None)
