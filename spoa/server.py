@@ -16,7 +16,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from .protocol import (
     DEFAULT_HELLO_TIMEOUT,
@@ -194,8 +194,9 @@ class _AgentProtocol(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement the interface without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        transport = self._transport
         server = self._server
         if server._closing or len(server._connections) >= server.limits.max_connections:
             # Refuse politely: HAProxy reads a DISCONNECT even while awaiting AGENT-HELLO.

@@ -128,6 +128,7 @@ def serve(
     body: Callable[[SpoaServer, int], Coroutine[Any, Any, None]],
     limits: ServerLimits | None = None,
     observer: Recorder | None = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> None:
     async def main() -> None:
         server = SpoaServer(
@@ -142,14 +143,27 @@ def serve(
         finally:
             await server.shutdown()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
 
 
 def sync_echo(message: Message) -> list[Action]:
     return [SetVar(Scope.TXN, "echo", message.get("id"))]
 
 
-def test_sync_handler_unknown_message_and_empty_notify() -> None:
+LOOPS: list[Any] = [pytest.param(None, id="asyncio")]
+try:
+    import uvloop
+
+    LOOPS.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+except ImportError:  # pragma: no cover - uvloop is a dependency on CPython/Linux
+    pass
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_sync_handler_unknown_message_and_empty_notify(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+) -> None:
     async def body(server: SpoaServer, port: int) -> None:
         client = await Client.connect(port)
         await client.send(notify(0, msg("echo", id="a")))
@@ -166,7 +180,7 @@ def test_sync_handler_unknown_message_and_empty_notify() -> None:
         )
         await client.close()
 
-    serve({"echo": sync_echo}, body)
+    serve({"echo": sync_echo}, body, loop_factory=loop_factory)
 
 
 def test_pipelined_async_handlers_run_concurrently() -> None:
