@@ -7,8 +7,6 @@ the message's named arguments are read here, and every variable jwtgate sets is
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -17,7 +15,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from spoa.protocol import Message, Scope, SetVar
-from spoa.verifier import Policy, Reason, RequestContext, Verdict, Verifier
+from spoa.verifier import Policy, Reason, RequestContext, Verdict, Verifier, bearer_error
 
 MESSAGE_NAME = "check-jwt"
 ARG_AUTHORIZATION = "authorization"
@@ -152,10 +150,12 @@ class CheckJwtHandler:
             self._observer.on_verdict(
                 verdict, policy_name, self._timer() - started, token, report_only
             )
-        return verdict_actions(verdict, selected, now)
+        return verdict_actions(verdict, selected, token, now)
 
 
-def verdict_actions(verdict: Verdict, selected: PolicyRuntime | None, now: float) -> list[SetVar]:
+def verdict_actions(
+    verdict: Verdict, selected: PolicyRuntime | None, token: str | None, now: float
+) -> list[SetVar]:
     """The set-var actions for one verdict (all in txn scope, prefix `jwt`)."""
     realm = selected.realm if selected is not None else "jwtgate"
     report_only = selected is not None and selected.report_only
@@ -166,13 +166,38 @@ def verdict_actions(verdict: Verdict, selected: PolicyRuntime | None, now: float
     ]
     if not verdict.ok:
         actions.append(SetVar(TXN, "www_authenticate", www_authenticate(verdict, realm)))
-    if verdict.claims:
-        # Only verified claims ever get here: the verifier leaves them empty otherwise.
-        actions.extend(identity_actions(verdict, selected, now))
+    if verdict.claims and token is not None and (verdict.ok or report_only):
+        # Claims are set only for requests that pass, and only when the signature verified
+        # (the verifier leaves them empty otherwise).
+        actions.extend(_identity_memo(verdict, selected, token))
+        exp = verdict.claims.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            actions.append(SetVar(TXN, "expires_in", max(0, int(exp - now))))
     return actions
 
 
-def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, now: float) -> list[SetVar]:
+# A cache hit returns the very Verdict object the verifier cached, so the variables it
+# yields can be built once per (verdict, policy) instead of on every request.
+_IDENTITY_MEMO: dict[tuple[int, str], tuple[Verdict, tuple[SetVar, ...]]] = {}
+_IDENTITY_MEMO_MAX = 4096
+
+
+def _identity_memo(
+    verdict: Verdict, selected: PolicyRuntime | None, token: str
+) -> tuple[SetVar, ...]:
+    key = (id(verdict), selected.policy.name if selected is not None else "")
+    hit = _IDENTITY_MEMO.get(key)
+    if hit is not None and hit[0] is verdict:  # `is`: an id can be reused after collection
+        return hit[1]
+    actions = tuple(identity_actions(verdict, selected, token))
+    if len(_IDENTITY_MEMO) >= _IDENTITY_MEMO_MAX:
+        _IDENTITY_MEMO.clear()
+    _IDENTITY_MEMO[key] = (verdict, actions)
+    return actions
+
+
+def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, token: str) -> list[SetVar]:
+    """The variables that depend only on the verified token (and the policy)."""
     claims = verdict.claims
     actions: list[SetVar] = []
     for name in ("sub", "iss", "jti"):
@@ -191,10 +216,9 @@ def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, now: floa
     exp = claims.get("exp")
     if isinstance(exp, int | float) and not isinstance(exp, bool):
         actions.append(SetVar(TXN, "exp", int(exp)))
-        actions.append(SetVar(TXN, "expires_in", max(0, int(exp - now))))
-    encoded = encode_claims(claims)
-    if encoded is not None:
-        actions.append(SetVar(TXN, "claims", encoded))
+    payload = payload_segment(token)
+    if payload is not None:
+        actions.append(SetVar(TXN, "claims", payload))
     if selected is not None:
         for var, claim in selected.forward_claims:
             value = claim_text(claims.get(claim))
@@ -203,13 +227,11 @@ def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, now: floa
     return actions
 
 
-def encode_claims(claims: Mapping[str, Any]) -> str | None:
-    """The verified payload as unpadded base64url JSON, or None when too large to send."""
-    raw = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode()
-    encoded = base64.urlsafe_b64encode(raw).rstrip(b"=")
-    if len(encoded) > MAX_CLAIMS_BYTES:
-        return None
-    return encoded.decode("ascii")
+def payload_segment(token: str) -> str | None:
+    """The verified payload as unpadded base64url JSON: the token's own payload segment,
+    exactly what was signed. None when too large to send."""
+    payload = token.split(".", 2)[1]
+    return payload if len(payload) <= MAX_CLAIMS_BYTES else None
 
 
 def claim_text(value: Any) -> str:
@@ -230,17 +252,17 @@ def claim_text(value: Any) -> str:
 
 
 def www_authenticate(verdict: Verdict, realm: str) -> str:
-    """An RFC 6750 section 3 challenge. No error code when no token was sent."""
-    if verdict.reason is Reason.MISSING_TOKEN:
+    """An RFC 6750 section 3 challenge. No error attribute when no token was sent, nor
+    when the failure is the agent's (keys unavailable): the token is not known bad."""
+    error = "invalid_request" if verdict.status == 400 else bearer_error(verdict.reason)
+    if not error:
         return f'Bearer realm="{realm}"'
+    challenge = (
+        f'Bearer realm="{realm}", error="{error}", error_description="{verdict.reason.value}"'
+    )
     if verdict.status == 403:
-        scope = " ".join(sorted(verdict.required_scopes))
-        return (
-            f'Bearer realm="{realm}", error="insufficient_scope", '
-            f'error_description="{verdict.reason.value}", scope="{scope}"'
-        )
-    error = "invalid_request" if verdict.status == 400 else "invalid_token"
-    return f'Bearer realm="{realm}", error="{error}", error_description="{verdict.reason.value}"'
+        challenge += f', scope="{" ".join(sorted(verdict.required_scopes))}"'
+    return challenge
 
 
 def _verdict(reason: Reason, status: int) -> Verdict:
