@@ -1,0 +1,197 @@
+"""The TOML configuration: every key validated, errors name the key, docs stay true."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from spoa.config import (
+    AgentSettings,
+    CacheSettings,
+    ConfigError,
+    IssuerSettings,
+    LogSettings,
+    MetricsSettings,
+    PolicySettings,
+    load_config,
+    parse_config,
+    parse_duration,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MINIMAL = """
+[[issuers]]
+name = "corp"
+issuer = "https://id.example.com/"
+audiences = ["api"]
+algorithms = ["RS256"]
+jwks_uri = "https://id.example.com/jwks.json"
+
+[policies.default]
+issuers = ["corp"]
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    return caught.value.problems
+
+
+def test_minimal_config_gets_safe_defaults() -> None:
+    config = parse_config(MINIMAL)
+    assert config.agent.listen == "127.0.0.1:12345"
+    issuer = config.issuer("corp")
+    assert issuer.leeway == 30.0
+    assert issuer.require_exp is True
+    assert issuer.source_kind == "jwks_uri"
+    assert config.policies["default"].report_only is False
+
+
+def test_the_shipped_example_is_valid() -> None:
+    config = load_config(ROOT / "haproxy" / "jwtgate.toml")
+    assert set(config.policies) == {"default", "admin", "shadow"}
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        ("[agent]\nworkers = 0\n", "agent.workers: expected an integer from 1 to 64, got 0"),
+        (
+            '[agent]\nlisten = "nowhere"\n',
+            'agent.listen: expected an address like "127.0.0.1:12345", got nowhere',
+        ),
+        ('[agent]\nhello_timeout = "5x"\n', 'agent.hello_timeout: expected a duration like "30s"'),
+        ("[agent]\nlisten_port = 1\n", "agent.listen_port: unknown key"),
+        ('[log]\nformat = "xml"\n', 'log.format: expected "json" or "console", got xml'),
+        ("[cache]\nmax_entries = -1\n", "cache.max_entries: expected an integer from 0"),
+        ("[bogus]\n", "bogus: unknown key"),
+    ],
+)
+def test_errors_name_the_key_value_and_expectation(snippet: str, expected: str) -> None:
+    found = problems(snippet + MINIMAL)
+    assert any(expected in problem for problem in found), found
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems('[agent]\nworkers = 0\n[log]\nlevel = "loud"\n' + MINIMAL)
+    assert len(found) == 2
+
+
+def test_issuer_errors_carry_the_index() -> None:
+    text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["RS256"]\nleeway = "30x"')
+    assert problems(text) == [
+        'issuers[0].leeway: expected a duration like "30s" (units ms, s, m, h, d) from 0s to 1h,'
+        " got 30x"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (('algorithms = ["RS256"]', 'algorithms = ["none"]'), "issuers[0].algorithms"),
+        (
+            ('algorithms = ["RS256"]', 'algorithms = ["HS256"]'),
+            "need an explicitly configured secret",
+        ),
+        (
+            ('algorithms = ["RS256"]', 'algorithms = ["RS1"]'),
+            "issuers[0].algorithms: expected one of",
+        ),
+        (('jwks_uri = "https://id.example.com/jwks.json"', ""), "exactly one of jwks_uri"),
+        (
+            ('jwks_uri = "https://id.example.com/jwks.json"', 'jwks_uri = "file:///etc/x"'),
+            "http:// or https://",
+        ),
+        (('audiences = ["api"]', ""), "policies.default.audiences: required"),
+        (('issuers = ["corp"]', 'issuers = ["other"]'), "unknown issuer 'other'"),
+        (('name = "corp"', 'name = "Corp Inc"'), "issuers[0].name"),
+    ],
+)
+def test_unsafe_or_wrong_issuers_are_refused(change: tuple[str, str], expected: str) -> None:
+    found = problems(MINIMAL.replace(*change))
+    assert any(expected in problem for problem in found), found
+
+
+def test_hmac_needs_a_secret_that_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["HS256"]').replace(
+        'jwks_uri = "https://id.example.com/jwks.json"',
+        'keys = [{ secret_env = "JWTGATE_TEST_SECRET", kid = "h1", alg = "HS256" }]',
+    )
+    monkeypatch.delenv("JWTGATE_TEST_SECRET", raising=False)
+    assert any("JWTGATE_TEST_SECRET is not set" in p for p in problems(text))
+    monkeypatch.setenv("JWTGATE_TEST_SECRET", "x" * 32)
+    assert parse_config(text).issuer("corp").keys[0].secret_env == "JWTGATE_TEST_SECRET"
+
+
+def test_forward_claims_names_are_checked() -> None:
+    text = MINIMAL + 'forward_claims = { valid = "x", "Bad-Name" = "y", ok = "email" }\n'
+    found = problems(text)
+    assert any("forward_claims.valid: this variable name is set by jwtgate" in p for p in found)
+    assert any("forward_claims.Bad-Name: variable names use" in p for p in found)
+    long_name = "x" * 60
+    found = problems(MINIMAL + f'forward_claims = {{ {long_name} = "email" }}\n')
+    assert any("at most 55 characters" in p for p in found)
+
+
+def test_claim_rules() -> None:
+    text = MINIMAL + (
+        'claims = [ { claim = "tenant", equals = "acme" },'
+        ' { claim = "roles", contains = "admin" },'
+        ' { claim = "env", one_of = ["prod", "stage"] } ]\n'
+    )
+    rules = parse_config(text).policies["default"].claims
+    assert [r.claim for r in rules] == ["tenant", "roles", "env"]
+    assert rules[2].one_of == ("prod", "stage")
+    found = problems(MINIMAL + 'claims = [ { claim = "a", equals = 1, contains = 2 } ]\n')
+    assert any("exactly one of equals, one_of, contains" in p for p in found)
+
+
+def test_discovery_true_derives_the_url() -> None:
+    text = MINIMAL.replace('jwks_uri = "https://id.example.com/jwks.json"', "discovery = true")
+    issuer = parse_config(text).issuer("corp")
+    assert issuer.discovery == "https://id.example.com/.well-known/openid-configuration"
+
+
+def test_invalid_toml_is_reported_with_its_position() -> None:
+    assert "not valid TOML" in problems("[agent\n")[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("500ms", 0.5), ("30s", 30), ("10m", 600), ("1h", 3600), ("1d", 86400)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_reference_documents_every_key() -> None:
+    """docs/configuration.md must list every key the loader accepts, and no other."""
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", reference, flags=re.MULTILINE))
+    accepted: set[str] = set()
+    for settings in (AgentSettings, MetricsSettings, LogSettings, CacheSettings, IssuerSettings):
+        accepted |= {f.name for f in fields(settings)}
+    accepted |= {f.name for f in fields(PolicySettings)} - {"name", "claims"} | {"claims"}
+    assert accepted - documented == set(), "keys missing from docs/configuration.md"
+    assert documented - accepted == set(), "docs/configuration.md lists unknown keys"
+
+
+def test_check_config_cli_prints_the_effective_config(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(MINIMAL)
+    result = subprocess.run(
+        [sys.executable, "-m", "spoa", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert '"listen": "127.0.0.1:12345"' in result.stdout
+    assert "configuration is valid" in result.stderr
