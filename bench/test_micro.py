@@ -72,7 +72,7 @@ def test_spop_encode_ack(benchmark: Any, verifier: Verifier, tokens: dict[str, s
     now = time.time()
     verdict = verifier.verify(tokens["RS256"], DEFAULT_POLICY, CONTEXT, now)
     assert verdict.ok
-    actions = verdict_actions(verdict, PolicyRuntime(DEFAULT_POLICY), now)
+    actions = verdict_actions(verdict, PolicyRuntime(DEFAULT_POLICY), tokens["RS256"], now)
     encoded = benchmark(encode_actions, actions)
     assert len(encoded) > 100
 
@@ -83,7 +83,7 @@ def test_spop_connection_notify_to_ack(
     """What the server does per request around the handler: bytes in, event, ACK bytes out."""
     now = time.time()
     verdict = verifier.verify(tokens["RS256"], DEFAULT_POLICY, CONTEXT, now)
-    actions = verdict_actions(verdict, PolicyRuntime(DEFAULT_POLICY), now)
+    actions = verdict_actions(verdict, PolicyRuntime(DEFAULT_POLICY), tokens["RS256"], now)
     connection = AgentConnection(now=now)
     connection.receive_data(haproxy_hello(), now)
     connection.data_to_send()
