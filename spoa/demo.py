@@ -116,6 +116,7 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
     sent: int = 0
     by_scenario: Counter[str] = field(default_factory=Counter)
+    as_expected: Counter[str] = field(default_factory=Counter)
     wrong: Counter[str] = field(default_factory=Counter)
     by_status: Counter[int] = field(default_factory=Counter)
     by_reason: Counter[str] = field(default_factory=Counter)
@@ -127,7 +128,9 @@ class Tally:
         with self.lock:
             self.sent += 1
             self.by_scenario[scenario.name] += 1
-            if status != scenario.expect:
+            if status == scenario.expect:
+                self.as_expected[scenario.name] += 1
+            else:
                 self.wrong[f"{scenario.name}: got {status}, expected {scenario.expect}"] += 1
             self.by_status[status] += 1
             self.by_reason[reason] += 1
@@ -190,7 +193,7 @@ def run_demo(options: DemoOptions) -> int:
                 Stack(StackOptions(agent_config=agent_config(issuer), workdir=logs))
             )
             _traffic(stack, issuer, options, tally)
-            _summary(stack, issuer, tally, logs)
+            _summary(stack, issuer, tally, logs, holding=options.hold)
             if options.hold:
                 print("\nThe stack keeps running; press Ctrl-C to stop it.")
                 with contextlib.suppress(KeyboardInterrupt):
@@ -266,11 +269,15 @@ def _view(tally: Tally, elapsed: float, options: DemoOptions, *, live: bool) -> 
     sys.stdout.flush()
 
 
-def _summary(stack: Stack, issuer: LocalIssuer, tally: Tally, logs: Path) -> None:
+def _summary(stack: Stack, issuer: LocalIssuer, tally: Tally, logs: Path, *, holding: bool) -> None:
     print("\n== Summary ==")
-    print(f"{'scenario':<20} {'expected':>8} {'sent':>6}")
+    print(f"{'scenario':<20} {'expected':>8} {'sent':>6} {'as expected':>12}")
     for scenario in SCENARIOS:
-        print(f"{scenario.name:<20} {scenario.expect:>8} {tally.by_scenario[scenario.name]:>6}")
+        name = scenario.name
+        print(
+            f"{name:<20} {scenario.expect:>8} {tally.by_scenario[name]:>6}"
+            f" {tally.as_expected[name]:>12}"
+        )
     print(f"\nby reason: {dict(tally.by_reason.most_common())}")
     print(f"by backend: {dict(sorted(tally.by_backend.items()))}")
     with tally.lock:
@@ -294,7 +301,10 @@ def _summary(stack: Stack, issuer: LocalIssuer, tally: Tally, logs: Path) -> Non
     print(f"  HAProxy stats: http://127.0.0.1:{stack.stats_port}/stats")
     print(f"  logs: {logs} (haproxy.log, agent1.log, agent2.log)")
     token = issuer.mint({"sub": "you", "aud": AUDIENCE, "scope": "read"})
-    print("\nTry it by hand while the stack runs:")
+    if holding:
+        print("\nTry it by hand while the stack runs:")
+    else:
+        print("\nThe stack stops now; run `jwtgate demo` in a terminal to keep it up and try:")
     print(f"  curl -i -H 'Authorization: Bearer {token}' {stack.url}/api/orders")
     if shutil.which("curl") is None:
         print("  (curl is not installed: apt-get install curl)")
