@@ -5,7 +5,6 @@ HTTP client. Nothing here is mocked."""
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import signal
 import subprocess
@@ -13,7 +12,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,73 +19,8 @@ import pytest
 from spoa.devkit.issuer import LocalIssuer
 from spoa.devkit.stack import Stack, StackOptions
 from spoa.devkit.tokens import alg_none_token, expired_token, forge_signature
+from tests.support.gateway import AUD, agent_config, mint, request
 from tests.support.haproxy import haproxy_binaries
-
-AUD = "orders-api"
-
-
-def agent_config(issuer: LocalIssuer) -> str:
-    return f"""
-[log]
-format = "json"
-
-[[issuers]]
-name = "local"
-issuer = "{issuer.issuer}"
-audiences = ["{AUD}"]
-algorithms = ["RS256"]
-jwks_uri = "{issuer.jwks_url}"
-typ = ["at+jwt"]
-refetch_interval = "0s"
-leeway = "5s"
-
-[policies.default]
-issuers = ["local"]
-
-[policies.admin]
-issuers = ["local"]
-require_scopes = ["admin"]
-forward_claims = {{ email = "email" }}
-
-[policies.shadow]
-issuers = ["local"]
-require_scopes = ["beta"]
-report_only = true
-"""
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> dict[str, object]:
-        data: dict[str, object] = json.loads(self.body)
-        return data
-
-
-def request(
-    stack: Stack,
-    path: str = "/api/orders",
-    token: str | None = None,
-    headers: list[tuple[str, str]] | None = None,
-) -> Reply:
-    connection = http.client.HTTPConnection("127.0.0.1", stack.frontend_port, timeout=10)
-    try:
-        connection.putrequest("GET", path)
-        if token is not None:
-            connection.putheader("Authorization", f"Bearer {token}")
-        for name, value in headers or []:
-            connection.putheader(name, value)
-        connection.endheaders()
-        response = connection.getresponse()
-        return Reply(
-            response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        )
-    finally:
-        connection.close()
 
 
 @pytest.fixture(scope="module", params=haproxy_binaries(), ids=lambda b: b.version)
@@ -99,10 +32,6 @@ def gateway(request: pytest.FixtureRequest) -> Iterator[tuple[Stack, LocalIssuer
         ) as stack,
     ):
         yield stack, issuer
-
-
-def mint(issuer: LocalIssuer, **claims: object) -> str:
-    return issuer.mint({"sub": "alice", "aud": AUD, "scope": "read", **claims})
 
 
 # --- the accept and reject matrix -------------------------------------------------------

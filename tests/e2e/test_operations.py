@@ -1,0 +1,181 @@
+"""Operating the agent for real: metrics scraped from the live endpoint, logs free of
+tokens, reloads under traffic, and readiness following the keys' freshness."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from spoa.devkit.issuer import LocalIssuer
+from spoa.devkit.stack import AgentProcess, Stack, StackOptions, http_get
+from spoa.devkit.tokens import forge_signature
+from tests.support.gateway import AUD, agent_config, mint, request
+
+
+def scrape(agent: AgentProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = http_get(f"{agent.metrics_url}/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def single_agent() -> Iterator[tuple[Stack, LocalIssuer]]:
+    """One agent, so every request's effect shows on that agent's metrics and log."""
+    with (
+        LocalIssuer() as issuer,
+        Stack(StackOptions(agent_config=agent_config(issuer), agents=1)) as stack,
+    ):
+        yield stack, issuer
+
+
+def test_metrics_follow_accepts_and_rejects(single_agent: tuple[Stack, LocalIssuer]) -> None:
+    stack, issuer = single_agent
+    agent = stack.agents[0]
+    before = scrape(agent)
+    good = mint(issuer)
+    for _ in range(3):
+        assert request(stack, token=good).status == 200
+    assert request(stack, token=forge_signature(good)).status == 401
+    assert request(stack, "/admin/x", good).status == 403
+    assert request(stack).status == 401
+    after = scrape(agent)
+
+    def delta(**labels: str) -> float:
+        name = "jwtgate_verdicts_total"
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert delta(outcome="accept", issuer="local", policy="default") == 3
+    assert delta(outcome="reject", reason="bad_signature", issuer="local") == 1
+    assert delta(outcome="reject", reason="insufficient_scope", policy="admin") == 1
+    assert delta(outcome="reject", reason="missing_token") == 1
+    frames = "jwtgate_spop_frames_total"
+    assert total(after, frames, type="notify") - total(before, frames, type="notify") == 6
+    assert total(after, "jwtgate_issuer_ready", issuer="local") == 1
+    assert total(after, "jwtgate_jwks_keys", issuer="local") == 1
+    assert total(after, "jwtgate_spop_connections_open") >= 1
+    hist = "jwtgate_verify_duration_seconds_count"
+    assert total(after, hist, cache="hit") - total(before, hist, cache="hit") >= 2
+
+
+def test_logs_never_contain_a_token(single_agent: tuple[Stack, LocalIssuer]) -> None:
+    stack, issuer = single_agent
+    tokens = [mint(issuer), mint(issuer, aud="elsewhere"), forge_signature(mint(issuer))]
+    tokens.append(mint(issuer, scope="none"))
+    for token in tokens:
+        request(stack, token=token)
+        request(stack, "/admin/x", token)
+    agent = stack.agents[0]
+    wait_until(lambda: "bad_audience" in agent.process.log_text(), 5, "the rejection log")
+    logs = agent.process.log_text() + (stack.haproxy.log_text() if stack.haproxy else "")
+    assert '"rejected"' in logs
+    for token in tokens:
+        header, payload, signature = token.split(".")
+        assert token not in logs
+        assert signature not in logs
+        assert f"{header}.{payload}" not in logs
+
+
+def test_reload_under_traffic_loses_no_request(single_agent: tuple[Stack, LocalIssuer]) -> None:
+    stack, issuer = single_agent
+    agent = stack.agents[0]
+    good = mint(issuer)
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            statuses.append(request(stack, token=good).status)
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for round_ in range(1, 4):
+            agent.process.signal(signal.SIGHUP)
+            wait_until(
+                lambda n=round_: agent.process.log_text().count('"event": "reloaded"') >= n,
+                10,
+                f"reload {round_}",
+            )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert len(statuses) > 20
+    assert set(statuses) == {200}
+    assert total(scrape(agent), "jwtgate_config_reloads_total", result="ok") == 3
+
+
+def test_a_bad_reload_keeps_the_old_config(single_agent: tuple[Stack, LocalIssuer]) -> None:
+    stack, issuer = single_agent
+    agent = stack.agents[0]
+    good_config = agent.config_path.read_text()
+    agent.config_path.write_text(good_config.replace('leeway = "5s"', 'leeway = "5 parsecs"'))
+    agent.process.signal(signal.SIGHUP)
+    wait_until(lambda: "reload_rejected" in agent.process.log_text(), 10, "the rejection")
+    assert "issuers[0].leeway" in agent.process.log_text()
+    assert request(stack, token=mint(issuer)).status == 200
+    assert total(scrape(agent), "jwtgate_config_reloads_total", result="error") == 1
+    # A valid change is then picked up: the default policy now needs a scope.
+    agent.config_path.write_text(
+        good_config.replace(
+            '[policies.default]\nissuers = ["local"]',
+            '[policies.default]\nissuers = ["local"]\nrequire_scopes = ["write"]',
+        )
+    )
+    agent.process.signal(signal.SIGHUP)
+    wait_until(lambda: '"event": "reloaded"' in agent.process.log_text(), 10, "the reload")
+    assert request(stack, token=mint(issuer)).status == 403
+
+
+def test_readiness_flips_when_keys_go_stale_and_recovers() -> None:
+    with LocalIssuer(max_age=1) as issuer:
+        config = agent_config(issuer).replace(
+            'leeway = "5s"',
+            'leeway = "5s"\nrefresh_min = "1s"\nmax_stale = "2s"\nfetch_timeout = "500ms"',
+        )
+        with Stack(StackOptions(agent_config=config, agents=1)) as stack:
+            agent = stack.agents[0]
+            good = mint(issuer)
+            assert request(stack, token=good).status == 200
+            issuer.mode = "down"
+
+            def ready() -> int:
+                return http_get(f"{agent.metrics_url}/readyz")[0]
+
+            wait_until(lambda: ready() == 503, 15, "/readyz to report stale keys")
+            _, body = http_get(f"{agent.metrics_url}/readyz")
+            assert json.loads(body)["detail"]["issuers"] == {"local": False}
+            reply = request(stack, token=good)
+            assert reply.status == 401
+            # The agent's own failure: no error code, as the token is not known to be bad.
+            assert reply.headers["www-authenticate"] == 'Bearer realm="jwtgate"'
+            issuer.mode = "ok"
+            wait_until(lambda: ready() == 200, 15, "/readyz to recover")
+            assert request(stack, token=mint(issuer, aud=AUD)).status == 200
