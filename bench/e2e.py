@@ -1,0 +1,420 @@
+"""End-to-end through HAProxy 2.6, every scenario in one run, side by side.
+
+Layout (as in issue 6): HAProxy `nbthread 1` pinned to CPU 0 (`cpu-map`), `wrk -t1 -c32`
+pinned to CPU 1 with `taskset`, `http-request return` in place of a backend. The agents are
+not pinned (two cores are all there is). The jwtgate scenarios run the shipped
+haproxy/haproxy.cfg and spoe-jwt.conf through `spoa.devkit.stack.Stack`; the only edits are
+the pinning lines and the final `default_backend` turned into `http-request return`. The
+no-auth and native `jwt_verify` configs (bench/haproxy/) take their global, defaults and
+log-format from that same file.
+
+Each scenario gets a closed-loop saturation run (rps, p50/p99, CPU per request of HAProxy
+and of the agent from /proc utime+stime), then a paced run at half that rate (wrk's
+`delay()` hook, see bench/haproxy/wrk-paced.lua) for latency without queueing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    AUDIENCE,
+    ISSUER,
+    agent_config,
+    cpu_seconds,
+    make_keys,
+    mint,
+    mint_many,
+    process_tree,
+    write_public_keys,
+)
+from spoa.devkit.keys import SigningKey
+from spoa.devkit.stack import (
+    ManagedProcess,
+    Stack,
+    StackOptions,
+    free_port,
+    haproxy_binary,
+    wait_for_port,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+SHIPPED = BENCH_DIR.parent / "haproxy"
+WRK_CONNECTIONS = 32
+PACED_DELAY_MS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    kind: str  # noauth | native | ackonly | jwtgate
+    alg: str = "RS256"
+    unique: bool = False
+    workers: int = 1
+
+
+SCENARIOS = (
+    Scenario("no auth", "noauth"),
+    Scenario("native jwt_verify RS256", "native", "RS256"),
+    Scenario("native jwt_verify ES256", "native", "ES256"),
+    Scenario("ACK-only agent (bare SPOP)", "ackonly"),
+    Scenario("jwtgate RS256 cache hits", "jwtgate", "RS256"),
+    Scenario("jwtgate RS256 unique", "jwtgate", "RS256", unique=True),
+    Scenario("jwtgate ES256 unique", "jwtgate", "ES256", unique=True),
+    Scenario("jwtgate RS256 cache hits, 2 workers", "jwtgate", "RS256", workers=2),
+    Scenario("jwtgate RS256 unique, 2 workers", "jwtgate", "RS256", unique=True, workers=2),
+)
+
+
+@dataclass
+class WrkRun:
+    requests: int = 0
+    seconds: float = 0.0
+    rps: float = 0.0
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    non_2xx: int = 0
+    socket_errors: int = 0
+    cdf: list[tuple[float, float]] = field(default_factory=list)  # (percentile, ms)
+    haproxy_cpu_us: float = float("nan")  # per request
+    agent_cpu_us: float = float("nan")
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    saturated: WrkRun
+    paced: WrkRun
+    paced_rate: float
+    error: str | None = None
+
+
+# --- HAProxy configs ---
+
+
+def _pin(global_text: str) -> str:
+    return global_text.replace("global\n", "global\n    nbthread 1\n    cpu-map 1/1 0\n", 1)
+
+
+def shipped_parts() -> tuple[str, str]:
+    """(global+defaults with pinning, the log-format line) from haproxy/haproxy.cfg."""
+    text = (SHIPPED / "haproxy.cfg").read_text()
+    head = text.split("\nfrontend ", 1)[0] + "\n"
+    match = re.search(r"^\s*log-format .*$", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError("haproxy/haproxy.cfg has no log-format line")
+    return _pin(head), match.group(0)
+
+
+def bench_config(template: str, directory: Path) -> Path:
+    head, log_format = shipped_parts()
+    text = (BENCH_DIR / "haproxy" / template).read_text()
+    text = text.replace("@GLOBAL_AND_DEFAULTS@", head).replace("@LOG_FORMAT@", log_format)
+    path = directory / template
+    path.write_text(text)
+    return path
+
+
+def jwtgate_haproxy_dir(directory: Path) -> Path:
+    """The shipped files; haproxy.cfg with pinning and `http-request return` as backend."""
+    target = directory / "haproxy-jwtgate"
+    target.mkdir(exist_ok=True)
+    text = (SHIPPED / "haproxy.cfg").read_text()
+    if "    default_backend protected_service\n" not in text:
+        raise RuntimeError("haproxy/haproxy.cfg changed shape: no default_backend line")
+    text = text.replace(
+        "    default_backend protected_service\n",
+        '    http-request return status 200 content-type text/plain string "ok"\n',
+    )
+    head, rest = text.split("\ndefaults", 1)
+    (target / "haproxy.cfg").write_text(_pin(head) + "\ndefaults" + rest)
+    shutil.copy(SHIPPED / "spoe-jwt.conf", target / "spoe-jwt.conf")
+    return target
+
+
+# --- wrk ---
+
+
+def parse_wrk(output: str) -> WrkRun:
+    run = WrkRun()
+    match = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", output)
+    if match:
+        run.requests = int(match.group(1))
+        scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[match.group(3)]
+        run.seconds = float(match.group(2)) * scale
+    match = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if match:
+        run.rps = float(match.group(1))
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if match:
+        run.non_2xx = int(match.group(1))
+    match = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if match:
+        run.socket_errors = sum(int(group) for group in match.groups())
+    for pct, micros in re.findall(r"^PCT ([\d.]+) (\d+)$", output, re.MULTILINE):
+        run.cdf.append((float(pct), int(micros) / 1000))
+    by_pct = dict(run.cdf)
+    run.p50_ms = by_pct.get(50.0, float("nan"))
+    run.p99_ms = by_pct.get(99.0, float("nan"))
+    return run
+
+
+def run_wrk(
+    url: str,
+    seconds: float,
+    *,
+    token: str | None,
+    token_file: Path | None,
+    delay_ms: int | None = None,
+    connections: int = WRK_CONNECTIONS,
+) -> WrkRun:
+    script = BENCH_DIR / "haproxy" / ("wrk-paced.lua" if delay_ms else "wrk-closed.lua")
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
+    if token is not None:
+        argv += ["-H", f"Authorization: Bearer {token}"]
+    argv += [f"{url}/api/orders", "--"]
+    if delay_ms:
+        argv.append(str(delay_ms))
+    argv.append(str(token_file) if token_file else "-")
+    if 1 in os.sched_getaffinity(0):
+        argv = ["taskset", "-c", "1", *argv]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"wrk failed: {result.stderr.strip()[:500]}")
+    return parse_wrk(result.stdout)
+
+
+def measured(
+    url: str,
+    seconds: float,
+    haproxy_pid: int,
+    agent_pid: int | None,
+    **wrk_args: Any,
+) -> WrkRun:
+    haproxy_pids = [haproxy_pid]
+    agent_pids = process_tree(agent_pid) if agent_pid else []
+    before = cpu_seconds(haproxy_pids), cpu_seconds(agent_pids)
+    run = run_wrk(url, seconds, **wrk_args)
+    after = cpu_seconds(haproxy_pids), cpu_seconds(agent_pids)
+    if run.requests:
+        run.haproxy_cpu_us = (after[0] - before[0]) / run.requests * 1e6
+        if agent_pids:
+            run.agent_cpu_us = (after[1] - before[1]) / run.requests * 1e6
+    return run
+
+
+def wait_accepting(url: str, token: str | None, timeout: float = 20.0) -> None:
+    """Until a request through HAProxy gets 200 (agent servers come UP after a check)."""
+    deadline = time.monotonic() + timeout
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    last = "no answer"
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(f"{url}/api/orders", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:  # loopback only
+                if response.status == 200:
+                    return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} does not accept requests: {last}")
+
+
+# --- running the scenarios ---
+
+
+@dataclass
+class Target:
+    url: str
+    haproxy_pid: int
+    agent_pid: int | None
+
+
+@contextlib.contextmanager
+def _haproxy(
+    config: Path, env: dict[str, str], workdir: Path, name: str
+) -> Iterator[ManagedProcess]:
+    check = subprocess.run(
+        [haproxy_binary(), "-c", "-q", "-f", str(config)], env=env, capture_output=True, check=False
+    )
+    if check.returncode != 0:
+        raise RuntimeError(f"haproxy rejects {config.name}: {check.stderr.decode()[-800:]}")
+    process = ManagedProcess(
+        name,
+        [haproxy_binary(), "-db", "-f", str(config)],
+        env=env,
+        log_path=workdir / f"{name}.log",
+    ).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+class Bench:
+    def __init__(self, workdir: Path, seconds: float, log: Callable[[str], None]) -> None:
+        self.workdir = workdir
+        self.seconds = seconds
+        self.log = log
+        self.keys: dict[str, SigningKey] = make_keys(("RS256", "ES256"))
+        self.key_files = write_public_keys(self.keys, workdir / "keys")
+        self.tokens = {alg: mint(key, 0) for alg, key in self.keys.items()}
+        self._offset = 1_000_000
+        self.haproxy_dir = jwtgate_haproxy_dir(workdir)
+
+    def token_file(self, alg: str, count: int, tag: str) -> Path:
+        tokens = mint_many(self.keys[alg], count, start=self._offset)
+        self._offset += count
+        path = self.workdir / f"tokens-{alg}-{tag}.txt"
+        path.write_text("\n".join(tokens) + "\n")
+        return path
+
+    @contextlib.contextmanager
+    def target(self, scenario: Scenario) -> Iterator[Target]:
+        port = free_port()
+        env = dict(os.environ)
+        env["BENCH_LISTEN"] = f"127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        if scenario.kind in ("noauth", "native"):
+            template = "noauth.cfg" if scenario.kind == "noauth" else "native-jwt.cfg"
+            env.update(
+                BENCH_ALG=scenario.alg,
+                BENCH_PUBKEY=str(self.key_files.path(scenario.alg)),
+                BENCH_ISSUER=ISSUER,
+                BENCH_AUDIENCE=AUDIENCE,
+            )
+            config = bench_config(template, self.workdir)
+            with _haproxy(config, env, self.workdir, f"haproxy-{scenario.kind}") as haproxy:
+                wait_for_port(port, timeout=10, process=haproxy)
+                yield Target(url, haproxy.pid, None)
+        elif scenario.kind == "ackonly":
+            agent_port = free_port()
+            agent = ManagedProcess(
+                "ack-agent",
+                [sys.executable, "-m", "bench.ack_agent", "--port", str(agent_port)],
+                log_path=self.workdir / "ack-agent.log",
+                cwd=BENCH_DIR.parent,
+            ).start()
+            try:
+                wait_for_port(agent_port, timeout=10, process=agent)
+                env.update(
+                    JWTGATE_LISTEN=f"127.0.0.1:{port}",
+                    JWTGATE_STATS_LISTEN=f"127.0.0.1:{free_port()}",
+                    JWTGATE_SPOE_CONF=str(self.haproxy_dir / "spoe-jwt.conf"),
+                    JWTGATE_AGENT1=f"127.0.0.1:{agent_port}",
+                    JWTGATE_AGENT2=f"127.0.0.1:{agent_port}",
+                )
+                config = self.haproxy_dir / "haproxy.cfg"
+                with _haproxy(config, env, self.workdir, "haproxy-ackonly") as haproxy:
+                    wait_for_port(port, timeout=10, process=haproxy)
+                    yield Target(url, haproxy.pid, agent.pid)
+            finally:
+                agent.stop()
+        else:
+            os.environ["JWTGATE_HAPROXY_DIR"] = str(self.haproxy_dir)
+            options = StackOptions(
+                agent_config=agent_config(self.key_files),
+                agents=1,
+                workers=scenario.workers,
+                backends=1,
+                workdir=self.workdir / f"stack-{scenario.alg}-{scenario.workers}",
+            )
+            options.workdir.mkdir(exist_ok=True)  # type: ignore[union-attr]
+            with Stack(options) as stack:
+                assert stack.haproxy is not None
+                yield Target(stack.url, stack.haproxy.pid, stack.agents[0].process.pid)
+
+    def run(self, scenario: Scenario, rate_guess: float) -> ScenarioResult:
+        token = None if scenario.kind in ("noauth",) else self.tokens[scenario.alg]
+        token_file = paced_file = None
+        if scenario.unique:
+            supply = int(rate_guess * self.seconds * 1.3) + 200
+            self.log(f"    minting {supply + supply // 2} unique {scenario.alg} tokens")
+            token_file = self.token_file(scenario.alg, supply, "closed")
+            paced_file = self.token_file(scenario.alg, supply // 2, "paced")
+        with self.target(scenario) as target:
+            wait_accepting(target.url, token if token else None)
+            # A short warm-up: connections up, caches filled for the hit scenarios.
+            run_wrk(target.url, 1, token=token, token_file=None)
+            wrk_token = None if scenario.unique else token
+            saturated = measured(
+                target.url,
+                self.seconds,
+                target.haproxy_pid,
+                target.agent_pid,
+                token=wrk_token,
+                token_file=token_file,
+            )
+            rate = max(saturated.rps / 2, 100.0)
+            connections = max(1, round(rate * PACED_DELAY_MS / 1000))
+            paced = measured(
+                target.url,
+                self.seconds,
+                target.haproxy_pid,
+                target.agent_pid,
+                token=wrk_token,
+                token_file=paced_file,
+                delay_ms=PACED_DELAY_MS,
+                connections=connections,
+            )
+        return ScenarioResult(scenario, saturated, paced, rate)
+
+
+# Rough rates, to size the unique-token supply (RS256 signing costs ~1 ms per token).
+RATE_GUESS = {("RS256", 1): 9000.0, ("ES256", 1): 6000.0, ("RS256", 2): 12000.0}
+
+
+def run_all(
+    seconds: float,
+    log: Callable[[str], None] = print,
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
+    max_supply_rate: float | None = None,
+) -> list[ScenarioResult]:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="jwtgate-e2e-") as tmp:
+        bench = Bench(Path(tmp), seconds, log)
+        for index, scenario in enumerate(scenarios, 1):
+            log(f"  [{index}/{len(scenarios)}] {scenario.name}")
+            guess = RATE_GUESS.get((scenario.alg, scenario.workers), 9000.0)
+            if max_supply_rate is not None:
+                guess = min(guess, max_supply_rate)
+            try:
+                result = bench.run(scenario, guess)
+            except Exception as exc:  # one broken scenario must not lose the others
+                log(f"    failed: {exc}")
+                result = ScenarioResult(scenario, WrkRun(), WrkRun(), 0.0, error=str(exc)[:300])
+            else:
+                s, p = result.saturated, result.paced
+                log(
+                    f"    {s.rps:8.0f} rps  p50 {s.p50_ms:.2f} ms  p99 {s.p99_ms:.2f} ms  "
+                    f"HAProxy {s.haproxy_cpu_us:.1f} µs/req  agent {s.agent_cpu_us:.1f} µs/req  "
+                    f"non-2xx {s.non_2xx}  | paced {result.paced_rate:.0f}/s: "
+                    f"p50 {p.p50_ms:.2f} ms p99 {p.p99_ms:.2f} ms"
+                )
+            results.append(result)
+    return results
+
+
+def as_dict(result: ScenarioResult) -> dict[str, Any]:
+    return asdict(result)
+
+
+if __name__ == "__main__":
+    for item in run_all(float(sys.argv[1]) if len(sys.argv) > 1 else 5.0):
+        print(as_dict(item))

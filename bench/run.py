@@ -1,0 +1,212 @@
+"""Runs every benchmark and writes bench/results/<timestamp>.{json,md} and PNG plots.
+
+python -m bench.run [--short]      (scripts/bench does the set-up first)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench import e2e, loadgen
+from bench.rss_cache import measure_rss
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results"
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_micro(short: bool, json_path: Path) -> list[dict[str, Any]]:
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(BENCH_DIR / "test_micro.py"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-enable",
+        f"--benchmark-json={json_path}",
+        "--benchmark-columns=min,median,ops",
+    ]
+    if short:
+        argv += ["--benchmark-max-time=0.1", "-k", "spop or glue or RS256 or ES256"]
+    completed = subprocess.run(argv, cwd=BENCH_DIR.parent, check=False, timeout=600)
+    if completed.returncode != 0:
+        log("  some micro-benchmarks failed (see above)")
+    if not json_path.exists():
+        return []
+    data = json.loads(json_path.read_text())
+    return [
+        {"name": b["name"], "median_us": b["stats"]["median"] * 1e6, "ops": b["stats"]["ops"]}
+        for b in data["benchmarks"]
+    ]
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b and not math.isnan(a) and not math.isnan(b) else "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# jwtgate benchmark, {report['timestamp']}", "", report["how"], ""]
+    e2e_rows = report["e2e"]
+    by_name = {row["scenario"]["name"]: row for row in e2e_rows}
+    noauth = by_name.get("no auth", {}).get("saturated", {}).get("rps", float("nan"))
+    native = by_name.get("native jwt_verify RS256", {}).get("saturated", {}).get("rps", math.nan)
+    lines += [
+        "## End to end through HAProxy 2.6 (wrk -t1 -c32, HAProxy nbthread 1 on its own core)",
+        "",
+        "| scenario | rps | p50 ms | p99 ms | HAProxy µs/req | agent µs/req | vs no-auth "
+        "| vs native RS256 | paced rate | paced p50 ms | paced p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in e2e_rows:
+        s, p = row["saturated"], row["paced"]
+        if row.get("error"):
+            lines.append(f"| {row['scenario']['name']} | failed: {row['error'][:80]} |")
+            continue
+        lines.append(
+            f"| {row['scenario']['name']} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} "
+            f"| {s['haproxy_cpu_us']:.1f} | {s['agent_cpu_us']:.1f} | {_ratio(s['rps'], noauth)} "
+            f"| {_ratio(s['rps'], native)} | {row['paced_rate']:.0f} | {p['p50_ms']:.2f} "
+            f"| {p['p99_ms']:.2f} |"
+        )
+    lines += [
+        "",
+        "## The agent alone (bench/loadgen.py: 8 connections × 16 pipelined NOTIFYs)",
+        "",
+        "| alg, mix | verdicts/s | p50 ms | p99 ms | p99.9 ms | agent µs CPU/verdict | rejected |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["loadgen"]:
+        lines.append(
+            f"| {r['label']} | {r['verdicts_per_second']:.0f} | {r['p50_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['agent_cpu_us_per_verdict']:.1f} "
+            f"| {r['rejected']} |"
+        )
+    rss = report["rss"]
+    lines += [
+        "",
+        f"## Memory: {rss['tokens']} cached RS256 tokens: RSS {rss['before_mb']:.1f} MB → "
+        f"{rss['after_mb']:.1f} MB (+{rss['after_mb'] - rss['before_mb']:.1f} MB)",
+        "",
+        "## Micro-benchmarks (median µs)",
+        "",
+        "| benchmark | median µs | ops/s |",
+        "|---|---:|---:|",
+    ]
+    for m in report["micro"]:
+        lines.append(f"| {m['name']} | {m['median_us']:.2f} | {m['ops']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], stem: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("  matplotlib missing: no plots")
+        return []
+    rows = [r for r in report["e2e"] if not r.get("error")]
+    written = []
+    fig, ax = plt.subplots(figsize=(10, 5))
+    names = [r["scenario"]["name"] for r in rows]
+    ax.barh(names, [r["saturated"]["rps"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("requests/s through HAProxy (higher is better)")
+    fig.tight_layout()
+    fig.savefig(f"{stem}-throughput.png")
+    written.append(f"{stem.name}-throughput.png")
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for ax, kind in zip(axes, ("saturated", "paced"), strict=True):
+        for r in rows:
+            cdf = r[kind]["cdf"]
+            if cdf:
+                ax.plot([ms for _, ms in cdf], [pct for pct, _ in cdf], label=r["scenario"]["name"])
+        ax.set_xscale("log")
+        ax.set_xlabel("latency ms (log)")
+        ax.set_title("saturated (wrk -c32)" if kind == "saturated" else "paced at half rate")
+    axes[0].set_ylabel("percentile")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{stem}-latency-cdf.png")
+    written.append(f"{stem.name}-latency-cdf.png")
+    plt.close(fig)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="run the jwtgate benchmarks")
+    parser.add_argument("--short", action="store_true", help="a quick pass, under 2 minutes")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem = RESULTS / stamp
+    seconds = 2.0 if args.short else 10.0
+    report: dict[str, Any] = {
+        "timestamp": stamp,
+        "short": args.short,
+        "machine": {
+            "cpus": len(__import__("os").sched_getaffinity(0)),
+            "python": sys.version,
+            "platform": platform.platform(),
+        },
+        "how": (
+            "HAProxy 2.6 `nbthread 1` pinned to CPU 0, `wrk -t1 -c32 --latency` pinned to "
+            "CPU 1, agents unpinned; shipped haproxy/ files for every jwtgate scenario with "
+            "`http-request return` as backend; RS256 2048-bit and ES256 P-256 keys, the same "
+            f"key and token for native and jwtgate; {seconds:g} s per run. Paced runs: wrk "
+            "with a per-connection delay() at half the saturated rate. CPU per request from "
+            "/proc utime+stime deltas."
+        ),
+    }
+    log("== micro-benchmarks (pytest-benchmark)")
+    report["micro"] = run_micro(args.short, Path(f"{stem}-micro.json"))
+    log("== agent alone (load generator)")
+    suites = (
+        [("RS256", "hits"), ("RS256", "mix95")]
+        if args.short
+        else [(alg, mix) for alg in ("RS256", "ES256", "EdDSA") for mix in loadgen.MIXES]
+    )
+    report["loadgen"] = [
+        asdict(r) for r in loadgen.run_suites(suites, duration=seconds / 2 if args.short else 5.0)
+    ]
+    log("== memory: RSS with 100k cached tokens")
+    report["rss"] = measure_rss(10_000 if args.short else 100_000)
+    log(f"   {report['rss']}")
+    log("== end to end through HAProxy")
+    scenarios = (
+        e2e.SCENARIOS
+        if not args.short
+        else tuple(s for s in e2e.SCENARIOS if s.workers == 1 and s.alg == "RS256")
+    )
+    report["e2e"] = [
+        e2e.as_dict(r) for r in e2e.run_all(seconds, log, scenarios, 2500.0 if args.short else None)
+    ]
+    report["plots"] = plots(report, stem)
+    report["elapsed_seconds"] = time.monotonic() - started
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    table = markdown(report)
+    Path(f"{stem}.md").write_text(table)
+    log(table)
+    log(f"wrote {stem}.json, {stem}.md and plots in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
