@@ -443,3 +443,72 @@ def test_haproxy_master_worker_reload_under_load_loses_nothing() -> None:
         ]
         assert not wrongful, f"{len(wrongful)} wrong answers: {Counter(wrongful)}"
         report("haproxy_reload", counts)
+
+
+# --- clock jumps -----------------------------------------------------------------------------
+
+
+def test_clock_jumps_forward_and_backward_fail_closed() -> None:
+    """The verifier takes `now` as an argument, so the wall clock is faked here; the cached
+    path must judge time exactly like the full path."""
+    from spoa.verifier import KeySet, MemoryKeyStore, Policy, Reason, RequestContext, Verifier
+    from spoa.verifier.policy import IssuerRules
+
+    with LocalIssuer(alg="ES256", clock=lambda: 1_800_000_000.0) as issuer:
+        start = 1_800_000_000.0
+        rules = IssuerRules(
+            name="local",
+            issuer=issuer.issuer,
+            algorithms=frozenset({"ES256"}),
+            audiences=frozenset({AUDIENCE}),
+            leeway=30.0,
+        )
+        store = MemoryKeyStore()
+        from spoa.verifier import load_jwks
+
+        key_set, _ = load_jwks(json.dumps(issuer.jwks()).encode())
+        assert isinstance(key_set, KeySet)
+        store.replace("local", key_set, start, max_stale=3600)
+        verifier = Verifier([rules], store, cache_size=10)
+        policy = Policy(name="default", issuers=("local",))
+        context = RequestContext()
+        token = issuer.mint({"aud": AUDIENCE, "sub": "u"}, lifetime=300)
+
+        def reason_at(now: float) -> Reason:
+            return verifier.verify(token, policy, context, now).reason
+
+        assert reason_at(start) is Reason.OK  # now cached
+        assert reason_at(start + 300 + 31) is Reason.EXPIRED  # jump forward past exp+leeway
+        assert reason_at(start) is Reason.OK  # and back: full path again, still valid
+        assert reason_at(start + 7200) is Reason.EXPIRED
+        assert reason_at(start + 299) is Reason.OK
+        # Keys older than max_stale fail closed even for a cached token.
+        store.replace("local", key_set, start - 7200, max_stale=3600)
+        assert reason_at(start) is Reason.KEYS_UNAVAILABLE
+
+
+@pytest.mark.xfail(strict=True, reason="reported: the cache-hit path does not recheck iat")
+def test_clock_jump_backward_before_iat_is_rejected_on_the_cached_path_too() -> None:
+    from spoa.verifier import MemoryKeyStore, Policy, Reason, RequestContext, Verifier, load_jwks
+    from spoa.verifier.policy import IssuerRules
+
+    start = 1_800_000_000.0
+    with LocalIssuer(alg="ES256", clock=lambda: start) as issuer:
+        rules = IssuerRules(
+            name="local",
+            issuer=issuer.issuer,
+            algorithms=frozenset({"ES256"}),
+            audiences=frozenset({AUDIENCE}),
+        )
+        key_set, _ = load_jwks(json.dumps(issuer.jwks()).encode())
+        store = MemoryKeyStore()
+        store.replace("local", key_set, start)
+        token = issuer.mint({"aud": AUDIENCE})
+        policy = Policy(name="default", issuers=("local",))
+        fresh = Verifier([rules], store).verify(token, policy, RequestContext(), start - 3600)
+        assert fresh.reason is Reason.IAT_IN_FUTURE
+        cached = Verifier([rules], store)
+        assert cached.verify(token, policy, RequestContext(), start).ok
+        assert cached.verify(token, policy, RequestContext(), start - 3600).reason is (
+            Reason.IAT_IN_FUTURE
+        )
