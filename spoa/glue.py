@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
-from spoa.protocol import Message, Scope, SetVar
+from spoa.protocol import Action, EncodedActions, Message, Scope, SetVar
 from spoa.verifier import Policy, Reason, RequestContext, Verdict, Verifier, bearer_error
 
 MESSAGE_NAME = "check-jwt"
@@ -37,9 +37,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TXN = Scope.TXN
 _VALID = SetVar(TXN, "valid", True)
 _INVALID = SetVar(TXN, "valid", False)
+# The head of every accepted answer, encoded once.
+_ACCEPTED = EncodedActions.of((_VALID, SetVar(TXN, "status", 200), SetVar(TXN, "reason", "ok")))
 # Every ACK carries at least one action (HAProxy 3.1.0 stalls on empty ACKs); this one
 # also keeps the outcome fail-closed when a NOTIFY holds no check-jwt message.
-FALLBACK_ACTIONS: tuple[SetVar, ...] = (_INVALID,)
+FALLBACK_ACTIONS: tuple[Action, ...] = (_INVALID,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,7 @@ class CheckJwtHandler:
         self._observer = observer
         self._timer = time.perf_counter
 
-    def __call__(self, message: Message) -> Sequence[SetVar] | Awaitable[Sequence[SetVar]]:
+    def __call__(self, message: Message) -> Sequence[Action] | Awaitable[Sequence[Action]]:
         started = self._timer()
         runtime = self.runtime  # one reference for the whole request, across a reload
         args = _args(message)
@@ -129,7 +131,7 @@ class CheckJwtHandler:
         context: RequestContext,
         verdict: Verdict,
         started: float,
-    ) -> Sequence[SetVar]:
+    ) -> Sequence[Action]:
         assert runtime.refetcher is not None
         assert verdict.issuer is not None
         if await runtime.refetcher.refetch_unknown_kid(verdict.issuer, verdict.kid):
@@ -144,7 +146,7 @@ class CheckJwtHandler:
         token: str | None,
         now: float,
         started: float,
-    ) -> Sequence[SetVar]:
+    ) -> Sequence[Action]:
         report_only = selected is not None and selected.report_only
         if self._observer is not None:
             self._observer.on_verdict(
@@ -155,21 +157,24 @@ class CheckJwtHandler:
 
 def verdict_actions(
     verdict: Verdict, selected: PolicyRuntime | None, token: str | None, now: float
-) -> list[SetVar]:
+) -> list[Action]:
     """The set-var actions for one verdict (all in txn scope, prefix `jwt`)."""
-    realm = selected.realm if selected is not None else "jwtgate"
     report_only = selected is not None and selected.report_only
-    actions = [
-        _VALID if verdict.ok or report_only else _INVALID,
-        SetVar(TXN, "status", 200 if report_only else verdict.status),
-        SetVar(TXN, "reason", verdict.reason.value),
-    ]
-    if not verdict.ok:
-        actions.append(SetVar(TXN, "www_authenticate", www_authenticate(verdict, realm)))
+    actions: list[Action]
+    if verdict.ok:
+        actions = [_ACCEPTED]
+    else:
+        realm = selected.realm if selected is not None else "jwtgate"
+        actions = [
+            _VALID if report_only else _INVALID,
+            SetVar(TXN, "status", 200 if report_only else verdict.status),
+            SetVar(TXN, "reason", verdict.reason.value),
+            SetVar(TXN, "www_authenticate", www_authenticate(verdict, realm)),
+        ]
     if verdict.claims and token is not None and (verdict.ok or report_only):
         # Claims are set only for requests that pass, and only when the signature verified
         # (the verifier leaves them empty otherwise).
-        actions.extend(_identity_memo(verdict, selected, token))
+        actions.append(_identity_memo(verdict, selected, token))
         exp = verdict.claims.get("exp")
         if isinstance(exp, int | float) and not isinstance(exp, bool):
             actions.append(SetVar(TXN, "expires_in", max(0, int(exp - now))))
@@ -177,19 +182,17 @@ def verdict_actions(
 
 
 # A cache hit returns the very Verdict object the verifier cached, so the variables it
-# yields can be built once per (verdict, policy) instead of on every request.
-_IDENTITY_MEMO: dict[tuple[int, str], tuple[Verdict, tuple[SetVar, ...]]] = {}
+# yields can be encoded once per (verdict, policy) instead of on every request.
+_IDENTITY_MEMO: dict[tuple[int, str], tuple[Verdict, EncodedActions]] = {}
 _IDENTITY_MEMO_MAX = 4096
 
 
-def _identity_memo(
-    verdict: Verdict, selected: PolicyRuntime | None, token: str
-) -> tuple[SetVar, ...]:
+def _identity_memo(verdict: Verdict, selected: PolicyRuntime | None, token: str) -> EncodedActions:
     key = (id(verdict), selected.policy.name if selected is not None else "")
     hit = _IDENTITY_MEMO.get(key)
     if hit is not None and hit[0] is verdict:  # `is`: an id can be reused after collection
         return hit[1]
-    actions = tuple(identity_actions(verdict, selected, token))
+    actions = EncodedActions.of(identity_actions(verdict, selected, token))
     if len(_IDENTITY_MEMO) >= _IDENTITY_MEMO_MAX:
         _IDENTITY_MEMO.clear()
     _IDENTITY_MEMO[key] = (verdict, actions)

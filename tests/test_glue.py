@@ -23,7 +23,7 @@ from spoa.glue import (
     claim_text,
 )
 from spoa.keymanager import JwksUrlSource, KeyManager
-from spoa.protocol import Message, Scope, SetVar
+from spoa.protocol import Action, Message, Scope, SetVar, decode_actions, encode_actions
 from spoa.verifier import (
     IssuerRules,
     JwksTiming,
@@ -77,8 +77,10 @@ def run(handler: CheckJwtHandler, msg: Message) -> dict[str, object]:
     result = handler(msg)
     if not isinstance(result, Sequence):
         result = asyncio.run(_await(result))
+    # Through the wire format and back, as HAProxy would read it.
+    encoded = encode_actions(result)
     variables: dict[str, object] = {}
-    for action in result:
+    for action in decode_actions(encoded, 0, len(encoded)):
         assert isinstance(action, SetVar)
         assert action.scope is Scope.TXN
         assert len(f"txn.jwt.{action.name}") <= 63
@@ -86,7 +88,7 @@ def run(handler: CheckJwtHandler, msg: Message) -> dict[str, object]:
     return variables
 
 
-async def _await(awaitable: Awaitable[Sequence[SetVar]]) -> Sequence[SetVar]:
+async def _await(awaitable: Awaitable[Sequence[Action]]) -> Sequence[Action]:
     return await awaitable
 
 
@@ -282,7 +284,9 @@ def test_unknown_kid_is_verified_after_a_refetch(issuer: LocalIssuer) -> None:
         before = issuer.request_count()
         result = handler(message(authorization=f"Bearer {fresh}"))
         assert not isinstance(result, Sequence)  # it had to wait for the refetch
-        variables = {a.name: a.value for a in await result if isinstance(a, SetVar)}
+        encoded = encode_actions(await result)
+        decoded = decode_actions(encoded, 0, len(encoded))
+        variables = {a.name: a.value for a in decoded if isinstance(a, SetVar)}
         fetches = issuer.request_count() - before
         await manager.aclose()
         return variables, fetches

@@ -3,7 +3,16 @@
 Standard library only: no sockets, no asyncio, no clock reads.
 """
 
-from .actions import Action, ActionType, Scope, SetVar, UnsetVar, decode_actions, encode_actions
+from .actions import (
+    Action,
+    ActionType,
+    EncodedActions,
+    Scope,
+    SetVar,
+    UnsetVar,
+    decode_actions,
+    encode_actions,
+)
 from .connection import (
     AGENT_CAPABILITIES,
     DEFAULT_HELLO_TIMEOUT,
@@ -70,6 +79,7 @@ __all__ = [
     "ConnectionClosed",
     "DataType",
     "DisconnectReceived",
+    "EncodedActions",
     "Event",
     "FragmentationNotSupported",
     "Frame",

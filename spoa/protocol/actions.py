@@ -45,7 +45,19 @@ class UnsetVar:
     name: str
 
 
-Action = SetVar | UnsetVar
+@dataclass(frozen=True, slots=True)
+class EncodedActions:
+    """Actions already encoded by `encode_actions`. An answer that repeats (the same
+    variables for the same verified token) is encoded once and its bytes reused."""
+
+    payload: bytes
+
+    @classmethod
+    def of(cls, actions: Iterable[SetVar | UnsetVar]) -> EncodedActions:
+        return cls(encode_actions(actions))
+
+
+Action = SetVar | UnsetVar | EncodedActions
 
 # HAProxy accepts these characters in variable names.
 _VALID_NAME = re.compile(r"[A-Za-z0-9._]{1,63}")
@@ -93,6 +105,8 @@ def encode_actions(actions: Iterable[Action]) -> bytes:
                     append(raw)
                     continue
             append(encode_value(value))
+        elif isinstance(action, EncodedActions):
+            append(action.payload)
         elif isinstance(action, UnsetVar):
             head = heads.get((2, action.scope, action.name))
             append(head or _action_head(2, action.scope, action.name))
