@@ -1,0 +1,177 @@
+"""The `jwtgate` command line, run as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+from spoa.devkit.stack import free_port, http_get
+
+
+def jwtgate(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spoa", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["run"], ["check-config"], ["reload"], ["token"], ["keys"], ["keys", "init"], ["demo"]],
+)
+def test_every_command_has_useful_help(command: list[str]) -> None:
+    result = jwtgate(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: jwtgate" in result.stdout
+    assert len(result.stdout.splitlines()) > 5
+
+
+def test_no_command_prints_usage_not_a_traceback() -> None:
+    result = jwtgate()
+    assert result.returncode == 2
+    assert "commands:" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_keys_and_token_round_trip(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    assert jwtgate("keys", "init", str(keys), "--alg", "ES256").returncode == 0
+    jwks = json.loads(jwtgate("keys", "show", str(keys)).stdout)
+    assert len(jwks["keys"]) == 1
+    result = jwtgate(
+        "token",
+        "--key",
+        str(keys),
+        "--iss",
+        "https://issuer.test",
+        "--sub",
+        "alice",
+        "--aud",
+        "api",
+        "--scope",
+        "read write",
+        "--claim",
+        "tenant=acme",
+        "--claim",
+        'roles=["a","b"]',
+        "--lifetime",
+        "10m",
+    )
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    public = jwt.PyJWK(jwks["keys"][0])
+    claims = jwt.decode(token, public, algorithms=["ES256"], audience="api")
+    assert claims["sub"] == "alice"
+    assert claims["scope"] == "read write"
+    assert claims["tenant"] == "acme"
+    assert claims["roles"] == ["a", "b"]
+    assert 590 <= claims["exp"] - claims["iat"] <= 600
+    assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
+
+    assert jwtgate("keys", "rotate", str(keys), "--keep", "2").returncode == 0
+    rotated = json.loads(jwtgate("keys", "show", str(keys)).stdout)
+    assert len(rotated["keys"]) == 2
+    new_token = jwtgate("token", "--key", str(keys), "--sub", "bob").stdout.strip()
+    assert jwt.get_unverified_header(new_token)["kid"] == rotated["keys"][0]["kid"]
+
+
+def test_key_errors_are_one_line(tmp_path: Path) -> None:
+    result = jwtgate("token", "--key", str(tmp_path / "missing"), "--alg", "RS256")
+    assert result.returncode == 1
+    assert result.stderr.startswith("jwtgate: cannot load a signing key")
+    assert "Traceback" not in result.stderr
+    keys = tmp_path / "k"
+    jwtgate("keys", "init", str(keys))
+    again = jwtgate("keys", "init", str(keys))
+    assert again.returncode == 1
+    assert "already holds keys" in again.stderr
+    bad_claim = jwtgate("token", "--key", str(keys), "--claim", "novalue")
+    assert bad_claim.returncode == 1
+    assert "--claim expects NAME=VALUE" in bad_claim.stderr
+
+
+def test_reload_signals_a_running_agent(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    jwtgate("keys", "init", str(keys))
+    agent_port, metrics_port = free_port(), free_port()
+    config = tmp_path / "jwtgate.toml"
+    config.write_text(
+        f'[agent]\nlisten = "127.0.0.1:{agent_port}"\n'
+        f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+        '[[issuers]]\nname = "dev"\nissuer = "https://dev"\naudiences = ["api"]\n'
+        f'algorithms = ["RS256"]\njwks_file = "{keys / "jwks.json"}"\n'
+        '[policies.default]\nissuers = ["dev"]\n'
+    )
+    pid_file = tmp_path / "agent.pid"
+    log = (tmp_path / "agent.log").open("w")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "spoa", "run", "--config", str(config), "--pid-file", str(pid_file)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not pid_file.exists():
+            time.sleep(0.05)
+        assert int(pid_file.read_text()) == agent.pid
+        while time.monotonic() < deadline:
+            try:
+                if http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        jwtgate("keys", "rotate", str(keys))
+        result = jwtgate("reload", "--pid-file", str(pid_file))
+        assert result.returncode == 0
+        assert "reload requested" in result.stdout
+        while time.monotonic() < deadline:
+            text = (tmp_path / "agent.log").read_text()
+            if '"event": "reloaded"' in text:
+                break
+            time.sleep(0.05)
+        assert '"event": "reloaded"' in (tmp_path / "agent.log").read_text()
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(15)
+        log.close()
+    assert agent.returncode == 0
+    assert not pid_file.exists()  # removed on a clean stop
+
+
+def test_reload_of_a_missing_process_is_a_clear_error(tmp_path: Path) -> None:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    result = jwtgate("reload", "--pid", str(process.pid))
+    assert result.returncode == 1
+    assert f"no process {process.pid}" in result.stderr
+
+
+def test_run_refuses_a_busy_port(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    jwtgate("keys", "init", str(keys))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "c.toml"
+        config.write_text(
+            f'[agent]\nlisten = "127.0.0.1:{port}"\n[metrics]\nlisten = ""\n'
+            '[[issuers]]\nname = "dev"\nissuer = "https://dev"\naudiences = ["api"]\n'
+            f'algorithms = ["RS256"]\njwks_file = "{keys / "jwks.json"}"\n'
+            '[policies.default]\nissuers = ["dev"]\n'
+        )
+        result = jwtgate("run", "--config", str(config))
+    assert result.returncode == 1
+    assert "cannot listen on" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
