@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import re
 import signal
 import socket
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, get_args
 
+from spoa.config import parse_duration as config_duration
 from spoa.devkit.errors import IssuerError
 from spoa.devkit.keys import SigningKey, generate_signing_key, jwks_document, save_key_ring
 from spoa.devkit.tokens import mint_token
@@ -413,16 +413,13 @@ class LocalIssuer:
 
 # ------------------------------------------------------------------ standalone process
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
-_UNIT_SECONDS: Final[Mapping[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
 
 def parse_duration(text: str) -> float:
-    """Seconds in "250ms", "10s", "2m", "1h" or a bare number of seconds."""
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f'expected a duration like "10s", got {text!r}')
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    """An argparse type: the same durations as jwtgate.toml ("250ms", "10s", "2m", "1h")."""
+    try:
+        return config_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a duration like "10s", got {text!r}') from None
 
 
 def _argument_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
@@ -217,13 +218,4 @@ class Verifier:
                     else frozenset()
                 ),
             )
-        return Verdict(
-            ok=True,
-            status=200,
-            reason=Reason.OK,
-            claims=claims,
-            expires_at=exp,
-            issuer=rules.name,
-            kid=kid,
-            alg=alg,
-        )
+        return replace(ok_verdict, cache_hit=False)

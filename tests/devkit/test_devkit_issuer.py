@@ -289,7 +289,8 @@ def test_start_in_down_mode_reserves_a_port_but_refuses() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("10s", 10.0), ("250ms", 0.25), ("2m", 120.0), ("1h", 3600.0), ("3", 3.0)]
+    ("text", "seconds"),
+    [("10s", 10.0), ("250ms", 0.25), ("2m", 120.0), ("1h", 3600.0), ("1d", 86400.0)],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
