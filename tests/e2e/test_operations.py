@@ -179,3 +179,27 @@ def test_readiness_flips_when_keys_go_stale_and_recovers() -> None:
             issuer.mode = "ok"
             wait_until(lambda: ready() == 200, 15, "/readyz to recover")
             assert request(stack, token=mint(issuer, aud=AUD)).status == 200
+
+
+def test_two_workers_share_the_listener_metrics_and_reloads() -> None:
+    with LocalIssuer() as issuer:
+        options = StackOptions(agent_config=agent_config(issuer), agents=1, workers=2)
+        with Stack(options) as stack:
+            agent = stack.agents[0]
+            good = mint(issuer)
+            # Separate connections, so the kernel spreads them over both workers.
+            statuses = [request(stack, token=good).status for _ in range(40)]
+            assert set(statuses) == {200}
+            samples = scrape(agent)
+            accepted = total(samples, "jwtgate_verdicts_total", outcome="accept")
+            assert accepted == 40  # merged across the workers' files
+            status, body = http_get(f"{agent.metrics_url}/readyz")
+            assert status == 200
+            assert json.loads(body)["detail"]["workers"] == 2
+            agent.process.signal(signal.SIGHUP)
+            wait_until(
+                lambda: agent.process.log_text().count('"event": "reloaded"') >= 2,
+                15,
+                "both workers to reload",
+            )
+            assert request(stack, token=good).status == 200
