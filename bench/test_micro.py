@@ -107,8 +107,9 @@ def test_glue_check_jwt_cache_hit(
     message = check_jwt_message(tokens["RS256"])
     handler(message)
     actions = benchmark(handler, message)
-    assert isinstance(actions, list)
-    assert actions[0].value is True
+    assert not callable(getattr(actions, "__await__", None))
+    # SET-VAR txn.valid = true, however the glue chose to hold its actions.
+    assert b"\x01\x03\x02\x05valid\x11" in encode_actions(actions)  # type: ignore[arg-type]
 
 
 # --- the verifier, per algorithm ---------------------------------------------------------------
