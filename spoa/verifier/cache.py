@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from spoa.verifier.claims import TokenTimes
 from spoa.verifier.verdict import Verdict
 
 
@@ -24,9 +25,11 @@ class CacheEntry:
         "claims",
         "exp",
         "generation",
+        "iat",
         "issuer",
         "key_id",
         "leeway",
+        "lifetime_floor",
         "nbf",
         "ok_verdict",
         "scopes",
@@ -39,8 +42,7 @@ class CacheEntry:
         key_id: str,
         generation: int,
         claims: Mapping[str, Any],
-        exp: float | None,
-        nbf: float | None,
+        times: TokenTimes,
         leeway: float,
         audiences: frozenset[str],
         scopes: frozenset[str],
@@ -50,8 +52,10 @@ class CacheEntry:
         self.key_id = key_id
         self.generation = generation
         self.claims = claims
-        self.exp = exp
-        self.nbf = nbf
+        self.exp = times.exp
+        self.nbf = times.nbf
+        self.iat = times.iat
+        self.lifetime_floor = times.lifetime_floor
         self.leeway = leeway
         self.audiences = audiences
         self.scopes = scopes

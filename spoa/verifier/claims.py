@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from spoa.verifier.errors import TokenRejected
@@ -32,15 +33,28 @@ def check_type(header: Mapping[str, Any], rules: IssuerRules) -> None:
         raise TokenRejected("token type is not accepted", reason=Reason.BAD_TYPE)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenTimes:
+    """The instants a verified token's validity depends on, kept for cache hits."""
+
+    exp: float | None
+    nbf: float | None
+    iat: float | None
+    # With max_lifetime and no iat, the lifetime is counted from `now`: before this
+    # instant (a clock that jumped back) it would be too long.
+    lifetime_floor: float | None
+
+
 def check_issuer_claims(
     payload: Mapping[str, Any],
     rules: IssuerRules,
     now: float,
-) -> tuple[float | None, float | None]:
-    """Checks that depend only on the token and its issuer; returns (exp, nbf)."""
+) -> TokenTimes:
+    """Checks that depend only on the token and its issuer."""
     exp = numeric_date(payload, "exp")
     nbf = numeric_date(payload, "nbf")
     iat = numeric_date(payload, "iat")
+    lifetime_floor = None
     if exp is None and rules.require_exp:
         raise TokenRejected("exp is required", reason=Reason.MISSING_CLAIM)
     if iat is not None and iat > now + rules.leeway:
@@ -53,10 +67,12 @@ def check_issuer_claims(
         start = iat if iat is not None else now
         if exp - start > rules.max_lifetime + rules.leeway:
             raise TokenRejected("token lifetime is too long", reason=Reason.LIFETIME_TOO_LONG)
+        if iat is None:
+            lifetime_floor = exp - rules.max_lifetime - rules.leeway
     for claim in rules.required_claims:
         if payload.get(claim) is None:
             raise TokenRejected("a required claim is missing", reason=Reason.MISSING_CLAIM)
-    return exp, nbf
+    return TokenTimes(exp, nbf, iat, lifetime_floor)
 
 
 def check_times(exp: float | None, nbf: float | None, leeway: float, now: float) -> None:

@@ -101,6 +101,12 @@ class Verifier:
             return self._cached_rejection(entry, Reason.EXPIRED, policy)
         if entry.nbf is not None and now + entry.leeway < entry.nbf:
             return self._cached_rejection(entry, Reason.NOT_YET_VALID, policy)
+        # A clock that jumped back must not make a cached token valid where a fresh
+        # check would not be: iat and the lifetime bound are re-checked too.
+        if entry.iat is not None and entry.iat > now + entry.leeway:
+            return self._cached_rejection(entry, Reason.IAT_IN_FUTURE, policy)
+        if entry.lifetime_floor is not None and now < entry.lifetime_floor:
+            return self._cached_rejection(entry, Reason.LIFETIME_TOO_LONG, policy)
         accepted = policy.audiences
         if accepted is None:
             accepted = self._by_name[entry.issuer].audiences
@@ -169,7 +175,8 @@ class Verifier:
             if isinstance(raw_exp, int | float) and not isinstance(raw_exp, bool):
                 expires_at = float(raw_exp)
             check_type(parsed.header, rules)
-            exp, nbf = check_issuer_claims(payload, rules, now)
+            times = check_issuer_claims(payload, rules, now)
+            exp, nbf = times.exp, times.nbf
             audiences = token_audiences(payload)
             scopes = token_scopes(payload)
             check_times(exp, nbf, rules.leeway, now)
@@ -191,8 +198,7 @@ class Verifier:
                     key_id=signing_key.key_id,
                     generation=generation,
                     claims=claims,
-                    exp=exp,
-                    nbf=nbf,
+                    times=times,
                     leeway=rules.leeway,
                     audiences=audiences,
                     scopes=scopes,

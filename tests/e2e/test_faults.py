@@ -487,7 +487,6 @@ def test_clock_jumps_forward_and_backward_fail_closed() -> None:
         assert reason_at(start) is Reason.KEYS_UNAVAILABLE
 
 
-@pytest.mark.xfail(strict=True, reason="reported: the cache-hit path does not recheck iat")
 def test_clock_jump_backward_before_iat_is_rejected_on_the_cached_path_too() -> None:
     from spoa.verifier import MemoryKeyStore, Policy, Reason, RequestContext, Verifier, load_jwks
     from spoa.verifier.policy import IssuerRules

@@ -55,6 +55,24 @@ def test_hit_rechecks_not_before(key: KeyPair) -> None:
     assert verifier.verify(token, POLICY, CONTEXT, NOW + 5).reason is Reason.NOT_YET_VALID
 
 
+def test_hit_rechecks_iat_after_the_clock_jumps_back(key: KeyPair) -> None:
+    # Regression: a cached token stayed valid before its iat (found by the fault suite).
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"}, leeway=0.0)
+    token = mint(key, default_claims(iat=int(NOW)))
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok  # cached now
+    assert verifier.verify(token, POLICY, CONTEXT, NOW - 3600).reason is Reason.IAT_IN_FUTURE
+
+
+def test_hit_rechecks_a_lifetime_counted_from_now(key: KeyPair) -> None:
+    # No iat: the lifetime bound counts from `now`, so an earlier clock makes it too long.
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"}, leeway=0.0, max_lifetime=900.0)
+    token = mint(key, default_claims(iat=None))  # exp = NOW + 600
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok  # cached now
+    late = verifier.verify(token, POLICY, CONTEXT, NOW - 600)  # 1200 s before exp
+    assert late.reason is Reason.LIFETIME_TOO_LONG
+    assert verifier.verify(token, POLICY, CONTEXT, NOW - 200).ok
+
+
 def test_hit_runs_each_policys_own_checks(key: KeyPair) -> None:
     verifier, _ = verifier_for([key.verification_key()], {"ES256"})
     token = mint(key, default_claims(roles=["reader"]))
