@@ -199,6 +199,7 @@ async def build_engine(config: Config, on_key_event: Callable[[KeyEvent], None])
         policies=policy_runtimes(config),
         refetcher=keys,
         token_query_param=config.agent.token_query_param,
+        unknown_kid_wait=config.agent.unknown_kid_wait,
     )
     return Engine(config, runtime, keys, verifier, store)
 
@@ -333,6 +334,7 @@ class Worker:
         limits = ServerLimits(
             max_frame_size=agent.max_frame_size,
             max_inflight=agent.max_inflight,
+            max_list_items=agent.max_list_items,
             max_connections=agent.max_connections,
             hello_timeout=agent.hello_timeout,
             idle_timeout=agent.idle_timeout,

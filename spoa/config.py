@@ -114,6 +114,7 @@ class AgentSettings:
     workers: int = 1
     max_frame_size: int = 16380
     max_inflight: int = 64
+    max_list_items: int = 256
     max_connections: int = 1024
     hello_timeout: float = 5.0
     idle_timeout: float = 300.0
@@ -122,6 +123,11 @@ class AgentSettings:
     # RFC 6750 section 2.3 advises against tokens in the query string: off unless named.
     token_query_param: str = ""
     ready_timeout: float = 30.0
+    # A request with an unknown kid waits at most this for a JWKS refetch (which goes on
+    # in the background, bounded by the issuer's fetch_timeout). Below HAProxy's
+    # `timeout processing` (1s in spoe-jwt.conf), so the agent answers before HAProxy
+    # gives up with a 503.
+    unknown_kid_wait: float = 0.5
 
     @property
     def address(self) -> tuple[str, int]:
@@ -366,6 +372,7 @@ class _Reader:
             "workers": _int(1, 64),
             "max_frame_size": _int(256, 1024 * 1024),
             "max_inflight": _int(1, 10_000),
+            "max_list_items": _int(8, 10_000),
             "max_connections": _int(1, 1_000_000),
             "hello_timeout": _duration(0.001),
             "idle_timeout": _duration(0.001),
@@ -373,6 +380,7 @@ class _Reader:
             "max_token_bytes": _int(256, 1024 * 1024),
             "token_query_param": _string(empty=True),
             "ready_timeout": _duration(0.001),
+            "unknown_kid_wait": _duration(0.0, 60.0),
         }[name]
 
     def metrics_field(self, name: str) -> Callable[[Any], Any]:

@@ -7,6 +7,7 @@ the message's named arguments are read here, and every variable jwtgate sets is
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -77,6 +78,7 @@ class Runtime:
     policies: Mapping[str, PolicyRuntime]
     refetcher: KidRefetcher | None = None
     token_query_param: str = ""
+    unknown_kid_wait: float = 0.5  # seconds a request may wait for a kid refetch
 
 
 class CheckJwtHandler:
@@ -134,7 +136,14 @@ class CheckJwtHandler:
     ) -> Sequence[Action]:
         assert runtime.refetcher is not None
         assert verdict.issuer is not None
-        if await runtime.refetcher.refetch_unknown_kid(verdict.issuer, verdict.kid):
+        try:
+            found = await asyncio.wait_for(
+                runtime.refetcher.refetch_unknown_kid(verdict.issuer, verdict.kid),
+                runtime.unknown_kid_wait,
+            )
+        except TimeoutError:
+            found = False  # the refetch goes on in the background for later requests
+        if found:
             verdict = runtime.verifier.verify(token, selected.policy, context, self._clock())
         return self._finish(verdict, selected.policy.name, selected, token, self._clock(), started)
 

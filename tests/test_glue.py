@@ -308,3 +308,55 @@ def test_handler_cost_stays_small_on_cache_hits(handler: CheckJwtHandler) -> Non
         run(handler, message(authorization=f"Bearer {good}"))
     assert cache.hits == hits + 50
     assert time.perf_counter() - started < 5  # generous: only guards against a hang
+
+
+def test_a_slow_refetch_never_holds_a_request_past_unknown_kid_wait() -> None:
+    async def scenario(issuer: LocalIssuer) -> tuple[dict[str, object], float, dict[str, object]]:
+        store = MemoryKeyStore()
+        timing = JwksTiming(refetch_interval=0.0, fetch_timeout=3.0)
+        manager = KeyManager({"local": JwksUrlSource(issuer.jwks_url)}, {"local": timing}, store)
+        assert await manager.start(5.0)
+        rules = IssuerRules(
+            name="local",
+            issuer=issuer.issuer,
+            algorithms=frozenset({"ES256"}),
+            audiences=frozenset({AUD}),
+        )
+        runtime = Runtime(
+            Verifier([rules], store),
+            {"default": PolicyRuntime(Policy("default", ("local",)))},
+            refetcher=manager,
+            unknown_kid_wait=0.2,
+        )
+        handler = CheckJwtHandler(runtime)
+        issuer.rotate()
+        issuer.mode = "slow"
+        fresh = issuer.mint({"sub": "bob", "aud": AUD})
+        started = time.monotonic()
+        first = await _variables(handler(message(authorization=f"Bearer {fresh}")))
+        waited = time.monotonic() - started
+        issuer.mode = "ok"
+        # The refetch went on in the background; once it lands the kid is known.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and store.get("local") is not None:
+            entry = store.get("local")
+            if entry is not None and len(entry.key_set.keys) == 2:
+                break
+            await asyncio.sleep(0.05)
+        second = await _variables(handler(message(authorization=f"Bearer {fresh}")))
+        await manager.aclose()
+        return first, waited, second
+
+    with LocalIssuer(alg="ES256", slow_delay=1.0) as issuer:
+        first, waited, second = asyncio.run(scenario(issuer))
+    assert first["reason"] == "unknown_kid"
+    assert waited < 0.6
+    assert second["valid"] is True
+
+
+async def _variables(result: Sequence[Action] | Awaitable[Sequence[Action]]) -> dict[str, object]:
+    actions = result if isinstance(result, Sequence) else await result
+    encoded = encode_actions(actions)
+    return {
+        a.name: a.value for a in decode_actions(encoded, 0, len(encoded)) if isinstance(a, SetVar)
+    }
