@@ -338,6 +338,7 @@ class Worker:
             max_connections=agent.max_connections,
             hello_timeout=agent.hello_timeout,
             idle_timeout=agent.idle_timeout,
+            frame_timeout=agent.frame_timeout,
             shutdown_grace=agent.shutdown_grace,
         )
         self.server = SpoaServer(

@@ -118,6 +118,7 @@ class AgentSettings:
     max_connections: int = 1024
     hello_timeout: float = 5.0
     idle_timeout: float = 300.0
+    frame_timeout: float = 5.0
     shutdown_grace: float = 10.0
     max_token_bytes: int = 8192
     # RFC 6750 section 2.3 advises against tokens in the query string: off unless named.
@@ -376,6 +377,7 @@ class _Reader:
             "max_connections": _int(1, 1_000_000),
             "hello_timeout": _duration(0.001),
             "idle_timeout": _duration(0.001),
+            "frame_timeout": _duration(0.001),
             "shutdown_grace": _duration(0.0),
             "max_token_bytes": _int(256, 1024 * 1024),
             "token_query_param": _string(empty=True),

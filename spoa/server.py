@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from .protocol import (
+    DEFAULT_FRAME_TIMEOUT,
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_FRAME_SIZE,
@@ -53,6 +54,7 @@ class ServerLimits:
     max_connections: int = 1024
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     shutdown_grace: float = 5.0
 
 
@@ -211,6 +213,7 @@ class _AgentProtocol(asyncio.Protocol):
             max_inflight=limits.max_inflight,
             hello_timeout=limits.hello_timeout,
             idle_timeout=limits.idle_timeout,
+            frame_timeout=limits.frame_timeout,
             now=self._loop.time(),
         )
         server._connections.add(self)

@@ -15,6 +15,7 @@ from .actions import (
 )
 from .connection import (
     AGENT_CAPABILITIES,
+    DEFAULT_FRAME_TIMEOUT,
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_INFLIGHT,
@@ -64,6 +65,7 @@ from .varint import decode_varint, encode_varint
 
 __all__ = [
     "AGENT_CAPABILITIES",
+    "DEFAULT_FRAME_TIMEOUT",
     "DEFAULT_HELLO_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_FRAME_SIZE",

@@ -54,6 +54,7 @@ DEFAULT_MAX_LIST_ITEMS = 256
 DEFAULT_MAX_INFLIGHT = 20
 DEFAULT_HELLO_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_FRAME_TIMEOUT = 5.0
 
 _NOTIFY = FrameType.NOTIFY.value
 _HAPROXY_HELLO = FrameType.HAPROXY_HELLO.value
@@ -114,6 +115,8 @@ class AgentConnection:
     counted from `now` (or from the first `receive_data` when `now` is None);
     `idle_timeout` closes a connection with nothing in flight and no input for
     that long; keep it above HAProxy's `timeout idle` / `timeout server`.
+    `frame_timeout` closes a connection whose started frame is not complete
+    within that long, so a peer cannot hold one open by trickling bytes.
     """
 
     def __init__(
@@ -124,19 +127,26 @@ class AgentConnection:
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         now: float | None = None,
     ) -> None:
         if not MIN_MAX_FRAME_SIZE <= max_frame_size <= MAX_FRAME_SIZE_LIMIT:
             raise ValueError("max_frame_size must be within [256, 2**32-1]")
         if max_list_items < 1 or max_inflight < 1:
             raise ValueError("max_list_items and max_inflight must be positive")
-        if hello_timeout <= 0 or (idle_timeout is not None and idle_timeout <= 0):
+        if (
+            hello_timeout <= 0
+            or frame_timeout <= 0
+            or (idle_timeout is not None and idle_timeout <= 0)
+        ):
             raise ValueError("timeouts must be positive")
         self._max_frame_size = max_frame_size
         self._max_list_items = max_list_items
         self._max_inflight = max_inflight
         self._hello_timeout = hello_timeout
         self._idle_timeout = idle_timeout
+        self._frame_timeout = frame_timeout
+        self._partial_since: float | None = None  # when the incomplete frame started
         self._state = _State.AWAIT_HELLO
         self._frame_limit = max_frame_size
         self._negotiated_max_frame_size: int | None = None
@@ -187,12 +197,18 @@ class AgentConnection:
             self._close(Status.NORMAL, message)
             return self._take_events()
         try:
-            self._consume(data)
+            completed = self._consume(data)
         except SpopError as error:
             self._fail(error)
+            return self._take_events()
+        if not self._inbuf:
+            self._partial_since = None
+        elif completed or self._partial_since is None:
+            self._partial_since = now  # a new frame started in this read
         return self._take_events()
 
-    def _consume(self, data: bytes) -> None:
+    def _consume(self, data: bytes) -> bool:
+        """Handle every whole frame in the input; True when at least one was."""
         inbuf = self._inbuf
         if inbuf:
             inbuf += data
@@ -212,11 +228,12 @@ class AgentConnection:
             self._handle_frame(buf, pos + 4, end)
             pos = end
             if self._state is _State.CLOSED:
-                return
+                return True
         if buf is inbuf:
             del inbuf[:pos]
         elif pos < size:
             self._inbuf = bytearray(buf[pos:])
+        return pos > 0
 
     def _handle_frame(self, buf: bytes | bytearray, start: int, end: int) -> None:
         if end - start < MIN_FRAME_BODY:
@@ -366,14 +383,23 @@ class AgentConnection:
         """When `handle_timeout` should next be called, on the caller's clock."""
         if self._state is _State.AWAIT_HELLO:
             return self._hello_deadline
-        if (
-            self._state is _State.READY
-            and not self._inflight
-            and self._idle_timeout is not None
-            and self._last_input is not None
-        ):
-            return self._last_input + self._idle_timeout
-        return None
+        if self._state is not _State.READY:
+            return None
+        frame = self._frame_deadline()
+        idle = self._idle_deadline()
+        if frame is None or idle is None:
+            return frame if idle is None else idle
+        return min(frame, idle)
+
+    def _frame_deadline(self) -> float | None:
+        if self._partial_since is None:
+            return None
+        return self._partial_since + self._frame_timeout
+
+    def _idle_deadline(self) -> float | None:
+        if self._inflight or self._idle_timeout is None or self._last_input is None:
+            return None
+        return self._last_input + self._idle_timeout
 
     def handle_timeout(self, now: float) -> list[Event]:
         if self._state is _State.AWAIT_HELLO:
@@ -381,8 +407,12 @@ class AgentConnection:
                 self._outbox.append(build_disconnect(Status.TIMEOUT, "no HELLO in time"))
                 self._close(Status.TIMEOUT, "no HELLO in time")
         elif self._state is _State.READY:
-            deadline = self.next_deadline()
-            if deadline is not None and now >= deadline:
+            frame = self._frame_deadline()
+            idle = self._idle_deadline()
+            if frame is not None and now >= frame:
+                self._outbox.append(build_disconnect(Status.TIMEOUT, "frame not completed in time"))
+                self._close(Status.TIMEOUT, "frame not completed in time")
+            elif idle is not None and now >= idle:
                 self._outbox.append(build_disconnect(Status.TIMEOUT, "idle timeout"))
                 self._close(Status.TIMEOUT, "idle timeout")
         return self._take_events()

@@ -382,6 +382,38 @@ def test_idle_timeout_only_without_notifies_in_flight() -> None:
     assert conn.handle_timeout(50.0) == [ConnectionClosed(Status.TIMEOUT, "idle timeout")]
 
 
+def test_a_trickled_frame_times_out_even_with_input_arriving() -> None:
+    # Regression: a peer sending one byte at a time kept its connection forever,
+    # since the idle timeout counts from the last byte received.
+    conn = AgentConnection(idle_timeout=30.0, frame_timeout=5.0, now=0.0)
+    conn.receive_data(hello(), 0.0)
+    conn.data_to_send()
+    frame = notify(1, 1)
+    for step, byte in enumerate(frame[:-1], start=1):
+        if step > 4:
+            break
+        conn.receive_data(bytes([byte]), float(step))
+    assert conn.next_deadline() == 6.0  # counted from the frame's first byte, at t=1
+    assert conn.handle_timeout(5.9) == []
+    closed = conn.handle_timeout(6.0)
+    assert closed == [ConnectionClosed(Status.TIMEOUT, "frame not completed in time")]
+    assert sent_disconnect_status(conn) == Status.TIMEOUT
+
+
+def test_the_frame_clock_restarts_with_each_new_frame() -> None:
+    conn = AgentConnection(frame_timeout=5.0, now=0.0)
+    conn.receive_data(hello(), 0.0)
+    first, second = notify(1, 1), notify(2, 1)
+    conn.receive_data(first[:3], 1.0)
+    assert conn.next_deadline() == 6.0
+    conn.receive_data(first[3:] + second[:3], 4.0)  # completes one, starts another
+    assert conn.next_deadline() == 9.0
+    conn.receive_data(second[3:], 8.0)
+    conn.send_ack(1, 1, [SetVar(Scope.TXN, "v", True)])
+    conn.send_ack(2, 1, [SetVar(Scope.TXN, "v", True)])
+    assert conn.next_deadline() == 8.0 + 300.0  # only the idle timeout is left
+
+
 # -- chunking and fuzzing ------------------------------------------------------
 
 STREAM = hello() + notify(0, 1) + build_frame(77, 0, 0, b"skip me") + notify(300, 2)
