@@ -187,6 +187,9 @@ async def build_engine(config: Config, on_key_event: Callable[[KeyEvent], None])
     except (KeySourceError, KeyLoadError) as exc:
         await keys.aclose()
         raise StartupError(f"cannot load keys: {exc}") from None
+    except asyncio.CancelledError:  # stopped while starting
+        await keys.aclose()
+        raise
     if not ready:
         now = time.time()
         missing = [i.name for i in config.issuers if store.generation(i.name, now) is None]
@@ -212,6 +215,10 @@ class VerdictRecorder:
 
     def __init__(self, metrics: Metrics, config: Config) -> None:
         self.metrics = metrics
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Take the [log] settings (at start and on reload)."""
         self.access_log = config.log.access_log
         self.limiter = RejectionLogLimiter(
             config.log.rejections_per_second, config.log.rejections_burst, time.monotonic
@@ -312,6 +319,7 @@ class Worker:
         self.handler: CheckJwtHandler | None = None
         self.server: SpoaServer | None = None
         self._stop = asyncio.Event()
+        self._reload_pending = False
         self._reloading: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -325,9 +333,31 @@ class Worker:
         }
         return all(issuers.values()), {"issuers": issuers}
 
-    async def run(self, sock: socket.socket) -> None:
+    async def run(
+        self,
+        sock: socket.socket,
+        on_serving: Callable[[], None] | None = None,
+        reload_requested: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._reloading = asyncio.Lock()
-        self.engine = await build_engine(self.config, key_event_logger(self.metrics))
+        self._reload_pending = reload_requested()
+        # Signals first: a SIGHUP or SIGTERM while keys load must neither kill the worker
+        # nor be lost. A reload asked for before serving runs right after start-up.
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
+        building = asyncio.create_task(build_engine(self.config, key_event_logger(self.metrics)))
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({building, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not building.done():
+            building.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await building
+            log.info("agent_stopped", pid=os.getpid(), during="start-up")
+            return
+        stopping.cancel()
+        self.engine = building.result()
         self._publish_readiness()
         self.handler = CheckJwtHandler(self.engine.runtime, observer=self.recorder)
         agent = self.config.agent
@@ -347,11 +377,9 @@ class Worker:
             limits=limits,
             observer=self.metrics,
         )
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
         await self.server.start_on_socket(sock)
+        if on_serving is not None:
+            on_serving()
         log.info(
             "agent_started",
             listen=agent.listen,
@@ -363,6 +391,8 @@ class Worker:
             asyncio.create_task(self._refresh_keys()),
             asyncio.create_task(self._update_cache_stats()),
         ]
+        if self._reload_pending:
+            self._schedule_reload()
         await self._stop.wait()
         log.info("agent_stopping", pid=os.getpid())
         for task in self._tasks:
@@ -399,6 +429,10 @@ class Worker:
                 self.metrics.cache_stats(stats.entries, stats.hits, stats.misses, stats.evictions)
 
     def _schedule_reload(self) -> None:
+        if self.handler is None:  # still starting: reload once serving
+            self._reload_pending = True
+            return
+        self._reload_pending = False
         self._tasks.append(asyncio.create_task(self.reload()))
 
     async def reload(self) -> bool:
@@ -421,6 +455,7 @@ class Worker:
                 return False
             old, self.engine = self.engine, engine
             self.config = config
+            self.recorder.configure(config)
             assert self.handler is not None
             self.handler.runtime = engine.runtime  # in-flight checks finish on the old one
             self.metrics.set_label_sets(
@@ -440,9 +475,27 @@ class Worker:
             return True
 
 
+# What a reload cannot change: bound once per process at start.
+_RESTART_ONLY_AGENT_KEYS = (
+    "listen",
+    "workers",
+    # The SPOP server's limits apply to every connection it holds.
+    "max_frame_size",
+    "max_inflight",
+    "max_list_items",
+    "max_connections",
+    "hello_timeout",
+    "idle_timeout",
+    "frame_timeout",
+    "shutdown_grace",
+)
+
+
 def _check_restart_only(old: Config, new: Config) -> None:
     changed = [
-        key for key in ("listen", "workers") if getattr(old.agent, key) != getattr(new.agent, key)
+        f"agent.{key}"
+        for key in _RESTART_ONLY_AGENT_KEYS
+        if getattr(old.agent, key) != getattr(new.agent, key)
     ]
     if old.metrics.listen != new.metrics.listen:
         changed.append("metrics.listen")
@@ -451,14 +504,7 @@ def _check_restart_only(old: Config, new: Config) -> None:
         f"log.{k}" for k in ("level", "format") if getattr(old.log, k) != getattr(new.log, k)
     ]
     if changed:
-        raise ConfigError(
-            [
-                f"agent.{k}: changing it needs a restart, not a reload"
-                if "." not in k
-                else f"{k}: changing it needs a restart, not a reload"
-                for k in changed
-            ]
-        )
+        raise ConfigError([f"{key}: changing it needs a restart, not a reload" for key in changed])
 
 
 def make_metrics(config: Config) -> Metrics:
@@ -484,8 +530,22 @@ def bind_listener(config: Config) -> socket.socket:
     return sock
 
 
-def _worker_main(config: Config, config_path: str | None, sock: socket.socket) -> int:
-    """Run one worker to completion in this process."""
+def _worker_main(
+    config: Config,
+    config_path: str | None,
+    sock: socket.socket,
+    ready_fd: int | None = None,
+    reload_requested: Callable[[], bool] = lambda: False,
+) -> int:
+    """Run one worker to completion in this process. With `ready_fd` (a supervisor's
+    pipe), one byte is written there once the worker serves."""
+
+    def report_serving() -> None:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"R")
+                os.close(ready_fd)
+
     metrics = make_metrics(config)
     worker = Worker(config, config_path, metrics)
     server: MetricsServer | None = None
@@ -500,7 +560,7 @@ def _worker_main(config: Config, config_path: str | None, sock: socket.socket) -
             ) from None
     install_uvloop()
     try:
-        asyncio.run(worker.run(sock))
+        asyncio.run(worker.run(sock, report_serving, reload_requested))
     finally:
         if server is not None:
             server.stop()
@@ -516,11 +576,17 @@ def run_agent(
     config_path: str | None = None,
     pid_file: str | None = None,
     worker_fd: int | None = None,
+    ready_fd: int | None = None,
+    reload_requested: Callable[[], bool] = lambda: False,
 ) -> int:
+    """Run the agent until stopped. `reload_requested` tells whether a SIGHUP came in
+    before the agent's own handlers were installed (the CLI catches it that early)."""
     configure_logging(config.log.level, config.log.format)
     if worker_fd is not None:  # started by a supervisor, sharing its listener
         try:
-            return _worker_main(config, config_path, socket.socket(fileno=worker_fd))
+            return _worker_main(
+                config, config_path, socket.socket(fileno=worker_fd), ready_fd, reload_requested
+            )
         except StartupError as exc:
             log.error("worker_startup_failed", error=str(exc))
             return 1
@@ -532,8 +598,8 @@ def run_agent(
     try:
         sock = bind_listener(config)
         if config.agent.workers == 1:
-            return _worker_main(config, config_path, sock)
-        return Supervisor(config, config_path, sock).run()
+            return _worker_main(config, config_path, sock, None, reload_requested)
+        return Supervisor(config, config_path, sock).run(reload_requested)
     except StartupError as exc:
         log.error("startup_failed", error=str(exc))
         return 1
@@ -544,9 +610,15 @@ def run_agent(
 
 
 class Supervisor:
-    """Forks `workers` processes sharing one listener; restarts any that die."""
+    """Starts `workers` processes sharing one listener; restarts any that die.
 
-    RESTART_BACKOFF = 1.0
+    Restarts back off (0.5s, 1s, 2s, ... up to 30s) while a worker keeps dying young, so a
+    worker that cannot start does not spin; one that ran for a while restarts at once.
+    """
+
+    RESTART_FIRST = 0.5
+    RESTART_MAX = 30.0
+    HEALTHY_AFTER = 30.0  # a worker that lived this long resets its slot's back-off
 
     def __init__(self, config: Config, config_path: str | None, sock: socket.socket) -> None:
         self.config = config
@@ -554,12 +626,22 @@ class Supervisor:
         self.sock = sock
         self.children: dict[int, int] = {}  # pid -> slot
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.started_at: dict[int, float] = {}  # pid -> monotonic start
+        self.failures: dict[int, int] = {}  # slot -> deaths in a row
+        self.restart_at: dict[int, float] = {}  # slot -> when to start it again
+        self.ready_pipes: dict[int, int] = {}  # pid -> read end, until the worker serves
+        self.serving: set[int] = set()  # pids of workers that reported serving
+        self.reload_owed: set[int] = set()  # still starting when a reload came: HUP on serving
         self.stopping = False
         self.reload_requested = False
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="jwtgate-metrics-"))
+        self.metrics: Metrics | None = None
 
-    def run(self) -> int:
+    def run(self, reload_requested: Callable[[], bool] = lambda: False) -> int:
         prepare_multiprocess_dir(self.metrics_dir)
+        # The supervisor's own series (rejected reloads) merge with the workers'. It names
+        # no issuers: its issuer_ready series would otherwise join the workers' minimum.
+        self.metrics = Metrics(reasons=[r.value for r in Reason])
         server: MetricsServer | None = None
         if self.config.metrics.address is not None:
             host, port = self.config.metrics.address
@@ -575,6 +657,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        self.reload_requested = self.reload_requested or reload_requested()
         try:
             for slot in range(self.config.agent.workers):
                 self._spawn(slot)
@@ -589,21 +672,50 @@ class Supervisor:
         return 0
 
     def ready(self) -> tuple[bool, Any]:
-        """Ready when every worker is alive and each reports all its issuers ready."""
-        alive = len(self.children)
-        states = _issuer_ready_samples(self.metrics_dir)
-        ok = alive == self.config.agent.workers and bool(states) and all(states.values())
-        return ok, {"workers": alive, "issuers": states}
+        """Ready when every worker serves and none reports an issuer without usable keys."""
+        serving = len(self.serving)
+        try:
+            states = _issuer_ready_samples(self.metrics_dir)
+        except (OSError, ValueError):  # a worker's file being created right now
+            return False, {"workers": serving, "issuers": "unreadable, retry"}
+        ok = serving == self.config.agent.workers and bool(states) and all(states.values())
+        return ok, {"workers": serving, "issuers": states}
 
     def _spawn(self, slot: int) -> None:
         # A fresh interpreter per worker rather than fork(): the supervisor has a metrics
-        # thread, and forking a threaded process can deadlock the child.
+        # thread, and forking a threaded process can deadlock the child. The pipe tells
+        # the supervisor when the worker serves; until then it gets no SIGHUP (it reads
+        # the current file as it starts anyway) and does not count as ready.
+        ready_read, ready_write = os.pipe()
+        os.set_blocking(ready_read, False)
         argv = [sys.executable, "-m", "spoa", "run", "--config", str(self.config_path)]
-        argv += ["--worker-fd", str(self.sock.fileno())]
-        process = subprocess.Popen(argv, pass_fds=[self.sock.fileno()], stdin=subprocess.DEVNULL)
+        argv += ["--worker-fd", str(self.sock.fileno()), "--ready-fd", str(ready_write)]
+        try:
+            process = subprocess.Popen(
+                argv, pass_fds=[self.sock.fileno(), ready_write], stdin=subprocess.DEVNULL
+            )
+        finally:
+            os.close(ready_write)
         self.children[process.pid] = slot
         self.processes[process.pid] = process
+        self.started_at[process.pid] = time.monotonic()
+        self.ready_pipes[process.pid] = ready_read
         log.info("worker_started", pid=process.pid, slot=slot)
+
+    def _collect_serving(self) -> None:
+        for pid, fd in list(self.ready_pipes.items()):
+            try:
+                data = os.read(fd, 1)
+            except BlockingIOError:
+                continue
+            os.close(fd)
+            del self.ready_pipes[pid]
+            if data:  # empty: the worker died before serving
+                self.serving.add(pid)
+                if pid in self.reload_owed:  # it may have read the file before the change
+                    self.reload_owed.discard(pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGHUP)
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -612,8 +724,9 @@ class Supervisor:
         self.reload_requested = True
 
     def _watch(self) -> None:
-        while self.children:
+        while self.children or self.restart_at:
             if self.stopping:
+                self.restart_at.clear()
                 for pid in list(self.children):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
@@ -623,6 +736,12 @@ class Supervisor:
                 self.reload_requested = False
                 self._reload()
             self._reap(block=False)
+            self._collect_serving()
+            now = time.monotonic()
+            for slot, due in list(self.restart_at.items()):
+                if now >= due:
+                    del self.restart_at[slot]
+                    self._spawn(slot)
             time.sleep(0.1)
 
     def _reap(self, *, block: bool) -> None:
@@ -636,6 +755,12 @@ class Supervisor:
                 return
             slot = self.children.pop(pid, None)
             self.processes.pop(pid, None)
+            self.serving.discard(pid)
+            self.reload_owed.discard(pid)
+            fd = self.ready_pipes.pop(pid, None)
+            if fd is not None:
+                os.close(fd)
+            lived = time.monotonic() - self.started_at.pop(pid, time.monotonic())
             mark_worker_dead(pid, self.metrics_dir)
             if slot is None:
                 continue
@@ -643,9 +768,13 @@ class Supervisor:
             if self.stopping:
                 log.info("worker_stopped", pid=pid, code=code)
                 continue
-            log.error("worker_died", pid=pid, code=code, restart_in=self.RESTART_BACKOFF)
-            time.sleep(self.RESTART_BACKOFF)
-            self._spawn(slot)
+            failures = 1 if lived >= self.HEALTHY_AFTER else self.failures.get(slot, 0) + 1
+            self.failures[slot] = failures
+            delay = min(self.RESTART_MAX, self.RESTART_FIRST * 2 ** (failures - 1))
+            if failures == 1 and lived >= self.HEALTHY_AFTER:
+                delay = 0.0
+            log.error("worker_died", pid=pid, code=code, lived=round(lived, 1), restart_in=delay)
+            self.restart_at[slot] = time.monotonic() + delay
 
     def _reload(self) -> None:
         if self.config_path is None:
@@ -655,9 +784,14 @@ class Supervisor:
             _check_restart_only(self.config, config)
         except ConfigError as exc:
             log.error("reload_rejected", problems=exc.problems)
+            if self.metrics is not None:
+                self.metrics.config_reload("error")
             return
         self.config = config
-        for pid in list(self.children):
+        for pid in self.children:
+            if pid not in self.serving:
+                self.reload_owed.add(pid)
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
         log.info("reload_forwarded", workers=len(self.children))

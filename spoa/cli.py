@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pid-file", metavar="FILE", help="write the agent's process id here")
     # Internal: a supervisor's worker, serving the inherited listening socket.
     run.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser(
@@ -169,12 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Catch SIGHUP before the heavy imports below: its default action would kill a
+    # starting agent (e.g. `systemctl reload` right after start). It is honoured once
+    # the agent serves.
+    early_hup: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_hup.append(signum))
+
     from spoa.app import StartupError, run_agent
 
     config = load_config(args.config)
     try:
         return run_agent(
-            config, config_path=args.config, pid_file=args.pid_file, worker_fd=args.worker_fd
+            config,
+            config_path=args.config,
+            pid_file=args.pid_file,
+            worker_fd=args.worker_fd,
+            ready_fd=args.ready_fd,
+            reload_requested=lambda: bool(early_hup),
         )
     except StartupError as exc:
         raise CommandError(str(exc)) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -17,7 +18,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from spoa.verifier import (
     JwksSchedule,
@@ -33,6 +34,8 @@ from spoa.verifier import (
     parse_max_age,
 )
 from spoa.verifier.parsing import parse_json_object
+
+_T = TypeVar("_T")
 
 _READ_CHUNK = 64 * 1024
 
@@ -195,6 +198,32 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+    """Run blocking `func` in a daemon thread. Unlike asyncio.to_thread, a fetch stuck on
+    a slow endpoint never holds up the agent's exit: stop is prompt, whatever the IdP does."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():  # the waiter gave up (timeout, shutdown)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = func(*args), None
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="jwtgate-key-fetch", daemon=True).start()
+    return future
+
+
 class UrllibFetch:
     """Stdlib HTTP(S) GET in a worker thread, with a size cap and an overall deadline."""
 
@@ -206,7 +235,7 @@ class UrllibFetch:
 
     async def __call__(self, url: str, *, timeout: float, max_bytes: int) -> HttpResponse:
         _check_url(url)
-        return await asyncio.to_thread(self._get, url, timeout, max_bytes)
+        return await _in_daemon_thread(self._get, url, timeout, max_bytes)
 
     def _get(self, url: str, timeout: float, max_bytes: int) -> HttpResponse:
         deadline = time.monotonic() + timeout

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spoa.devkit.issuer import LocalIssuer
-from spoa.devkit.stack import AgentProcess, Stack, StackOptions, http_get
+from spoa.devkit.stack import AgentProcess, Stack, StackOptions, free_port, http_get
 from spoa.devkit.tokens import forge_signature
 from tests.support.gateway import AUD, agent_config, mint, request
 
@@ -203,3 +207,103 @@ def test_two_workers_share_the_listener_metrics_and_reloads() -> None:
                 "both workers to reload",
             )
             assert request(stack, token=good).status == 200
+
+
+def start_agent(
+    tmp_path: Path, issuer: LocalIssuer, workers: int
+) -> tuple[subprocess.Popen[bytes], Path, int]:
+    agent_port, metrics_port = free_port(), free_port()
+    config = tmp_path / "jwtgate.toml"
+    config.write_text(
+        f'[agent]\nlisten = "127.0.0.1:{agent_port}"\nworkers = {workers}\n'
+        f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' + agent_config(issuer)
+    )
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spoa", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return process, log, metrics_port
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_signals_while_keys_load_are_neither_fatal_nor_lost(tmp_path: Path, workers: int) -> None:
+    # Regression: a SIGHUP before the worker served killed it (default signal action).
+    with LocalIssuer(slow_delay=1.0) as issuer:
+        issuer.mode = "slow"  # the first key fetch takes a second: a wide start-up window
+        process, log, metrics_port = start_agent(tmp_path, issuer, workers)
+        try:
+            time.sleep(0.5)  # well inside start-up; no fake clock can stand in for a process
+            process.send_signal(signal.SIGHUP)
+            issuer.mode = "ok"
+            wait_until(
+                lambda: (
+                    http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
+                    if _listening(metrics_port)
+                    else False
+                ),
+                20,
+                "readiness",
+            )
+            wait_until(
+                lambda: log.read_text().count('"event": "reloaded"') >= workers,
+                10,
+                "the queued reload in every worker",
+            )
+            assert process.poll() is None
+            assert "worker_died" not in log.read_text()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+
+
+def test_sigterm_during_start_up_stops_promptly(tmp_path: Path) -> None:
+    with LocalIssuer(slow_delay=5.0) as issuer:
+        issuer.mode = "slow"
+        process, log, _ = start_agent(tmp_path, issuer, 1)
+        time.sleep(0.5)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        assert time.monotonic() - started < 3
+        assert "Traceback" not in log.read_text()
+
+
+def test_a_rejected_reload_is_counted_with_several_workers(tmp_path: Path) -> None:
+    with LocalIssuer() as issuer:
+        process, log, metrics_port = start_agent(tmp_path, issuer, 2)
+        metrics_url = f"http://127.0.0.1:{metrics_port}"
+        try:
+            wait_until(
+                lambda: _listening(metrics_port) and http_get(f"{metrics_url}/readyz")[0] == 200,
+                20,
+                "readiness",
+            )
+            config = tmp_path / "jwtgate.toml"
+            config.write_text(config.read_text().replace('leeway = "5s"', 'leeway = "soon"'))
+            process.send_signal(signal.SIGHUP)
+            wait_until(lambda: "reload_rejected" in log.read_text(), 10, "the rejection")
+
+            def errors() -> float:
+                _, body = http_get(f"{metrics_url}/metrics")
+                for family in text_string_to_metric_families(body.decode()):
+                    for sample in family.samples:
+                        if sample.name == "jwtgate_config_reloads_total" and (
+                            sample.labels.get("result") == "error"
+                        ):
+                            return sample.value
+                return 0.0
+
+            wait_until(lambda: errors() == 1, 10, "the error count")
+            assert http_get(f"{metrics_url}/readyz")[0] == 200
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0

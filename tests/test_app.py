@@ -1,0 +1,100 @@
+"""Configuration to runtime: the mapping the agent applies at start and on reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spoa.app import (
+    _check_restart_only,
+    issuer_rules,
+    jwks_timing,
+    key_source,
+    policy_runtimes,
+)
+from spoa.config import ConfigError, parse_config
+from spoa.keymanager import JwksUrlSource, OidcDiscoverySource, StaticKeySource
+from tests.test_config import MINIMAL
+
+
+def test_issuer_settings_become_rules_and_timing() -> None:
+    text = MINIMAL.replace(
+        'algorithms = ["RS256"]',
+        'algorithms = ["RS256", "ES256"]\ntyp = ["at+jwt"]\nleeway = "10s"\nmax_lifetime = "1h"\n'
+        'refresh_min = "2m"\nrefresh_max = "1h"\ndefault_refresh = "10s"\nmax_stale = "6h"',
+    )
+    issuer = parse_config(text).issuer("corp")
+    rules = issuer_rules(issuer)
+    assert rules.algorithms == frozenset({"RS256", "ES256"})
+    assert rules.allowed_types == frozenset({"at+jwt"})
+    assert rules.leeway == 10.0
+    assert rules.max_lifetime == 3600.0
+    timing = jwks_timing(issuer)
+    assert (timing.refresh_min, timing.refresh_max, timing.max_stale) == (120.0, 3600.0, 21600.0)
+    assert timing.default_max_age == 120.0  # clamped into [refresh_min, refresh_max]
+    assert isinstance(key_source(issuer), JwksUrlSource)
+
+
+def test_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    discovery = parse_config(
+        MINIMAL.replace('jwks_uri = "https://id.example.com/jwks.json"', "discovery = true")
+    )
+    source = key_source(discovery.issuer("corp"))
+    assert isinstance(source, OidcDiscoverySource)
+    assert source.url == "https://id.example.com/.well-known/openid-configuration"
+    (tmp_path / "pub.pem").write_text("placeholder")
+    monkeypatch.setenv("JWTGATE_TEST_HS", "s" * 32)
+    text = MINIMAL.replace(
+        'jwks_uri = "https://id.example.com/jwks.json"',
+        'keys = [{ file = "pub.pem", kid = "k1", alg = "RS256" },'
+        ' { secret_env = "JWTGATE_TEST_HS", kid = "h1", alg = "HS256" }]',
+    ).replace('algorithms = ["RS256"]', 'algorithms = ["RS256", "HS256"]')
+    static = key_source(parse_config(text, base_dir=tmp_path).issuer("corp"))
+    assert isinstance(static, StaticKeySource)
+    assert [f.kid for f in static.files] == ["k1"]
+    assert static.secrets[0].secret == b"s" * 32
+    assert static.secrets[0].alg == "HS256"
+
+
+def test_policies_become_verifier_policies() -> None:
+    text = MINIMAL + (
+        'require_scopes = ["read"]\nreport_only = true\nrealm = "corp"\n'
+        'claims = [ { claim = "tenant", one_of = ["a", "b"] } ]\n'
+        'forward_claims = { email = "email" }\n'
+    )
+    runtime = policy_runtimes(parse_config(text))["default"]
+    assert runtime.policy.require_scopes == frozenset({"read"})
+    assert runtime.policy.audiences is None  # the issuers' audiences apply
+    assert runtime.policy.claim_matchers[0].one_of == ("a", "b")
+    assert runtime.report_only is True
+    assert runtime.realm == "corp"
+    assert runtime.forward_claims == (("email", "email"),)
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "key"),
+    [
+        ("[agent]\n", 'listen = "127.0.0.1:1"\n', "agent.listen"),
+        ("[agent]\n", "workers = 2\n", "agent.workers"),
+        ("[agent]\n", "max_inflight = 5\n", "agent.max_inflight"),
+        ("[agent]\n", 'frame_timeout = "1s"\n', "agent.frame_timeout"),
+        ("[metrics]\n", 'listen = ""\n', "metrics.listen"),
+        ("[log]\n", 'level = "debug"\n', "log.level"),
+    ],
+)
+def test_restart_only_changes_are_refused_by_a_reload(section: str, change: str, key: str) -> None:
+    old = parse_config(MINIMAL)
+    new = parse_config(section + change + MINIMAL)
+    with pytest.raises(ConfigError) as caught:
+        _check_restart_only(old, new)
+    assert caught.value.problems == [f"{key}: changing it needs a restart, not a reload"]
+
+
+def test_reloadable_changes_pass() -> None:
+    old = parse_config(MINIMAL)
+    new = parse_config(
+        "[log]\nrejections_per_second = 5.0\n[cache]\nmax_entries = 7\n"
+        '[agent]\nunknown_kid_wait = "100ms"\n' + MINIMAL + 'require_scopes = ["x"]\n'
+    )
+    _check_restart_only(old, new)
