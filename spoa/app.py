@@ -358,6 +358,7 @@ class Worker:
             return
         stopping.cancel()
         self.engine = building.result()
+        self._publish_issuer_settings()
         self._publish_readiness()
         self.handler = CheckJwtHandler(self.engine.runtime, observer=self.recorder)
         agent = self.config.agent
@@ -404,6 +405,11 @@ class Worker:
         if self.engine is not None:
             await self.engine.aclose()
         log.info("agent_stopped", pid=os.getpid())
+
+    def _publish_issuer_settings(self) -> None:
+        if self.engine is not None:
+            for issuer in self.engine.config.issuers:
+                self.metrics.jwks_max_stale(issuer.name, issuer.max_stale)
 
     def _publish_readiness(self) -> None:
         _, detail = self.ready()
@@ -463,6 +469,7 @@ class Worker:
                 policies=list(config.policies),
                 reasons=[r.value for r in Reason],
             )
+            self._publish_issuer_settings()
             self._publish_readiness()
             if old is not None:
                 await old.aclose()

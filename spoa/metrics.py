@@ -211,6 +211,14 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=reg,
         )
+        # max: the alerts compare key age to this bound (jwtgate_jwks_age_seconds / it).
+        self._jwks_max_stale = Gauge(
+            "jwtgate_jwks_max_stale_seconds",
+            "The issuer's configured max_stale: how long the last good keys may serve.",
+            ["issuer"],
+            multiprocess_mode="max",
+            registry=reg,
+        )
         self._jwks_last_success = Gauge(
             "jwtgate_jwks_last_success_timestamp_seconds",
             "Unix time of the last successful JWKS refresh (latest over workers).",
@@ -275,6 +283,7 @@ class Metrics:
             for issuer in removed:
                 for gauge in (
                     self._jwks_keys,
+                    self._jwks_max_stale,
                     self._keyset_fetched,
                     self._jwks_last_success,
                     self._issuer_ready,
@@ -381,6 +390,9 @@ class Metrics:
         label = self._issuer_label(issuer)
         self._jwks_keys.labels(issuer=label).set(count)
         self._keyset_fetched.labels(issuer=label).set(fetched_at)
+
+    def jwks_max_stale(self, issuer: str, seconds: float) -> None:
+        self._jwks_max_stale.labels(issuer=self._issuer_label(issuer)).set(seconds)
 
     def issuer_ready(self, issuer: str, ready: bool) -> None:
         self._issuer_ready.labels(issuer=self._issuer_label(issuer)).set(1 if ready else 0)

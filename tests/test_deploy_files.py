@@ -96,6 +96,7 @@ def exported() -> Exported:
         metrics.jwks_fetch("corp", result)
     metrics.jwks_keys("corp", 2, time.time() - 30)
     metrics.issuer_ready("corp", True)
+    metrics.jwks_max_stale("corp", 86400.0)
     for result in sorted(RELOAD_RESULTS):
         metrics.config_reload(result)
 
@@ -358,7 +359,7 @@ def test_alert_rules_have_the_prometheus_rule_shape(alert_rules: list[dict[str, 
         for text in rule["annotations"].values():
             for template in re.findall(r"\{\{(.*?)\}\}", text):
                 assert re.fullmatch(
-                    r" \$labels\.\w+ | \$value( \| humanizeDuration)? ", template
+                    r" \$labels\.\w+ | \$value( \| humanize(Duration|Percentage))? ", template
                 ), template
 
 
@@ -384,14 +385,15 @@ def test_alerts_cover_rejections_stale_keys_fetch_errors_down_and_protocol_error
     assert find(r"jwtgate_jwks_fetches_total\{result!~")
     assert find(r'^up\{job="jwtgate"\} == 0$')
     assert find(r"jwtgate_spop_protocol_errors_total")
-    # The key-age thresholds are fractions of the default max_stale the comments name.
-    default_max_stale = 86400.0
-    ages = [
+    # The key-age thresholds are fractions of each issuer's own max_stale.
+    fractions = [
         float(m)
         for e in exprs.values()
-        for m in re.findall(r"jwtgate_jwks_age_seconds\) > (\d+)", e)
+        for m in re.findall(
+            r"jwtgate_jwks_age_seconds / jwtgate_jwks_max_stale_seconds\) > ([0-9.]+)", e
+        )
     ]
-    assert sorted(ages) == [default_max_stale / 2, default_max_stale * 0.8]
+    assert sorted(fractions) == [0.5, 0.8]
 
 
 # --- the systemd unit ------------------------------------------------------------------------
