@@ -17,7 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import agent_config, make_keys, mint, mint_many, write_public_keys
+from bench.common import (
+    agent_config,
+    make_keys,
+    mint,
+    mint_many,
+    process_tree,
+    write_public_keys,
+)
 from bench.loadgen import AgentUnderTest, TokenSource, format_result, run_load
 
 
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                             label=f"RS256 {mix}",
                             duration=args.seconds + 1,
                             warmup=0.5,
+                            agent_pids=process_tree(agent.process.pid),
                         )
                     )
                 finally:
