@@ -31,9 +31,18 @@ DEFAULT_POLICY = "default"
 MAX_VAR_BYTES = 1024  # per forwarded value; HAProxy puts these into request headers
 MAX_CLAIMS_BYTES = 6144  # the base64url payload; keeps every ACK well inside 16 KiB frames
 
-# RFC 6750 section 2.1: "Bearer" 1*SP b64token, the scheme case-insensitive.
-_BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# Verdicts the glue itself reaches (no token to verify); shared, as they are immutable.
+_MISSING_TOKEN = Verdict(
+    ok=False, status=401, reason=Reason.MISSING_TOKEN, claims={}, expires_at=None
+)
+_MALFORMED_REQUEST = Verdict(
+    ok=False, status=400, reason=Reason.MALFORMED, claims={}, expires_at=None
+)
+_UNKNOWN_POLICY = Verdict(
+    ok=False, status=500, reason=Reason.UNKNOWN_POLICY, claims={}, expires_at=None
+)
 
 TXN = Scope.TXN
 _VALID = SetVar(TXN, "valid", True)
@@ -98,24 +107,28 @@ class CheckJwtHandler:
         self._timer = time.perf_counter
 
     def __call__(self, message: Message) -> Sequence[Action] | Awaitable[Sequence[Action]]:
+        # The per-request path: kept flat on purpose (no helper calls where a line does).
         started = self._timer()
         runtime = self.runtime  # one reference for the whole request, across a reload
-        args = _args(message)
-        policy_name = _text(args.get(ARG_POLICY)) or DEFAULT_POLICY
+        args = dict(reversed(message.args))  # the first of a repeated name wins
+        policy_name = args.get(ARG_POLICY)
+        if type(policy_name) is not str or not policy_name:
+            policy_name = _text(policy_name) or DEFAULT_POLICY
         selected = runtime.policies.get(policy_name)
         token, problem = _extract_token(args, runtime.token_query_param)
-        context = RequestContext(
-            method=_text(args.get(ARG_METHOD)),
-            path=_text(args.get(ARG_PATH)),
-            host=_text(args.get(ARG_HOST)),
-        )
         now = self._clock()
         if selected is None:
-            verdict = _verdict(Reason.UNKNOWN_POLICY, 500)
+            verdict = _UNKNOWN_POLICY
         elif problem is not None:
             verdict = problem
         else:
             assert token is not None
+            method, path, host = args.get(ARG_METHOD), args.get(ARG_PATH), args.get(ARG_HOST)
+            context = RequestContext(
+                method if type(method) is str else _text(method),
+                path if type(path) is str else _text(path),
+                host if type(host) is str else _text(host),
+            )
             verdict = runtime.verifier.verify(token, selected.policy, context, now)
             if (
                 verdict.reason is Reason.UNKNOWN_KID
@@ -123,7 +136,12 @@ class CheckJwtHandler:
                 and verdict.issuer is not None
             ):
                 return self._after_refetch(runtime, selected, token, context, verdict, started)
-        return self._finish(verdict, policy_name, selected, token, now, started)
+        if self._observer is not None:
+            report_only = selected is not None and selected.report_only
+            self._observer.on_verdict(
+                verdict, policy_name, self._timer() - started, token, report_only
+            )
+        return verdict_actions(verdict, selected, token, now)
 
     async def _after_refetch(
         self,
@@ -169,31 +187,62 @@ def verdict_actions(
 ) -> list[Action]:
     """The set-var actions for one verdict (all in txn scope, prefix `jwt`)."""
     report_only = selected is not None and selected.report_only
-    actions: list[Action]
-    if verdict.ok:
-        actions = [_ACCEPTED]
-    else:
-        realm = selected.realm if selected is not None else "jwtgate"
-        actions = [
-            _VALID if report_only else _INVALID,
-            SetVar(TXN, "status", 200 if report_only else verdict.status),
-            SetVar(TXN, "reason", verdict.reason.value),
-            SetVar(TXN, "www_authenticate", www_authenticate(verdict, realm)),
-        ]
+    actions: list[Action] = [
+        _ACCEPTED if verdict.ok else _rejection(verdict, selected, report_only)
+    ]
     if verdict.claims and token is not None and (verdict.ok or report_only):
         # Claims are set only for requests that pass, and only when the signature verified
         # (the verifier leaves them empty otherwise).
         actions.append(_identity_memo(verdict, selected, token))
-        exp = verdict.claims.get("exp")
-        if isinstance(exp, int | float) and not isinstance(exp, bool):
-            actions.append(SetVar(TXN, "expires_in", max(0, int(exp - now))))
+        exp = verdict.expires_at
+        if exp is not None:
+            actions.append(_expires_in(max(0, int(exp - now))))
     return actions
+
+
+# Rejections repeat (a flood of bad tokens gets the same answer), so their variables are
+# encoded once per (reason, status, scopes, realm, report-only).
+_REJECTIONS: dict[tuple[Reason, int, frozenset[str], str, bool], EncodedActions] = {}
+_MEMO_MAX = 4096
+
+
+def _rejection(
+    verdict: Verdict, selected: PolicyRuntime | None, report_only: bool
+) -> EncodedActions:
+    realm = selected.realm if selected is not None else "jwtgate"
+    key = (verdict.reason, verdict.status, verdict.required_scopes, realm, report_only)
+    encoded = _REJECTIONS.get(key)
+    if encoded is None:
+        encoded = EncodedActions.of(
+            (
+                _VALID if report_only else _INVALID,
+                SetVar(TXN, "status", 200 if report_only else verdict.status),
+                SetVar(TXN, "reason", verdict.reason.value),
+                SetVar(TXN, "www_authenticate", www_authenticate(verdict, realm)),
+            )
+        )
+        if len(_REJECTIONS) >= _MEMO_MAX:
+            _REJECTIONS.clear()
+        _REJECTIONS[key] = encoded
+    return encoded
+
+
+_EXPIRES_IN: dict[int, SetVar] = {}
+
+
+def _expires_in(seconds: int) -> SetVar:
+    action = _EXPIRES_IN.get(seconds)
+    if action is None:
+        action = SetVar(TXN, "expires_in", seconds)
+        if len(_EXPIRES_IN) >= _MEMO_MAX:
+            _EXPIRES_IN.clear()
+        _EXPIRES_IN[seconds] = action
+    return action
 
 
 # A cache hit returns the very Verdict object the verifier cached, so the variables it
 # yields can be encoded once per (verdict, policy) instead of on every request.
 _IDENTITY_MEMO: dict[tuple[int, str], tuple[Verdict, EncodedActions]] = {}
-_IDENTITY_MEMO_MAX = 4096
 
 
 def _identity_memo(verdict: Verdict, selected: PolicyRuntime | None, token: str) -> EncodedActions:
@@ -202,7 +251,7 @@ def _identity_memo(verdict: Verdict, selected: PolicyRuntime | None, token: str)
     if hit is not None and hit[0] is verdict:  # `is`: an id can be reused after collection
         return hit[1]
     actions = EncodedActions.of(identity_actions(verdict, selected, token))
-    if len(_IDENTITY_MEMO) >= _IDENTITY_MEMO_MAX:
+    if len(_IDENTITY_MEMO) >= _MEMO_MAX:
         _IDENTITY_MEMO.clear()
     _IDENTITY_MEMO[key] = (verdict, actions)
     return actions
@@ -277,15 +326,6 @@ def www_authenticate(verdict: Verdict, realm: str) -> str:
     return challenge
 
 
-def _verdict(reason: Reason, status: int) -> Verdict:
-    return Verdict(ok=False, status=status, reason=reason, claims={}, expires_at=None)
-
-
-def _args(message: Message) -> dict[str, Any]:
-    # Reversed, so that the first of a repeated name wins; built in C, once per request.
-    return dict(reversed(message.args))
-
-
 def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -299,26 +339,28 @@ def _extract_token(args: Mapping[str, Any], query_param: str) -> tuple[str | Non
 
     Sending it in more than one place is a malformed request (400), as the RFC says
     clients MUST NOT use more than one method. A non-Bearer Authorization scheme is
-    treated as no bearer token at all.
+    treated as no bearer token at all. `Bearer` followed by anything but one token is a
+    400; the token's own characters are the verifier's to judge (401 `malformed`).
     """
-    found: list[str] = []
-    header = _text(args.get(ARG_AUTHORIZATION)).strip()
+    header = args.get(ARG_AUTHORIZATION)
+    token = None
     if header:
-        match = _BEARER.match(header)
-        if match is not None:
-            found.append(match.group(1))
-        elif header.partition(" ")[0].lower() == "bearer":
-            return None, _verdict(Reason.MALFORMED, 400)
-    other = _text(args.get(ARG_TOKEN)).strip()
+        if type(header) is not str:
+            header = _text(header)
+        scheme, _, rest = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            token = rest.strip(" ")
+            if not token or " " in token or not token.isascii():
+                return None, _MALFORMED_REQUEST
+    other = args.get(ARG_TOKEN)
     if other:
-        found.append(other)
+        other = _text(other).strip()
+    found = [t for t in (token, other) if t]
     if query_param:
         query = _text(args.get(ARG_QUERY))
-        for name, value in parse_qsl(query, keep_blank_values=False):
-            if name == query_param:
-                found.append(value)
+        found += [v for k, v in parse_qsl(query, keep_blank_values=False) if k == query_param]
+    if len(found) == 1:
+        return found[0], None
     if not found:
-        return None, _verdict(Reason.MISSING_TOKEN, 401)
-    if len(found) > 1:
-        return None, _verdict(Reason.MALFORMED, 400)
-    return found[0], None
+        return None, _MISSING_TOKEN
+    return None, _MALFORMED_REQUEST

@@ -129,11 +129,18 @@ def test_basic_scheme_is_no_bearer_token(handler: CheckJwtHandler) -> None:
     assert result["reason"] == "missing_token"
 
 
-@pytest.mark.parametrize("header", ["Bearer", "Bearer a b", "bearer  \x01"])
+@pytest.mark.parametrize("header", ["Bearer", "Bearer a b", "Bearer  \u00e9t\u00e9"])
 def test_malformed_bearer_header_is_400(handler: CheckJwtHandler, header: str) -> None:
     result = run(handler, message(authorization=header))
     assert result["status"] == 400
     assert 'error="invalid_request"' in str(result["www_authenticate"])
+
+
+def test_a_token_with_stray_characters_is_a_malformed_token(handler: CheckJwtHandler) -> None:
+    # One token, but not base64url: the verifier's strict parsing says so (401, not 400).
+    result = run(handler, message(authorization="bearer  ab\x01cd.ef.gh"))
+    assert result["status"] == 401
+    assert result["reason"] == "malformed"
 
 
 def test_bearer_scheme_is_case_insensitive(handler: CheckJwtHandler) -> None:

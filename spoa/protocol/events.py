@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import Status
 from .payloads import Message
@@ -25,9 +26,10 @@ class HelloReceived:
         return "pipelining" in self.capabilities
 
 
-@dataclass(frozen=True, slots=True)
-class NotifyReceived:
-    """A NOTIFY to answer with exactly one `send_ack(stream_id, frame_id, ...)`."""
+class NotifyReceived(NamedTuple):
+    """A NOTIFY to answer with exactly one `send_ack(stream_id, frame_id, ...)`.
+
+    A NamedTuple, like Message: one is built per request."""
 
     stream_id: int
     frame_id: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from spoa.verifier.algorithms import SUPPORTED_ALGORITHMS
 from spoa.verifier.errors import PolicyError
@@ -96,8 +97,10 @@ class Policy:
             raise PolicyError(f"policy {self.name!r} trusts no issuer")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestContext:
+class RequestContext(NamedTuple):
+    """What the request says about itself (for checks bound to it, such as DPoP's `htm`
+    and `htu`). A NamedTuple: immutable, and cheap to build once per request."""
+
     method: str = ""
     path: str = ""
     host: str = ""
