@@ -390,7 +390,7 @@ class Worker:
         )
         self._tasks = [
             asyncio.create_task(self._refresh_keys()),
-            asyncio.create_task(self._update_cache_stats()),
+            asyncio.create_task(self._metrics_tick()),
         ]
         if self._reload_pending:
             self._schedule_reload()
@@ -402,6 +402,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.shutdown()
+        self.metrics.flush()
         if self.engine is not None:
             await self.engine.aclose()
         log.info("agent_stopped", pid=os.getpid())
@@ -427,12 +428,17 @@ class Worker:
                     log.exception("jwks_refresh_error")
                 self._publish_readiness()
 
-    async def _update_cache_stats(self) -> None:
+    async def _metrics_tick(self) -> None:
+        # Per-request counts reach the shared files once a second (a scrape of a single
+        # worker flushes by itself); the cache gauges every STATS_TICK.
+        ticks = 0
         while True:
-            await asyncio.sleep(STATS_TICK)
-            if self.engine is not None:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            if self.engine is not None and ticks % int(STATS_TICK) == 0:
                 stats = self.engine.verifier.cache.stats()
                 self.metrics.cache_stats(stats.entries, stats.hits, stats.misses, stats.evictions)
+            self.metrics.flush()
 
     def _schedule_reload(self) -> None:
         if self.handler is None:  # still starting: reload once serving

@@ -750,27 +750,25 @@ def test_agent_runs_under_the_units_syscall_filter_and_mdwe(
         assert rejected["reason"] == "bad_signature"
     finally:
         client.close()
-    text = scrape(metrics_port)
-    for issuer in ("rs", "es", "ed"):
-        assert (
-            counter_value(
-                text,
-                "jwtgate_verdicts_total",
-                outcome="accept",
-                reason="ok",
-                issuer=issuer,
-                policy="default",
-            )
-            == 1.0
+
+    # Several workers flush their per-request counts to the shared files every second.
+    def accepted(issuer: str) -> float:
+        return counter_value(
+            scrape(metrics_port),
+            "jwtgate_verdicts_total",
+            outcome="accept",
+            reason="ok",
+            issuer=issuer,
+            policy="default",
         )
 
+    for issuer in ("rs", "es", "ed"):
+        deadline = time.monotonic() + 10
+        while accepted(issuer) != 1.0:
+            assert time.monotonic() < deadline, f"no accepted verdict counted for {issuer}"
+            time.sleep(0.1)
+
     # Reload (what `systemctl reload` sends) goes through the supervisor to both workers.
-    # /readyz can pass before the second worker has installed its SIGHUP handler (see
-    # docs/operations.md, "Reload"), so wait for both workers' agent_started events.
-    deadline = time.monotonic() + 30
-    while agent.log().count('"agent_started"') < 2:
-        assert time.monotonic() < deadline, agent.log()[-3000:]
-        time.sleep(0.05)
     process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 30
     while counter_value(scrape(metrics_port), "jwtgate_config_reloads_total", result="ok") < 2:

@@ -339,6 +339,7 @@ def _worker(ready: bool, connections: int, keys: int, fetched_at: float, success
     metrics.jwks_fetch("corp", "ok")
     metrics.jwks_keys("corp", keys, fetched_at)
     metrics.issuer_ready("corp", ready)
+    metrics.flush()  # a worker flushes every second and when it stops
 
 
 def test_multiprocess_mode_merges_two_workers(
@@ -393,3 +394,41 @@ def test_multiprocess_mode_merges_two_workers(
 def test_multiprocess_registry_needs_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=MULTIPROC_ENV):
         multiprocess_registry(tmp_path / "missing")
+
+
+def test_per_request_counts_are_exact_after_a_flush() -> None:
+    # The per-request path keeps plain counts and flushes them in bulk, the histogram
+    # through prometheus_client internals: this pins the exported result exactly.
+    metrics = Metrics(issuers=ISSUERS, policies=POLICIES, reasons=REASONS)
+    for seconds in (4e-6, 5e-6, 3e-5, 3e-5, 2.0):
+        metrics.record_verdict("accept", "ok", "corp", "api", seconds, True)
+    metrics.frame_received("notify")
+    metrics.frame_received("NOTIFY")
+    metrics.inflight_changed(+2)
+    metrics.inflight_changed(-1)
+    metrics.flush()
+    metrics.flush()  # idempotent: nothing is counted twice
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+    }
+    hit = (("cache", "hit"),)
+
+    def bucket(le: str) -> float:
+        return samples[("jwtgate_verify_duration_seconds_bucket", (("cache", "hit"), ("le", le)))]
+
+    assert bucket("5e-06") == 2
+    assert bucket("2.5e-05") == 2
+    assert bucket("5e-05") == 4
+    assert bucket("0.1") == 4
+    assert bucket("+Inf") == 5
+    assert samples[("jwtgate_verify_duration_seconds_count", hit)] == 5
+    assert samples[("jwtgate_verify_duration_seconds_sum", hit)] == pytest.approx(2.000069)
+    assert samples[("jwtgate_spop_frames_total", (("type", "notify"),))] == 2
+    assert samples[("jwtgate_spop_inflight_frames", ())] == 1
+    verdicts = (
+        "jwtgate_verdicts_total",
+        (("issuer", "corp"), ("outcome", "accept"), ("policy", "api"), ("reason", "ok")),
+    )
+    assert samples[verdicts] == 5

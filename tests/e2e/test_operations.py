@@ -194,9 +194,12 @@ def test_two_workers_share_the_listener_metrics_and_reloads() -> None:
             # Separate connections, so the kernel spreads them over both workers.
             statuses = [request(stack, token=good).status for _ in range(40)]
             assert set(statuses) == {200}
-            samples = scrape(agent)
-            accepted = total(samples, "jwtgate_verdicts_total", outcome="accept")
-            assert accepted == 40  # merged across the workers' files
+            # Merged across the workers' files, which they update every second.
+            wait_until(
+                lambda: total(scrape(agent), "jwtgate_verdicts_total", outcome="accept") == 40,
+                10,
+                "40 accepted verdicts in the merged metrics",
+            )
             status, body = http_get(f"{agent.metrics_url}/readyz")
             assert status == 200
             assert json.loads(body)["detail"]["workers"] == 2
