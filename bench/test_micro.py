@@ -35,6 +35,7 @@ from spoa.devkit.keys import SigningKey
 from spoa.glue import CheckJwtHandler, PolicyRuntime, Runtime, verdict_actions
 from spoa.protocol import AgentConnection, NotifyReceived, decode_messages, encode_actions
 from spoa.verifier import Verifier
+from spoa.verifier.cache import token_digest
 
 pytestmark = pytest.mark.benchmark(min_rounds=50, max_time=0.5, warmup=True)
 
@@ -123,7 +124,7 @@ def test_verify_cache_miss(
     now = time.time()
 
     def forget() -> None:
-        verifier.cache.discard(token)
+        verifier.cache.discard(token_digest(token))
 
     verdict = benchmark.pedantic(
         verifier.verify,
@@ -212,7 +213,7 @@ def _loads(text: str) -> dict[str, Any]:
 
 def _jwtgate_miss(verifier: Verifier) -> Callable[[str], dict[str, Any]]:
     def verify(token: str) -> dict[str, Any]:
-        verifier.cache.discard(token)  # a dict pop: every call is a full verification
+        verifier.cache.discard(token_digest(token))  # a dict pop: every call is a full verification
         verdict = verifier.verify(token, DEFAULT_POLICY, CONTEXT, time.time())
         assert verdict.ok
         return dict(verdict.claims)

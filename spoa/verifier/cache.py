@@ -1,4 +1,4 @@
-"""The verified-token cache: a bounded LRU keyed by the whole token.
+"""The verified-token cache: a bounded LRU keyed by the SHA-256 of the whole token.
 
 An entry holds what the signature and issuer-level checks established; the per-request checks
 (time, audience, scopes, claim matchers) run again on every hit. Entries never outlive `exp`
@@ -8,13 +8,50 @@ and die when their signing key leaves the issuer's key set.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from spoa.verifier.claims import TokenTimes
 from spoa.verifier.verdict import Verdict
+
+
+def token_digest(token: str | bytes) -> bytes:
+    """The cache key: SHA-256 of the whole token. A cryptographic digest, never Python's
+    hash(): a collision would hand a forged token a cached verdict. It also keeps 32 bytes
+    per entry instead of the token's ~600."""
+    return hashlib.sha256(token.encode() if isinstance(token, str) else token).digest()
+
+
+# Values that repeat across verified tokens (claim names, issuer, audiences, scope sets)
+# are kept once: most of a cache entry's memory was copies of them. Only values of tokens
+# whose signature verified get here, and the table is bounded.
+_SHARED: dict[Any, Any] = {}
+_SHARED_MAX = 8192
+_SHARED_STR_MAX = 256
+
+_T = TypeVar("_T")
+
+
+def shared(value: _T) -> _T:
+    found = _SHARED.get(value)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    if len(_SHARED) < _SHARED_MAX:
+        _SHARED[value] = value
+    return value
+
+
+def compact_claims(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload with its names and short string values shared with other entries."""
+    return {
+        shared(name): shared(value)
+        if type(value) is str and len(value) <= _SHARED_STR_MAX
+        else value
+        for name, value in payload.items()
+    }
 
 
 class CacheEntry:
@@ -75,7 +112,7 @@ class VerifiedTokenCache:
         if max_entries < 0:
             raise ValueError("cache size must not be negative")
         self.max_entries = max_entries
-        self._entries: OrderedDict[str | bytes, CacheEntry] = OrderedDict()
+        self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
         # Running totals for metrics; plain integer increments, cheap on the hot path.
         self.hits = 0
         self.misses = 0
@@ -84,22 +121,22 @@ class VerifiedTokenCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, token: str | bytes) -> CacheEntry | None:
-        entry = self._entries.get(token)
+    def get(self, key: bytes) -> CacheEntry | None:
+        entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
         else:
             self.hits += 1
             # Evicted meanwhile by another thread? The entry itself is still valid.
             with contextlib.suppress(KeyError):
-                self._entries.move_to_end(token)
+                self._entries.move_to_end(key)
         return entry
 
-    def put(self, token: str | bytes, entry: CacheEntry) -> None:
+    def put(self, key: bytes, entry: CacheEntry) -> None:
         if self.max_entries == 0:
             return
-        self._entries[token] = entry
-        self._entries.move_to_end(token)
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
             self.evictions += 1
@@ -107,8 +144,8 @@ class VerifiedTokenCache:
     def stats(self) -> CacheStats:
         return CacheStats(len(self._entries), self.hits, self.misses, self.evictions)
 
-    def discard(self, token: str | bytes) -> None:
-        self._entries.pop(token, None)
+    def discard(self, key: bytes) -> None:
+        self._entries.pop(key, None)
 
     def clear(self) -> None:
         self._entries.clear()

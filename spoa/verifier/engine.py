@@ -8,7 +8,13 @@ from types import MappingProxyType
 from typing import Any
 
 from spoa.verifier.algorithms import ALGORITHMS, verify_signature
-from spoa.verifier.cache import CacheEntry, VerifiedTokenCache
+from spoa.verifier.cache import (
+    CacheEntry,
+    VerifiedTokenCache,
+    compact_claims,
+    shared,
+    token_digest,
+)
 from spoa.verifier.claims import (
     check_audience,
     check_issuer_claims,
@@ -72,17 +78,20 @@ class Verifier:
         try:
             if not token:
                 return Verdict.rejected(Reason.MISSING_TOKEN)
-            entry = self.cache.get(token)
+            if len(token) > self.max_token_bytes:  # before hashing; parsing checks bytes
+                return Verdict.rejected(Reason.TOKEN_TOO_LARGE)
+            key = token_digest(token)
+            entry = self.cache.get(key)
             if entry is not None:
-                verdict = self._verify_cached(token, entry, policy, now)
+                verdict = self._verify_cached(key, entry, policy, now)
                 if verdict is not None:
                     return verdict
-            return self._verify_full(token, policy, now)
+            return self._verify_full(token, key, policy, now)
         except Exception:  # fail closed on anything unforeseen; the glue logs the reason
             return Verdict.rejected(Reason.INTERNAL_ERROR)
 
     def _verify_cached(
-        self, token: str | bytes, entry: CacheEntry, policy: Policy, now: float
+        self, key: bytes, entry: CacheEntry, policy: Policy, now: float
     ) -> Verdict | None:
         """The hit path: no parsing, no crypto. None means "treat as a miss"."""
         if entry.issuer not in policy.issuers:
@@ -92,12 +101,12 @@ class Verifier:
             return self._cached_rejection(entry, Reason.KEYS_UNAVAILABLE, policy)
         if generation != entry.generation:
             if not self._keys.holds(entry.issuer, entry.key_id):
-                self.cache.discard(token)
+                self.cache.discard(key)
                 return None
             entry.generation = generation
         exp = entry.exp
         if exp is not None and now >= exp + entry.leeway:
-            self.cache.discard(token)
+            self.cache.discard(key)
             return self._cached_rejection(entry, Reason.EXPIRED, policy)
         if entry.nbf is not None and now + entry.leeway < entry.nbf:
             return self._cached_rejection(entry, Reason.NOT_YET_VALID, policy)
@@ -137,7 +146,9 @@ class Verifier:
             cache_hit=True,
         )
 
-    def _verify_full(self, token: str | bytes, policy: Policy, now: float) -> Verdict:
+    def _verify_full(
+        self, token: str | bytes, cache_key: bytes, policy: Policy, now: float
+    ) -> Verdict:
         issuer_name: str | None = None
         kid: str | None = None
         alg: str | None = None
@@ -170,15 +181,15 @@ class Verifier:
             if signing_key is None:
                 raise TokenRejected("signature does not verify", reason=Reason.BAD_SIGNATURE)
             # From here on the payload is authentic and may be forwarded.
-            claims = MappingProxyType(payload)
+            claims = MappingProxyType(compact_claims(payload))
             raw_exp = payload.get("exp")
             if isinstance(raw_exp, int | float) and not isinstance(raw_exp, bool):
                 expires_at = float(raw_exp)
             check_type(parsed.header, rules)
             times = check_issuer_claims(payload, rules, now)
             exp, nbf = times.exp, times.nbf
-            audiences = token_audiences(payload)
-            scopes = token_scopes(payload)
+            audiences = shared(token_audiences(payload))
+            scopes = shared(token_scopes(payload))
             check_times(exp, nbf, rules.leeway, now)
             ok_verdict = Verdict(
                 ok=True,
@@ -192,7 +203,7 @@ class Verifier:
                 cache_hit=True,
             )
             self.cache.put(
-                token,
+                cache_key,
                 CacheEntry(
                     issuer=rules.name,
                     key_id=signing_key.key_id,

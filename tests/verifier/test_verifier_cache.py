@@ -154,3 +154,31 @@ def test_failed_tokens_are_not_cached(key: KeyPair) -> None:
         assert verifier.verify(forged, POLICY, CONTEXT, NOW).reason is Reason.BAD_SIGNATURE
     assert verifier.verify(mint(key), POLICY, CONTEXT, NOW + 10_000).reason is Reason.EXPIRED
     assert len(verifier.cache) == 0
+
+
+def test_cache_keys_are_digests_of_the_whole_token(key: KeyPair) -> None:
+    import hashlib
+
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    token = mint(key)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    (stored,) = list(verifier.cache._entries)
+    assert stored == hashlib.sha256(token.encode()).digest()  # not the ~600-byte token
+    # A token differing anywhere (here: the signature's last character) is another entry.
+    other = token[:-1] + ("A" if token[-1] != "A" else "B")
+    assert verifier.verify(other, POLICY, CONTEXT, NOW).reason is Reason.BAD_SIGNATURE
+    assert len(verifier.cache) == 1
+
+
+def test_oversized_tokens_are_refused_before_hashing(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    huge = "a" * (verifier.max_token_bytes + 1)
+    assert verifier.verify(huge, POLICY, CONTEXT, NOW).reason is Reason.TOKEN_TOO_LARGE
+
+
+def test_entries_share_repeated_values(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    first = verifier.verify(mint(key, default_claims(sub="a")), POLICY, CONTEXT, NOW)
+    second = verifier.verify(mint(key, default_claims(sub="b")), POLICY, CONTEXT, NOW)
+    assert first.claims["iss"] is second.claims["iss"]
+    assert first.claims["sub"] != second.claims["sub"]
