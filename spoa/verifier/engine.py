@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
@@ -235,4 +234,13 @@ class Verifier:
                     else frozenset()
                 ),
             )
-        return replace(ok_verdict, cache_hit=False)
+        return Verdict(
+            ok=True,
+            status=200,
+            reason=Reason.OK,
+            claims=claims,
+            expires_at=exp,
+            issuer=rules.name,
+            kid=kid,
+            alg=alg,
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import binascii
 import json
 import re
-from base64 import urlsafe_b64decode
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +46,9 @@ def _reject(message: str) -> TokenRejected:
     return TokenRejected(message, reason=Reason.MALFORMED)
 
 
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
 def b64url_decode(segment: bytes) -> bytes:
     """Decode unpadded base64url, refusing padding, whitespace, `+`, `/` and non-canonical tails."""
     if _B64URL.fullmatch(segment) is None:
@@ -60,7 +62,10 @@ def b64url_decode(segment: bytes) -> bytes:
         if last & _TAIL_MASK[remainder]:
             raise _reject("segment is not canonical base64url")
     try:
-        return urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+        # The alphabet was checked above, so a plain translate-and-decode is exact.
+        return binascii.a2b_base64(
+            segment.translate(_FROM_URLSAFE) + b"=" * (-len(segment) % 4), strict_mode=True
+        )
     except (binascii.Error, ValueError) as exc:
         raise _reject("segment is not base64url") from exc
 
@@ -78,11 +83,15 @@ def _no_constants(_name: str) -> Any:
     raise _reject("non-standard JSON constant")
 
 
+# One decoder for every call: json.loads with hooks builds a new one each time.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     """Parse a JSON object strictly: UTF-8, no duplicates, no NaN/Infinity, bounded depth."""
     try:
         text = raw.decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        value = _DECODER.decode(text)
     except TokenRejected:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
