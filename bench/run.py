@@ -16,8 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, loadgen
-from bench.rss_cache import measure_rss
+from bench import e2e, loadgen, memory
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
@@ -98,8 +97,8 @@ def markdown(report: dict[str, Any]) -> str:
     rss = report["rss"]
     lines += [
         "",
-        f"## Memory: {rss['tokens']} cached RS256 tokens: RSS {rss['before_mb']:.1f} MB → "
-        f"{rss['after_mb']:.1f} MB (+{rss['after_mb'] - rss['before_mb']:.1f} MB)",
+        f"## Memory: {rss['max_cache_entries']} cached tokens: RSS {rss['start_rss_mib']:.1f} MiB"
+        f" → {rss['peak_rss_mib']:.1f} MiB ({rss['bytes_per_cache_entry']} bytes per entry)",
         "",
         "## Micro-benchmarks (median µs)",
         "",
@@ -187,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         asdict(r) for r in loadgen.run_suites(suites, duration=seconds / 2 if args.short else 5.0)
     ]
     log("== memory: RSS with 100k cached tokens")
-    report["rss"] = measure_rss(10_000 if args.short else 100_000)
+    count = 10_000 if args.short else 100_000
+    report["rss"] = memory.run(tokens=count, cache=count, samples=1, quiet=True)
     log(f"   {report['rss']}")
     log("== end to end through HAProxy")
     scenarios = (
