@@ -268,24 +268,32 @@ def issuer() -> Iterator[LocalIssuer]:
         yield running
 
 
+async def refetching_handler(
+    issuer: LocalIssuer, *, fetch_timeout: float, unknown_kid_wait: float = 0.5
+) -> tuple[CheckJwtHandler, KeyManager, MemoryKeyStore]:
+    """A handler whose keys come from `issuer` over real HTTP, through a KeyManager."""
+    store = MemoryKeyStore()
+    timing = JwksTiming(refetch_interval=0.0, fetch_timeout=fetch_timeout)
+    manager = KeyManager({"local": JwksUrlSource(issuer.jwks_url)}, {"local": timing}, store)
+    assert await manager.start(5.0)
+    rules = IssuerRules(
+        name="local",
+        issuer=issuer.issuer,
+        algorithms=frozenset({"ES256"}),
+        audiences=frozenset({AUD}),
+    )
+    runtime = Runtime(
+        Verifier([rules], store),
+        {"default": PolicyRuntime(Policy("default", ("local",)))},
+        refetcher=manager,
+        unknown_kid_wait=unknown_kid_wait,
+    )
+    return CheckJwtHandler(runtime), manager, store
+
+
 def test_unknown_kid_is_verified_after_a_refetch(issuer: LocalIssuer) -> None:
     async def scenario() -> tuple[dict[str, object], int]:
-        store = MemoryKeyStore()
-        timing = JwksTiming(refetch_interval=0.0, fetch_timeout=2.0)
-        manager = KeyManager({"local": JwksUrlSource(issuer.jwks_url)}, {"local": timing}, store)
-        assert await manager.start(5.0)
-        rules = IssuerRules(
-            name="local",
-            issuer=issuer.issuer,
-            algorithms=frozenset({"ES256"}),
-            audiences=frozenset({AUD}),
-        )
-        runtime = Runtime(
-            Verifier([rules], store),
-            {"default": PolicyRuntime(Policy("default", ("local",)))},
-            refetcher=manager,
-        )
-        handler = CheckJwtHandler(runtime)
+        handler, manager, _ = await refetching_handler(issuer, fetch_timeout=2.0)
         issuer.rotate()
         fresh = issuer.mint({"sub": "bob", "aud": AUD})
         before = issuer.request_count()
@@ -319,23 +327,9 @@ def test_handler_cost_stays_small_on_cache_hits(handler: CheckJwtHandler) -> Non
 
 def test_a_slow_refetch_never_holds_a_request_past_unknown_kid_wait() -> None:
     async def scenario(issuer: LocalIssuer) -> tuple[dict[str, object], float, dict[str, object]]:
-        store = MemoryKeyStore()
-        timing = JwksTiming(refetch_interval=0.0, fetch_timeout=3.0)
-        manager = KeyManager({"local": JwksUrlSource(issuer.jwks_url)}, {"local": timing}, store)
-        assert await manager.start(5.0)
-        rules = IssuerRules(
-            name="local",
-            issuer=issuer.issuer,
-            algorithms=frozenset({"ES256"}),
-            audiences=frozenset({AUD}),
+        handler, manager, store = await refetching_handler(
+            issuer, fetch_timeout=3.0, unknown_kid_wait=0.2
         )
-        runtime = Runtime(
-            Verifier([rules], store),
-            {"default": PolicyRuntime(Policy("default", ("local",)))},
-            refetcher=manager,
-            unknown_kid_wait=0.2,
-        )
-        handler = CheckJwtHandler(runtime)
         issuer.rotate()
         issuer.mode = "slow"
         fresh = issuer.mint({"sub": "bob", "aud": AUD})

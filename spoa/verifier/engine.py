@@ -190,17 +190,7 @@ class Verifier:
             audiences = shared(token_audiences(payload))
             scopes = shared(token_scopes(payload))
             check_times(exp, nbf, rules.leeway, now)
-            ok_verdict = Verdict(
-                ok=True,
-                status=200,
-                reason=Reason.OK,
-                claims=claims,
-                expires_at=exp,
-                issuer=rules.name,
-                kid=kid,
-                alg=alg,
-                cache_hit=True,
-            )
+            ok_verdict = _accepted(claims, exp, rules.name, kid, alg, cache_hit=True)
             self.cache.put(
                 cache_key,
                 CacheEntry(
@@ -234,13 +224,26 @@ class Verifier:
                     else frozenset()
                 ),
             )
-        return Verdict(
-            ok=True,
-            status=200,
-            reason=Reason.OK,
-            claims=claims,
-            expires_at=exp,
-            issuer=rules.name,
-            kid=kid,
-            alg=alg,
-        )
+        return _accepted(claims, exp, rules.name, kid, alg, cache_hit=False)
+
+
+def _accepted(
+    claims: Mapping[str, Any],
+    exp: float | None,
+    issuer: str,
+    kid: str | None,
+    alg: str | None,
+    *,
+    cache_hit: bool,
+) -> Verdict:
+    return Verdict(
+        ok=True,
+        status=200,
+        reason=Reason.OK,
+        claims=claims,
+        expires_at=exp,
+        issuer=issuer,
+        kid=kid,
+        alg=alg,
+        cache_hit=cache_hit,
+    )
