@@ -292,7 +292,11 @@ class _AgentProtocol(asyncio.Protocol):
                 self._handler_failed(message.name, error)
                 self._ack(event, self._fallback)
                 return
-            if inspect.isawaitable(result):
+            # A plain list or tuple first: inspect.isawaitable goes through ABC checks,
+            # and the synchronous answer is the common case.
+            if type(result) is list or type(result) is tuple:
+                actions.extend(result)
+            elif inspect.isawaitable(result):
                 pending.append((message.name, result))
             else:
                 actions.extend(result)
