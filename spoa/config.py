@@ -308,6 +308,17 @@ class _Reader:
             raise _Invalid
         return value
 
+    def each_table(self, items: list[Any]) -> Iterator[dict[str, Any]]:
+        """The tables of an array, each with its index pushed on the key path; an element
+        that is not a table is reported and skipped."""
+        for index, item in enumerate(items):
+            try:
+                table = self.table(item, index)
+            except _Invalid:
+                continue
+            with self.at(index):
+                yield table
+
     def only(self, table: Mapping[str, Any], allowed: set[str]) -> None:
         for key in table:
             if key not in allowed:
@@ -410,17 +421,12 @@ class _Reader:
         result: list[IssuerSettings] = []
         seen: set[str] = set()
         with self.at("issuers"):
-            for index, item in enumerate(value):
-                try:
-                    table = self.table(item, index)
-                except _Invalid:
-                    continue
-                with self.at(index):
-                    issuer = self.issuer(table)
+            for table in self.each_table(value):
+                issuer = self.issuer(table)
                 if issuer is None:
                     continue
                 if issuer.name in seen:
-                    self.fail(index, f"duplicate issuer name {issuer.name!r}")
+                    self.fail(None, f"duplicate issuer name {issuer.name!r}")
                 seen.add(issuer.name)
                 result.append(issuer)
         return result
@@ -489,16 +495,11 @@ class _Reader:
         if not isinstance(value, list) or not value:
             raise _Expected("a non-empty array of key tables")
         keys = []
-        for index, item in enumerate(value):
-            with self.at("keys"):
-                try:
-                    table = self.table(item, index)
-                except _Invalid:
-                    continue
-                with self.at(index):
-                    key = self.static_key(table)
-            if key is not None:
-                keys.append(key)
+        with self.at("keys"):
+            for table in self.each_table(value):
+                key = self.static_key(table)
+                if key is not None:
+                    keys.append(key)
         if not keys:
             raise _Invalid
         return tuple(keys)
@@ -595,33 +596,28 @@ class _Reader:
             raise _Expected('an array of tables like { claim = "tenant", equals = "acme" }')
         rules = []
         with self.at("claims"):
-            for index, item in enumerate(value):
-                try:
-                    table = self.table(item, index)
-                except _Invalid:
+            for table in self.each_table(value):
+                self.only(table, {"claim", "equals", "one_of", "contains"})
+                claim = self.get(table, "claim", _string(), None)
+                tests = [k for k in ("equals", "one_of", "contains") if k in table]
+                if claim is None:
+                    self.fail("claim", "required key is missing")
+                if len(tests) != 1:
+                    self.fail(None, "exactly one of equals, one_of, contains is required")
                     continue
-                with self.at(index):
-                    self.only(table, {"claim", "equals", "one_of", "contains"})
-                    claim = self.get(table, "claim", _string(), None)
-                    tests = [k for k in ("equals", "one_of", "contains") if k in table]
-                    if claim is None:
-                        self.fail("claim", "required key is missing")
-                    if len(tests) != 1:
-                        self.fail(None, "exactly one of equals, one_of, contains is required")
-                        continue
-                    one_of = None
-                    if "one_of" in table:
-                        if not isinstance(table["one_of"], list) or not table["one_of"]:
-                            self.fail(
-                                "one_of",
-                                f"expected a non-empty array, got {_show(table['one_of'])}",
-                            )
-                            continue
-                        one_of = tuple(table["one_of"])
-                    if claim is not None:
-                        rules.append(
-                            ClaimRule(claim, table.get("equals"), one_of, table.get("contains"))
+                one_of = None
+                if "one_of" in table:
+                    if not isinstance(table["one_of"], list) or not table["one_of"]:
+                        self.fail(
+                            "one_of",
+                            f"expected a non-empty array, got {_show(table['one_of'])}",
                         )
+                        continue
+                    one_of = tuple(table["one_of"])
+                if claim is not None:
+                    rules.append(
+                        ClaimRule(claim, table.get("equals"), one_of, table.get("contains"))
+                    )
         return tuple(rules)
 
     def forward_claims(self, value: Any) -> tuple[tuple[str, str], ...]:

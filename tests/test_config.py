@@ -195,3 +195,15 @@ def test_check_config_cli_prints_the_effective_config(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert '"listen": "127.0.0.1:12345"' in result.stdout
     assert "configuration is valid" in result.stderr
+
+
+def test_array_elements_are_reported_with_their_index() -> None:
+    duplicate = MINIMAL.replace(
+        "[policies.default]",
+        MINIMAL.split("[policies.default]", maxsplit=1)[0] + "[policies.default]",
+    )
+    assert problems(duplicate) == ["issuers[1]: duplicate issuer name 'corp'"]
+    found = problems(MINIMAL.replace('jwks_uri = "https://id.example.com/jwks.json"', "keys = [7]"))
+    assert "issuers[0].keys[0]: expected a table, got 7" in found
+    found = problems(MINIMAL + 'claims = [ { claim = "a", one_of = [] } ]\n')
+    assert found == ["policies.default.claims[0].one_of: expected a non-empty array, got an array"]
