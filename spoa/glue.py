@@ -107,7 +107,8 @@ class CheckJwtHandler:
         self._timer = time.perf_counter
 
     def __call__(self, message: Message) -> Sequence[Action] | Awaitable[Sequence[Action]]:
-        # The per-request path: kept flat on purpose (no helper calls where a line does).
+        # The per-request path: kept flat (no helper call where a line does); one ending,
+        # _finish, shared with the refetch path.
         started = self._timer()
         runtime = self.runtime  # one reference for the whole request, across a reload
         args = dict(reversed(message.args))  # the first of a repeated name wins
@@ -136,12 +137,7 @@ class CheckJwtHandler:
                 and verdict.issuer is not None
             ):
                 return self._after_refetch(runtime, selected, token, context, verdict, started)
-        if self._observer is not None:
-            report_only = selected is not None and selected.report_only
-            self._observer.on_verdict(
-                verdict, policy_name, self._timer() - started, token, report_only
-            )
-        return verdict_actions(verdict, selected, token, now)
+        return self._finish(verdict, policy_name, selected, token, now, started)
 
     async def _after_refetch(
         self,
@@ -174,8 +170,9 @@ class CheckJwtHandler:
         now: float,
         started: float,
     ) -> Sequence[Action]:
-        report_only = selected is not None and selected.report_only
+        """Count and log the verdict, then turn it into actions."""
         if self._observer is not None:
+            report_only = selected is not None and selected.report_only
             self._observer.on_verdict(
                 verdict, policy_name, self._timer() - started, token, report_only
             )

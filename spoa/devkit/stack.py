@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -442,9 +442,3 @@ class Stack:
                     return
             time.sleep(0.1)
         raise StackError(f"HAProxy servers not all UP after {timeout:g}s: {states}")
-
-
-@contextlib.contextmanager
-def running_stack(options: StackOptions) -> Iterator[Stack]:
-    with Stack(options) as stack:
-        yield stack
