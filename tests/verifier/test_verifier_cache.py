@@ -164,8 +164,10 @@ def test_cache_keys_are_digests_of_the_whole_token(key: KeyPair) -> None:
     assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
     (stored,) = list(verifier.cache._entries)
     assert stored == hashlib.sha256(token.encode()).digest()  # not the ~600-byte token
-    # A token differing anywhere (here: the signature's last character) is another entry.
-    other = token[:-1] + ("A" if token[-1] != "A" else "B")
+    # A token differing anywhere (here: inside the signature) is another entry. Not the last
+    # character: it carries only 2 bits, so most substitutes are non-canonical (MALFORMED).
+    flipped = "A" if token[-5] != "A" else "B"
+    other = token[:-5] + flipped + token[-4:]
     assert verifier.verify(other, POLICY, CONTEXT, NOW).reason is Reason.BAD_SIGNATURE
     assert len(verifier.cache) == 1
 
