@@ -37,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.handler(args)
     except ConfigError as exc:
-        print(f"jwtgate: invalid configuration ({len(exc.problems)} problems):", file=sys.stderr)
+        count = len(exc.problems)
+        print(
+            f"jwtgate: invalid configuration ({count} problem{'' if count == 1 else 's'}):",
+            file=sys.stderr,
+        )
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_FAILURE

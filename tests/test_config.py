@@ -207,3 +207,19 @@ def test_array_elements_are_reported_with_their_index() -> None:
     assert "issuers[0].keys[0]: expected a table, got 7" in found
     found = problems(MINIMAL + 'claims = [ { claim = "a", one_of = [] } ]\n')
     assert found == ["policies.default.claims[0].one_of: expected a non-empty array, got an array"]
+
+
+def test_check_config_cli_counts_problems_in_plain_english(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("x = [\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "spoa", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "invalid configuration (1 problem):" in result.stderr
+    assert f"{path}: not valid TOML" in result.stderr
+    assert "Traceback" not in result.stderr
