@@ -226,6 +226,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     from spoa.devkit.tokens import mint_token
 
     path = Path(args.key)
+    if not path.exists():
+        raise CommandError(f"cannot load a signing key from {path}: no such file or directory")
     try:
         if path.is_dir():
             key = load_current_key(path)

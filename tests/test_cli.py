@@ -91,6 +91,10 @@ def test_key_errors_are_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("jwtgate: cannot load a signing key")
     assert "Traceback" not in result.stderr
+    # Without --alg too: the missing path is the problem to report, not the missing flag.
+    no_alg = jwtgate("token", "--key", str(tmp_path / "missing"))
+    assert no_alg.stderr.startswith("jwtgate: cannot load a signing key")
+    assert "no such file or directory" in no_alg.stderr
     keys = tmp_path / "k"
     jwtgate("keys", "init", str(keys))
     again = jwtgate("keys", "init", str(keys))
