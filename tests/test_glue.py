@@ -200,6 +200,17 @@ def test_forward_claims_are_scrubbed_and_joined(handler: CheckJwtHandler) -> Non
     assert result["roles"] == "x,y"
 
 
+def test_a_signed_lone_surrogate_claim_is_401_not_a_crash(handler: CheckJwtHandler) -> None:
+    """Regression: a validly signed `"email": "\\ud800"` raised in the glue while
+    building the forwarded header, and HAProxy answered 503 instead of 401."""
+    odd = token(scope="read admin", email="a\ud800b")
+    result = run(handler, message(authorization=f"Bearer {odd}", policy="admin"))
+    assert result["valid"] is False
+    assert result["status"] == 401
+    assert result["reason"] == "malformed"
+    assert "email" not in result
+
+
 def test_report_only_lets_through_but_keeps_the_reason(handler: CheckJwtHandler) -> None:
     result = run(handler, message(authorization=f"Bearer {token()}", policy="shadow"))
     assert result["valid"] is True

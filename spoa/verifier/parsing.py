@@ -86,12 +86,34 @@ def _no_constants(_name: str) -> Any:
 # One decoder for every call: json.loads with hooks builds a new one each time.
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
 
+# A JSON escape of a UTF-16 surrogate. Escaped pairs decode to one character; a lone one
+# decodes to a string that is not Unicode text (RFC 8259 §8.2, I-JSON §2.1).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
+
 
 def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON object strictly: UTF-8, no duplicates, no NaN/Infinity, bounded depth."""
+    """Parse a JSON object strictly: UTF-8, no duplicates, no NaN/Infinity, bounded depth,
+    and no lone surrogate escapes (every string must be text another parser reads alike)."""
     try:
         text = raw.decode("utf-8")
         value = _DECODER.decode(text)
+        # Only texts holding a surrogate escape are walked: the common case costs one scan.
+        if _SURROGATE_ESCAPE.search(raw) is not None and _has_lone_surrogate(value):
+            raise _reject(f"{what} holds a lone surrogate escape")
     except TokenRejected:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

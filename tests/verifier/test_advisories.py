@@ -197,6 +197,34 @@ def test_duplicate_claims_are_refused(es_key: KeyPair) -> None:
     assert _verify_with([es_key.verification_key()], {"ES256"}, token).reason is Reason.MALFORMED
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        '"sub": "a\\ud800b"',  # a lone high surrogate in a value
+        '"name": "\\udfff"',  # a lone low surrogate
+        '"\\ud83d": 1',  # in a member name
+        '"roles": ["admin", ["\\uDBFF"]]',  # nested, upper-case hex
+    ],
+)
+def test_lone_surrogate_escapes_are_refused(where: str, es_key: KeyPair) -> None:
+    """Signed or not, such a string is not text: forwarding it would crash or be read
+    differently by the backend's parser. Regression: a signed one crashed the glue."""
+    claims = json.dumps(default_claims(sub="user"))[:-1] + ", " + where + "}"
+    token = mint(es_key, raw_payload=claims.encode())
+    assert _verify_with([es_key.verification_key()], {"ES256"}, token).reason is Reason.MALFORMED
+    header = b'{"alg":"ES256","kid":"es-1","x":"\\ud800"}'
+    token = mint(es_key, raw_header=header)
+    assert _verify_with([es_key.verification_key()], {"ES256"}, token).reason is Reason.MALFORMED
+
+
+def test_escaped_surrogate_pairs_are_text(es_key: KeyPair) -> None:
+    claims = json.dumps(default_claims(sub="user"))[:-1] + ', "name": "\\ud83d\\ude00 \\\\ud800"}'
+    token = mint(es_key, raw_payload=claims.encode())
+    verdict = _verify_with([es_key.verification_key()], {"ES256"}, token)
+    assert verdict.ok
+    assert verdict.claims["name"] == "\U0001f600 \\ud800"  # a pair, then a literal backslash
+
+
 def test_jwe_is_refused(es_key: KeyPair) -> None:
     jwe = "eyJhbGciOiJSU0EtT0FFUCIsImVuYyI6IkEyNTZHQ00ifQ.a.b.c.d"
     assert _verify_with([es_key.verification_key()], {"ES256"}, jwe).reason is Reason.MALFORMED
