@@ -28,6 +28,7 @@ ARG_POLICY = "policy"
 ARG_QUERY = "query"
 DEFAULT_POLICY = "default"
 
+_INT64 = 2**63
 MAX_VAR_BYTES = 1024  # per forwarded value; HAProxy puts these into request headers
 MAX_CLAIMS_BYTES = 6144  # the base64url payload; keeps every ACK well inside 16 KiB frames
 
@@ -272,7 +273,8 @@ def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, token: st
     if scope_text:
         actions.append(SetVar(TXN, "scope", scope_text))
     exp = claims.get("exp")
-    if isinstance(exp, int | float) and not isinstance(exp, bool):
+    # Within HAProxy's signed 64-bit integers only; a report-only verdict may carry any exp.
+    if isinstance(exp, int | float) and not isinstance(exp, bool) and -_INT64 <= exp < _INT64:
         actions.append(SetVar(TXN, "exp", int(exp)))
     payload = payload_segment(token)
     if payload is not None:

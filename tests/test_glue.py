@@ -211,6 +211,37 @@ def test_a_signed_lone_surrogate_claim_is_401_not_a_crash(handler: CheckJwtHandl
     assert "email" not in result
 
 
+@pytest.mark.parametrize("policy", ["default", "shadow"])
+def test_an_exp_beyond_64_bits_is_401_not_a_crash(handler: CheckJwtHandler, policy: str) -> None:
+    """Regression: a signed exp of 2**64 + 5 was accepted, its `exp` variable could not be
+    encoded, and HAProxy answered 503. Report-only still lets it through, without `exp`."""
+    huge = mint_token(
+        KEY,
+        {"iss": ISS, "aud": AUD, "sub": "alice", "scope": "read", "exp": 2**64 + 5},
+        now=NOW - 10,
+        lifetime=None,
+    )
+    result = run(handler, message(authorization=f"Bearer {huge}", policy=policy))
+    assert result["reason"] == "malformed"
+    assert result["valid"] is (policy == "shadow")
+    assert "exp" not in result
+    assert "expires_in" not in result
+
+
+def test_the_largest_64_bit_exp_is_forwarded_as_is(handler: CheckJwtHandler) -> None:
+    edge = mint_token(
+        KEY,
+        {"iss": ISS, "aud": AUD, "sub": "alice", "scope": "read", "exp": 2**63 - 1},
+        now=NOW - 10,
+        lifetime=None,
+    )
+    result = run(handler, message(authorization=f"Bearer {edge}"))
+    assert result["valid"] is True
+    assert result["exp"] == 2**63 - 1
+    assert isinstance(result["expires_in"], int)
+    assert 0 < result["expires_in"] < 2**63
+
+
 def test_report_only_lets_through_but_keeps_the_reason(handler: CheckJwtHandler) -> None:
     result = run(handler, message(authorization=f"Bearer {token()}", policy="shadow"))
     assert result["valid"] is True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,18 +10,22 @@ from spoa.verifier.errors import TokenRejected
 from spoa.verifier.policy import ClaimMatcher, IssuerRules, normalize_type
 from spoa.verifier.reasons import Reason
 
+# NumericDates are kept within signed 64-bit seconds: what HAProxy's integers (the
+# forwarded `exp`) and most JWT libraries can hold. Beyond it a date means nothing.
+NUMERIC_DATE_LIMIT = 2**63  # exclusive; Python compares ints and floats exactly
+
 
 def numeric_date(payload: Mapping[str, Any], name: str) -> float | None:
-    """A NumericDate claim as float, None when absent; anything but a finite number is malformed."""
+    """A NumericDate claim as float, None when absent; anything but a finite number within
+    ±2**63 seconds is malformed."""
     value = payload.get(name)
     if value is None and name not in payload:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenRejected(f"{name} is not a number", reason=Reason.MALFORMED)
-    result = float(value)
-    if not math.isfinite(result):
-        raise TokenRejected(f"{name} is not finite", reason=Reason.MALFORMED)
-    return result
+    if not -NUMERIC_DATE_LIMIT <= value < NUMERIC_DATE_LIMIT:  # also refuses inf and NaN
+        raise TokenRejected(f"{name} is out of range", reason=Reason.MALFORMED)
+    return float(value)
 
 
 def check_type(header: Mapping[str, Any], rules: IssuerRules) -> None:

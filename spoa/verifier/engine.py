@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -20,6 +21,7 @@ from spoa.verifier.claims import (
     check_matchers,
     check_times,
     check_type,
+    numeric_date,
     token_audiences,
     token_scopes,
 )
@@ -181,9 +183,10 @@ class Verifier:
                 raise TokenRejected("signature does not verify", reason=Reason.BAD_SIGNATURE)
             # From here on the payload is authentic and may be forwarded.
             claims = MappingProxyType(compact_claims(payload))
-            raw_exp = payload.get("exp")
-            if isinstance(raw_exp, int | float) and not isinstance(raw_exp, bool):
-                expires_at = float(raw_exp)
+            # For the verdict even when a later check fails; an invalid exp is left out
+            # here and reported by check_issuer_claims.
+            with contextlib.suppress(TokenRejected):
+                expires_at = numeric_date(payload, "exp")
             check_type(parsed.header, rules)
             times = check_issuer_claims(payload, rules, now)
             exp, nbf = times.exp, times.nbf

@@ -225,6 +225,35 @@ def test_escaped_surrogate_pairs_are_text(es_key: KeyPair) -> None:
     assert verdict.claims["name"] == "\U0001f600 \\ud800"  # a pair, then a literal backslash
 
 
+@pytest.mark.parametrize(
+    ("claim", "raw", "accepted"),
+    [
+        ("exp", str(2**63 - 1), True),  # the largest signed 64-bit second is a date
+        ("exp", str(2**63), False),
+        ("exp", "1e300", False),
+        ("exp", "1e400", False),  # json reads this as infinity
+        ("nbf", "-1e300", False),
+        ("iat", str(-(2**63)), True),
+        ("iat", str(-(2**63) - 1), False),
+    ],
+)
+def test_numeric_dates_beyond_64_bits_are_malformed(
+    claim: str, raw: str, accepted: bool, es_key: KeyPair
+) -> None:
+    """Regression: a signed exp of 1e300 was accepted and then could not be forwarded as
+    HAProxy's 64-bit integer, so the glue raised and HAProxy answered 503."""
+    claims = default_claims()
+    claims.pop(claim, None)
+    text = json.dumps(claims)[:-1] + f', "{claim}": {raw}}}'
+    token = mint(es_key, raw_payload=text.encode())
+    verdict = _verify_with([es_key.verification_key()], {"ES256"}, token)
+    assert verdict.ok is accepted, verdict.reason
+    if not accepted:
+        assert verdict.reason is Reason.MALFORMED
+        if claim == "exp":
+            assert verdict.expires_at is None
+
+
 def test_jwe_is_refused(es_key: KeyPair) -> None:
     jwe = "eyJhbGciOiJSU0EtT0FFUCIsImVuYyI6IkEyNTZHQ00ifQ.a.b.c.d"
     assert _verify_with([es_key.verification_key()], {"ES256"}, jwe).reason is Reason.MALFORMED
