@@ -10,9 +10,11 @@ from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from spoa.devkit.issuer import LocalIssuer
-from spoa.devkit.keys import generate_signing_key, jwks_document
+from spoa.devkit.keys import b64url_encode, generate_signing_key, jwks_document
 from spoa.devkit.tokens import mint_token
 from spoa.glue import (
     FALLBACK_ACTIONS,
@@ -29,6 +31,7 @@ from spoa.verifier import (
     JwksTiming,
     MemoryKeyStore,
     Policy,
+    Reason,
     Verdict,
     Verifier,
     load_jwks,
@@ -403,3 +406,53 @@ async def _variables(result: Sequence[Action] | Awaitable[Sequence[Action]]) -> 
     return {
         a.name: a.value for a in decode_actions(encoded, 0, len(encoded)) if isinstance(a, SetVar)
     }
+
+
+# --- any signed claims, any policy: always a verdict, never a fallback -----------------------
+
+_CLAIM_NAMES = ["iss", "aud", "sub", "scope", "scp", "exp", "nbf", "iat", "jti", "email", "roles"]
+_ODD_TEXT = st.sampled_from(["\ud800", "a\udfffb", "\x00\r\nX: y", "é" * 600, "\U0001f600", ""])
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),  # infinity is written as 1e999 below
+    st.text(max_size=12),
+    _ODD_TEXT,
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=10,
+)
+_REASONS = {reason.value for reason in Reason} - {"internal_error"}
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    overrides=st.dictionaries(st.sampled_from(_CLAIM_NAMES), _VALUES, max_size=4),
+    policy=st.sampled_from(["default", "admin", "shadow"]),
+)
+def test_any_signed_claims_get_a_verdict(overrides: dict[str, Any], policy: str) -> None:
+    """Whatever a trusted issuer signs, the glue answers with a verdict: no exception, so
+    no fallback (which HAProxy turns into 503), and every forwarded value is header-safe."""
+    claims = {"iss": ISS, "aud": AUD, "sub": "alice", "scope": "read admin beta"}
+    claims |= {"iat": NOW - 10, "exp": NOW + 600} | overrides
+    payload = json.dumps(claims).replace("Infinity", "1e999").encode()
+    header = json.dumps({"alg": "ES256", "typ": "at+jwt", "kid": KEY.kid}).encode()
+    signing_input = f"{b64url_encode(header)}.{b64url_encode(payload)}"
+    signed = f"{signing_input}.{b64url_encode(KEY.sign(signing_input.encode()))}"
+
+    handler = CheckJwtHandler(make_runtime(), clock=lambda: NOW)
+    answer = handler(message(authorization=f"Bearer {signed}", policy=policy))
+    assert isinstance(answer, list)  # synchronous: no refetcher here
+    result = run(handler, message(authorization=f"Bearer {signed}", policy=policy))
+    assert result["valid"] in (True, False)
+    assert result["reason"] in _REASONS
+    assert result["status"] in (200, 400, 401, 403)
+    if result["valid"] and policy != "shadow":
+        assert (result["status"], result["reason"]) == (200, "ok")
+    for name, value in result.items():
+        if isinstance(value, str) and name not in ("www_authenticate", "claims"):
+            assert len(value.encode()) <= MAX_VAR_BYTES, name
+            assert not any(ord(c) < 32 or ord(c) == 127 for c in value), name
