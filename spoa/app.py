@@ -604,6 +604,9 @@ def run_agent(
             log.error("worker_startup_failed", error=str(exc))
             return 1
     log.info("config_loaded", source=config.source, config=mask_secrets(describe(config)))
+    for issuer in config.issuers:
+        if issuer.allow_plain_http:
+            log.warning("plain_http_keys_allowed", issuer=issuer.name)
     if config.agent.workers > 1 and config_path is None:
         raise StartupError("several workers need the configuration file's path")
     if pid_file:

@@ -8,10 +8,12 @@ weaken a check. The reference for every key is docs/configuration.md.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -192,6 +194,7 @@ class IssuerSettings:
     fetch_timeout: float = 5.0
     max_jwks_bytes: int = 1024 * 1024
     max_keys: int = 100
+    allow_plain_http: bool = False
 
     @property
     def source_kind(self) -> Literal["jwks_uri", "jwks_file", "discovery", "keys"]:
@@ -465,9 +468,18 @@ class _Reader:
             "fetch_timeout": self.get(table, "fetch_timeout", _duration(0.01, 300.0), 5.0),
             "max_jwks_bytes": self.get(table, "max_jwks_bytes", _int(1024, 64 << 20), 1 << 20),
             "max_keys": self.get(table, "max_keys", _int(1, 10_000), 100),
+            "allow_plain_http": self.get(table, "allow_plain_http", _bool, False),
         }
         if "discovery" in table:
             values["discovery"] = self.get(table, "discovery", _discovery(issuer), None)
+        for source in ("jwks_uri", "discovery"):
+            url = values.get(source)
+            if url and not values["allow_plain_http"] and not _trusted_transport(url):
+                self.fail(
+                    source,
+                    "plain http:// to a non-loopback host lets anyone on the path replace the"
+                    " keys; use https://, or set allow_plain_http = true for a network you trust",
+                )
         if values["refresh_min"] > values["refresh_max"]:
             self.fail("refresh_min", "must not be greater than refresh_max")
         if algorithms:
@@ -776,6 +788,20 @@ def _url(value: Any) -> str:
     if not text.startswith(("https://", "http://")):
         raise _Expected("an http:// or https:// URL")
     return text
+
+
+def _trusted_transport(url: str) -> bool:
+    """https, or plain http that never leaves the host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _discovery(issuer: str | None) -> Callable[[Any], str]:

@@ -223,3 +223,29 @@ def test_check_config_cli_counts_problems_in_plain_english(tmp_path: Path) -> No
     assert "invalid configuration (1 problem):" in result.stderr
     assert f"{path}: not valid TOML" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "accepted"),
+    [
+        ('jwks_uri = "https://id.example.com/jwks.json"', True),
+        ('jwks_uri = "http://127.0.0.1:8080/jwks.json"', True),
+        ('jwks_uri = "http://[::1]:8080/jwks.json"', True),
+        ('jwks_uri = "http://localhost/jwks.json"', True),
+        ('jwks_uri = "http://id.example.com/jwks.json"', False),
+        ('jwks_uri = "http://10.0.0.7/jwks.json"', False),
+        ('discovery = "http://id.example.com/.well-known/openid-configuration"', False),
+        ('jwks_uri = "http://id.example.com/jwks.json"\nallow_plain_http = true', True),
+    ],
+)
+def test_keys_over_plain_http_need_loopback_or_an_explicit_opt_in(
+    source: str, accepted: bool
+) -> None:
+    """Whoever sits on a plain-http path to the JWKS can swap the keys and mint tokens."""
+    text = MINIMAL.replace('jwks_uri = "https://id.example.com/jwks.json"', source)
+    if accepted:
+        parse_config(text)
+    else:
+        (problem,) = problems(text)
+        assert problem.startswith(("issuers[0].jwks_uri: plain http://", "issuers[0].discovery:"))
+        assert "allow_plain_http" in problem

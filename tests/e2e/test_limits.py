@@ -281,6 +281,18 @@ def readyz(metrics_port: int) -> int:
     return status
 
 
+def test_an_opt_in_to_plain_http_keys_is_logged_at_start(
+    tmp_path: Path, issuer: LocalIssuer
+) -> None:
+    """allow_plain_http weakens the key transport: the agent says so where operators look."""
+    process = start_agent(tmp_path, issuer, "allow_plain_http = true\n")
+    try:
+        wait_for_port(process.port, timeout=20, process=process)  # type: ignore[attr-defined]
+        assert "plain_http_keys_allowed" in process.log_text()
+    finally:
+        process.stop()
+
+
 @pytest.mark.parametrize("limit", ["max_jwks_bytes", "max_keys"])
 def test_jwks_over_its_limits_is_refused(tmp_path: Path, limit: str) -> None:
     with LocalIssuer(alg="ES256", keep=4, huge_size=64 * 1024) as big_issuer:
