@@ -7,6 +7,7 @@ request is counted per path. The delay waits on an event, so `close()` never wai
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -57,8 +58,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
+        if tls is not None:
+            # A failed handshake surfaces in accept() as an OSError, which the server skips.
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.lock = threading.Lock()
         self.routes: dict[str, Route] = {}
         self.counts: Counter[str] = Counter()
@@ -66,10 +70,12 @@ class _Server(ThreadingHTTPServer):
 
 
 class JwksServer:
-    """Use as a context manager; `url(path)` gives the address of a route."""
+    """Use as a context manager; `url(path)` gives the address of a route. With `tls`
+    (a server-side context) it speaks HTTPS."""
 
-    def __init__(self) -> None:
-        self._server = _Server()
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self._scheme = "https" if tls is not None else "http"
+        self._server = _Server(tls)
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name="jwks-server"
         )
@@ -86,7 +92,7 @@ class JwksServer:
         return int(self._server.server_address[1])
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self._scheme}://127.0.0.1:{self.port}{path}"
 
     def set(
         self,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -11,6 +14,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from verifier_helpers import (
     CONTEXT,
     NOW,
@@ -398,3 +405,84 @@ def test_redirects_stay_on_http(
         # urllib itself refuses file: (leaving the 302); our handler refuses ftp:.
         cause = harness.of_type(FetchFailed)[0].cause
         assert "redirect" in cause or "302" in cause
+
+
+# --- HTTPS: certificates are verified ----------------------------------------------------------
+
+
+def _tls_for_loopback(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A private CA (written to ca.pem) and a server context for 127.0.0.1 signed by it."""
+    now = datetime.datetime.now(datetime.UTC)
+    valid = {"not_valid_before": now - datetime.timedelta(hours=1)}
+    valid["not_valid_after"] = now + datetime.timedelta(hours=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jwtgate test CA")])
+    ca_cert = (
+        x509.CertificateBuilder(subject_name=ca_name, issuer_name=ca_name, **valid)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder(
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]),
+            issuer_name=ca_name,
+            **valid,
+        )
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = directory / "ca.pem"
+    ca_pem.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    chain = directory / "server.pem"
+    chain.write_bytes(
+        server_cert.public_bytes(serialization.Encoding.PEM)
+        + server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain)
+    return ca_pem, context
+
+
+def test_https_keys_come_only_from_a_trusted_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_a: KeyPair
+) -> None:
+    """Verification is on by default; a private CA is trusted through SSL_CERT_FILE, as
+    docs/configuration.md tells operators."""
+    ca_pem, server_context = _tls_for_loopback(tmp_path)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with JwksServer(tls=server_context) as https_server:
+        https_server.set("/jwks", jwks(key_a))
+        url = https_server.url("/jwks")
+        assert url.startswith("https://127.0.0.1:")
+
+        untrusted = Harness(JwksUrlSource(url))  # the system store does not know our CA
+
+        async def start(harness: Harness) -> bool:
+            try:
+                return await harness.manager.start(timeout=5.0)
+            finally:
+                await harness.manager.aclose()
+
+        assert run(lambda: start(untrusted)) is False
+        assert "SSLCertVerificationError" in untrusted.of_type(FetchFailed)[0].cause
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_pem))
+        trusted = Harness(JwksUrlSource(url))  # its fetcher's context is built after the env
+        assert run(lambda: start(trusted)) is True
+        assert trusted.verify(key_a) is Reason.OK
