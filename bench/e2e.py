@@ -59,7 +59,7 @@ PACED_DELAY_MS = 10
 @dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
-    kind: str  # noauth | native | ackonly | jwtgate
+    kind: str  # noauth | native | ackmin | ackonly | jwtgate
     alg: str = "RS256"
     unique: bool = False
     workers: int = 1
@@ -69,7 +69,8 @@ SCENARIOS = (
     Scenario("no auth", "noauth"),
     Scenario("native jwt_verify RS256", "native", "RS256"),
     Scenario("native jwt_verify ES256", "native", "ES256"),
-    Scenario("ACK-only agent (bare SPOP)", "ackonly"),
+    Scenario("minimal ACK-only agent (hand-written)", "ackmin"),
+    Scenario("ACK-only agent (jwtgate server, no JWT)", "ackonly"),
     Scenario("jwtgate RS256 cache hits", "jwtgate", "RS256"),
     Scenario("jwtgate RS256 unique", "jwtgate", "RS256", unique=True),
     Scenario("jwtgate ES256 unique", "jwtgate", "ES256", unique=True),
@@ -301,11 +302,12 @@ class Bench:
             with _haproxy(config, env, self.workdir, f"haproxy-{scenario.kind}") as haproxy:
                 wait_for_port(port, timeout=10, process=haproxy)
                 yield Target(url, haproxy.pid, None)
-        elif scenario.kind == "ackonly":
+        elif scenario.kind in ("ackmin", "ackonly"):
             agent_port = free_port()
+            minimal = ["--minimal"] if scenario.kind == "ackmin" else []
             agent = ManagedProcess(
                 "ack-agent",
-                [sys.executable, "-m", "bench.ack_agent", "--port", str(agent_port)],
+                [sys.executable, "-m", "bench.ack_agent", "--port", str(agent_port), *minimal],
                 log_path=self.workdir / "ack-agent.log",
                 cwd=BENCH_DIR.parent,
             ).start()
@@ -319,7 +321,7 @@ class Bench:
                     JWTGATE_AGENT2=f"127.0.0.1:{agent_port}",
                 )
                 config = self.haproxy_dir / "haproxy.cfg"
-                with _haproxy(config, env, self.workdir, "haproxy-ackonly") as haproxy:
+                with _haproxy(config, env, self.workdir, f"haproxy-{scenario.kind}") as haproxy:
                     wait_for_port(port, timeout=10, process=haproxy)
                     yield Target(url, haproxy.pid, agent.pid)
             finally:
