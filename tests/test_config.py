@@ -182,16 +182,21 @@ def test_reference_documents_every_key() -> None:
     assert documented - accepted == set(), "docs/configuration.md lists unknown keys"
 
 
-def test_check_config_cli_prints_the_effective_config(tmp_path: Path) -> None:
-    path = tmp_path / "ok.toml"
-    path.write_text(MINIMAL)
-    result = subprocess.run(
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    """`jwtgate check-config PATH`, run as a user runs it."""
+    return subprocess.run(
         [sys.executable, "-m", "spoa", "check-config", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
+
+
+def test_check_config_cli_prints_the_effective_config(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(MINIMAL)
+    result = check_config(path)
     assert result.returncode == 0
     assert '"listen": "127.0.0.1:12345"' in result.stdout
     assert "configuration is valid" in result.stderr
@@ -212,13 +217,7 @@ def test_array_elements_are_reported_with_their_index() -> None:
 def test_check_config_cli_counts_problems_in_plain_english(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("x = [\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "spoa", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = check_config(path)
     assert result.returncode == 1
     assert "invalid configuration (1 problem):" in result.stderr
     assert f"{path}: not valid TOML" in result.stderr
