@@ -28,7 +28,7 @@ ARG_POLICY = "policy"
 ARG_QUERY = "query"
 DEFAULT_POLICY = "default"
 
-_INT64 = 2**63
+_INT64_LIMIT = 2**63  # HAProxy integers are signed 64-bit
 MAX_VAR_BYTES = 1024  # per forwarded value; HAProxy puts these into request headers
 MAX_CLAIMS_BYTES = 6144  # the base64url payload; keeps every ACK well inside 16 KiB frames
 
@@ -274,7 +274,11 @@ def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, token: st
         actions.append(SetVar(TXN, "scope", scope_text))
     exp = claims.get("exp")
     # Within HAProxy's signed 64-bit integers only; a report-only verdict may carry any exp.
-    if isinstance(exp, int | float) and not isinstance(exp, bool) and -_INT64 <= exp < _INT64:
+    if (
+        isinstance(exp, int | float)
+        and not isinstance(exp, bool)
+        and -_INT64_LIMIT <= exp < _INT64_LIMIT
+    ):
         actions.append(SetVar(TXN, "exp", int(exp)))
     payload = payload_segment(token)
     if payload is not None:
