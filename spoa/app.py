@@ -250,8 +250,8 @@ class VerdictRecorder:
             "status": verdict.status,
             "policy": policy,
             "issuer": verdict.issuer,
-            "kid": verdict.kid,
-            "alg": verdict.alg,
+            "kid": _clip(verdict.kid),
+            "alg": _clip(verdict.alg),
             "report_only": report_only,
         }
         if verdict.claims:  # only when the signature verified
@@ -259,6 +259,17 @@ class VerdictRecorder:
         if token:
             fields["token_hash"] = token_fingerprint(token)
         self.limiter.emit(log.warning, "rejected", **fields)
+
+
+# `kid` and `alg` of a rejected token come from its unverified header: anyone can make them
+# as long as the token limit allows. Real ones are short.
+_LOGGED_HEADER_CHARS = 128
+
+
+def _clip(value: str | None) -> str | None:
+    if value is None or len(value) <= _LOGGED_HEADER_CHARS:
+        return value
+    return value[:_LOGGED_HEADER_CHARS] + "…"
 
 
 def _sub(verdict: Verdict) -> str | None:

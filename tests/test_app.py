@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from spoa.app import (
+    VerdictRecorder,
     _check_restart_only,
     issuer_rules,
     jwks_timing,
@@ -15,6 +18,8 @@ from spoa.app import (
 )
 from spoa.config import ConfigError, parse_config
 from spoa.keymanager import JwksUrlSource, OidcDiscoverySource, StaticKeySource
+from spoa.metrics import Metrics
+from spoa.verifier import Reason, Verdict
 from tests.test_config import MINIMAL
 
 
@@ -98,3 +103,29 @@ def test_reloadable_changes_pass() -> None:
         '[agent]\nunknown_kid_wait = "100ms"\n' + MINIMAL + 'require_scopes = ["x"]\n'
     )
     _check_restart_only(old, new)
+
+
+class CapturedRejections:
+    """Stands in for the rate limiter at the point where the log fields are final."""
+
+    def __init__(self) -> None:
+        self.fields: list[dict[str, Any]] = []
+
+    def emit(self, log_method: Callable[..., Any], event: str, **fields: Any) -> bool:
+        self.fields.append(fields)
+        return True
+
+
+def test_unverified_kid_and_alg_are_clipped_in_rejection_logs() -> None:
+    """An attacker picks a rejected token's header: 8 KiB of `kid` must not become a log line."""
+    recorder = VerdictRecorder(Metrics(reasons=[r.value for r in Reason]), parse_config(MINIMAL))
+    captured = CapturedRejections()
+    recorder.limiter = captured  # type: ignore[assignment]
+    forged = Verdict.rejected(Reason.UNKNOWN_KID, kid="k" * 8000, alg="A" * 300)
+    recorder.on_verdict(forged, "default", 0.001, "a.b.c", report_only=False)
+    short = Verdict.rejected(Reason.UNKNOWN_KID, kid="2024-rotation-b", alg="RS256")
+    recorder.on_verdict(short, "default", 0.001, "a.b.c", report_only=False)
+    (first, second) = captured.fields
+    assert first["reason"] == "unknown_kid"
+    assert (first["kid"], first["alg"]) == ("k" * 128 + "…", "A" * 128 + "…")
+    assert (second["kid"], second["alg"]) == ("2024-rotation-b", "RS256")
