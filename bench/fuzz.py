@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/fuzz.py --minutes 10
 
-Runs the suite's hypothesis properties (tests/protocol/test_fuzz_connection.py and
-tests/verifier/test_fuzz_tokens.py) in rounds with many examples and fresh seeds until the
-time is up. A failure stops the run with hypothesis's minimised example printed: save it
-under tests/protocol/crashers/ (raw bytes, *.bin) or tests/verifier/crashers/ (*.txt) so
-the suite replays it for ever.
+Runs the suite's hypothesis properties (tests/protocol/test_fuzz_connection.py,
+tests/verifier/test_fuzz_tokens.py and the glue's any-signed-claims property) in rounds with
+many examples and fresh seeds until the time is up. A failure stops the run with
+hypothesis's minimised example printed: save it under tests/protocol/crashers/ (raw bytes,
+*.bin) or tests/verifier/crashers/ (*.txt) so the suite replays it for ever, or add it to
+the glue's tests as an explicit case.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ["tests/protocol/test_fuzz_connection.py", "tests/verifier/test_fuzz_tokens.py"]
+TARGETS = [
+    "tests/protocol/test_fuzz_connection.py",
+    "tests/verifier/test_fuzz_tokens.py",
+    "tests/test_glue.py::test_any_signed_claims_get_a_verdict",
+]
 
 
 def main() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
@@ -428,7 +429,10 @@ _VALUES = st.recursive(
 _REASONS = {reason.value for reason in Reason} - {"internal_error"}
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("JWTGATE_FUZZ_EXAMPLES", "150")),
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     overrides=st.dictionaries(st.sampled_from(_CLAIM_NAMES), _VALUES, max_size=4),
     policy=st.sampled_from(["default", "admin", "shadow"]),
