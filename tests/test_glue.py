@@ -246,6 +246,15 @@ def test_the_largest_64_bit_exp_is_forwarded_as_is(handler: CheckJwtHandler) -> 
     assert 0 < result["expires_in"] < 2**63
 
 
+@pytest.mark.parametrize("odd", [f"abc{chr(0xDCFF)}.def.ghi", f"abc{chr(0xD800)}.def.ghi", "é.b.c"])
+def test_a_non_ascii_token_argument_is_malformed(handler: CheckJwtHandler, odd: str) -> None:
+    """Regression: the `token` argument (e.g. from a cookie) is not checked for ASCII like
+    the header is, and a lone surrogate from undecodable bytes made the cache digest raise:
+    `internal_error` instead of `malformed`."""
+    result = run(handler, message(token=odd))
+    assert (result["status"], result["reason"]) == (401, "malformed")
+
+
 def test_report_only_lets_through_but_keeps_the_reason(handler: CheckJwtHandler) -> None:
     result = run(handler, message(authorization=f"Bearer {token()}", policy="shadow"))
     assert result["valid"] is True

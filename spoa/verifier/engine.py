@@ -81,6 +81,10 @@ class Verifier:
                 return Verdict.rejected(Reason.MISSING_TOKEN)
             if len(token) > self.max_token_bytes:  # before hashing; parsing checks bytes
                 return Verdict.rejected(Reason.TOKEN_TOO_LARGE)
+            if isinstance(token, str) and not token.isascii():
+                # A compact JWS is ASCII; this also keeps undecodable input (lone
+                # surrogates) away from the digest, which would raise.
+                return Verdict.rejected(Reason.MALFORMED)
             key = token_digest(token)
             entry = self.cache.get(key)
             if entry is not None:
