@@ -301,6 +301,7 @@ _NOT_SECRET_LAST_WORDS: Final = frozenset(
         "len",
         "header",
         "cookie",
+        "param",
         "var",
         "name",
         "ttl",

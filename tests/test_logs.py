@@ -292,6 +292,7 @@ def test_mask_secrets_hides_secrets_and_keeps_the_shape() -> None:
                 "public_key": "-----BEGIN PUBLIC KEY-----",
                 "api_key": "abc",
                 "token_header": "authorization",
+                "token_query_param": "access_token",
                 "password": None,
             }
         ],
@@ -312,6 +313,7 @@ def test_mask_secrets_hides_secrets_and_keeps_the_shape() -> None:
     assert issuer["private_key_file"] == "/etc/jwtgate/key.pem"
     assert issuer["public_key"] == "-----BEGIN PUBLIC KEY-----"
     assert issuer["token_header"] == "authorization"
+    assert issuer["token_query_param"] == "access_token"  # a parameter's name, not a token
     assert issuer["password"] is None
     assert masked["agent"] == config["agent"]
     assert masked["log"] == {"level": "info"}
