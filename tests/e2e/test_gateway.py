@@ -71,6 +71,9 @@ def challenge(reason: str, error: str = "invalid_token") -> str:
         ("alg_none", "/api/orders", 401, challenge("unsupported_alg")),
         ("garbage", "/api/orders", 401, challenge("malformed")),
         ("id_token", "/api/orders", 401, challenge("bad_type")),
+        # Signed but not valid JSON text or dates: once 200, or 503 where forwarded.
+        ("lone_surrogate", "/api/orders", 401, challenge("malformed")),
+        ("exp_beyond_64_bits", "/api/orders", 401, challenge("malformed")),
         (
             "no_admin_scope",
             "/admin/users",
@@ -93,6 +96,8 @@ def test_rejections_never_reach_a_backend(
         "alg_none": alg_none_token(claims),
         "garbage": "not.a.jwt",
         "id_token": issuer.mint({**claims, "scope": "read"}, typ="JWT"),
+        "lone_surrogate": mint(issuer, email="a\ud800b"),
+        "exp_beyond_64_bits": mint(issuer, exp=2**64),
         "no_admin_scope": mint(issuer),
     }
     before = sum(backend.requests for backend in stack.backends)
