@@ -10,7 +10,7 @@ log-format from that same file.
 
 Each scenario gets a closed-loop saturation run (rps, p50/p99, CPU per request of HAProxy
 and of the agent from /proc utime+stime), then a paced run at half that rate (wrk's
-`delay()` hook, see bench/haproxy/wrk-paced.lua) for latency without queueing.
+`delay()` hook, see bench/haproxy/wrk.lua) for latency without queueing.
 """
 
 from __future__ import annotations
@@ -183,14 +183,11 @@ def run_wrk(
     delay_ms: int | None = None,
     connections: int = WRK_CONNECTIONS,
 ) -> WrkRun:
-    script = BENCH_DIR / "haproxy" / ("wrk-paced.lua" if delay_ms else "wrk-closed.lua")
+    script = BENCH_DIR / "haproxy" / "wrk.lua"
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
     if token is not None:
         argv += ["-H", f"Authorization: Bearer {token}"]
-    argv += [f"{url}/api/orders", "--"]
-    if delay_ms:
-        argv.append(str(delay_ms))
-    argv.append(str(token_file) if token_file else "-")
+    argv += [f"{url}/api/orders", "--", str(delay_ms or 0), str(token_file or "-")]
     if 1 in os.sched_getaffinity(0):
         argv = ["taskset", "-c", "1", *argv]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)

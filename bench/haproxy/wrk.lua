@@ -1,21 +1,26 @@
--- wrk script for paced runs. Arguments: delay_ms [token_file]
--- Each connection waits delay_ms between its requests, so the offered rate is about
--- connections * 1000 / delay_ms and nothing queues in the client. wrk times a request
--- from the moment it is written, so the pause is not part of the latency.
+-- wrk script for every benchmark run. Arguments: delay_ms token_file
+-- delay_ms > 0 paces the run: each connection waits delay_ms between its requests, so the
+-- offered rate is about connections * 1000 / delay_ms and nothing queues in the client.
+-- wrk times a request from the moment it is written, so the pause is not part of the
+-- latency. 0 is a closed loop. wrk asks for delay() after init(), so it is defined there,
+-- and only for paced runs.
 -- With a token file every request carries the next token, so none repeats and every
 -- check is a cache miss; when the file runs out the thread stops, so the run ends
--- early instead of turning into cache hits. Without one, wrk's -H header is sent.
+-- early instead of turning into cache hits. "-" means none: wrk's -H header is sent.
 -- done() prints the latency distribution for the CDF plot.
 local tokens = nil
 local index = 0
 
-local delay_ms = 10
-
 function init(args)
-  delay_ms = tonumber(table.remove(args, 1))
-  if args[1] and args[1] ~= "-" then
+  local delay_ms = tonumber(args[1]) or 0
+  if delay_ms > 0 then
+    function delay()
+      return delay_ms
+    end
+  end
+  if args[2] and args[2] ~= "-" then
     tokens = {}
-    for line in io.lines(args[1]) do
+    for line in io.lines(args[2]) do
       tokens[#tokens + 1] = line
     end
   end
@@ -37,8 +42,4 @@ function done(summary, latency, requests)
   for _, p in ipairs({1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 99.9, 99.99}) do
     io.write(string.format("PCT %g %d\n", p, latency:percentile(p)))
   end
-end
-
-function delay()
-  return delay_ms
 end
