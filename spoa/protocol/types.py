@@ -61,8 +61,8 @@ def encode_string(text: str) -> bytes:
     return encode_varint(len(raw)) + raw
 
 
-def decode_string(buf: Buffer, pos: int, end: int) -> tuple[str, int]:
-    """Decode a length-prefixed string without a type byte."""
+def _prefixed_span(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
+    """Where the bytes of a length-prefixed string or binary lie: (start, stop)."""
     if pos < end and buf[pos] < 240:
         length = buf[pos]
         pos += 1
@@ -71,7 +71,13 @@ def decode_string(buf: Buffer, pos: int, end: int) -> tuple[str, int]:
     stop = pos + length
     if stop > end:
         raise InvalidFrame("string longer than its frame")
-    raw = buf[pos:stop]
+    return pos, stop
+
+
+def decode_string(buf: Buffer, pos: int, end: int) -> tuple[str, int]:
+    """Decode a length-prefixed string without a type byte."""
+    start, stop = _prefixed_span(buf, pos, end)
+    raw = buf[start:stop]
     try:
         return raw.decode(), stop
     except UnicodeDecodeError:
@@ -116,22 +122,11 @@ def decode_value(buf: Buffer, pos: int, end: int) -> tuple[Value, int]:
     type_byte = buf[pos]
     pos += 1
     kind = type_byte & TYPE_MASK
-    if kind in (_STRING, _BINARY):
-        if pos < end and buf[pos] < 240:
-            length = buf[pos]
-            pos += 1
-        else:
-            length, pos = decode_varint(buf, pos, end)
-        stop = pos + length
-        if stop > end:
-            raise InvalidFrame("string longer than its frame")
-        if kind == _STRING:
-            raw = buf[pos:stop]
-            try:
-                return raw.decode(), stop
-            except UnicodeDecodeError:
-                return raw.decode("utf-8", "surrogateescape"), stop
-        return bytes(buf[pos:stop]), stop
+    if kind == _STRING:
+        return decode_string(buf, pos, end)
+    if kind == _BINARY:
+        start, stop = _prefixed_span(buf, pos, end)
+        return bytes(buf[start:stop]), stop
     if kind == 0:
         return None, pos
     if kind == 1:
