@@ -18,6 +18,7 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:  # make `tests.support` importable however pytest started
     sys.path.insert(0, _ROOT)
 
+from spoa.devkit.stack import free_port  # noqa: E402
 from spoa.protocol import Action, Message, Scope, SetVar  # noqa: E402
 from spoa.server import ServerLimits, SpoaServer  # noqa: E402
 from tests.support.haproxy import (  # noqa: E402
@@ -26,7 +27,6 @@ from tests.support.haproxy import (  # noqa: E402
     haproxy_binaries,
     server_status,
 )
-from tests.support.ports import free_port  # noqa: E402
 
 BINARIES = haproxy_binaries()
 VAR_NAMES = "echo valid neg big huge yes no path err"

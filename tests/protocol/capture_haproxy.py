@@ -16,9 +16,9 @@ import threading
 import urllib.request
 from pathlib import Path
 
+from spoa.devkit.stack import free_port
 from spoa.protocol import build_agent_hello
 from tests.support.haproxy import DEBIAN_HAPROXY, HAProxy, binary_version
-from tests.support.ports import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from .ports import port_accepts
+from spoa.devkit.stack import ManagedProcess
 
 DEBIAN_HAPROXY = Path("/usr/sbin/haproxy")
 
@@ -105,8 +105,8 @@ class HAProxy:
         self._wait_ports = tuple(wait_ports)
         self._startup_timeout = startup_timeout
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_path: Path | None = None
+        self._process: ManagedProcess | None = None
+        self._final_log = ""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -134,16 +134,13 @@ class HAProxy:
             raise HAProxyError(
                 f"{self.binary} -c rejected the configuration:\n{check.stdout}{check.stderr}"
             )
-        self._log_path = workdir / "haproxy.log"
-        with self._log_path.open("wb") as log_file:
-            self._process = subprocess.Popen(
-                [str(self.binary), "-db", "-f", str(config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=process_env,
-                cwd=workdir,
-            )
+        self._process = ManagedProcess(
+            "haproxy",
+            [str(self.binary), "-db", "-f", str(config_path)],
+            env=process_env,
+            log_path=workdir / "haproxy.log",
+            cwd=workdir,
+        ).start()
         try:
             self._wait_until_ready(self._ports_to_wait())
         except BaseException:
@@ -161,16 +158,9 @@ class HAProxy:
 
     def stop(self) -> None:
         """Stop HAProxy (SIGTERM, then SIGKILL) and remove its files. Idempotent."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        if self._log_path is not None and self._log_path.exists():
-            self._final_log = self._log_path.read_text(errors="replace")
+        if self._process is not None:
+            self._process.stop()
+            self._final_log = self._process.log_text()
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
@@ -196,15 +186,14 @@ class HAProxy:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._process is not None and not self._process.exited()
 
     @property
     def log(self) -> str:
         """Everything HAProxy wrote to stdout and stderr so far (also after stop)."""
-        if self._workdir is None:
-            return getattr(self, "_final_log", "")
-        assert self._log_path is not None
-        return self._log_path.read_text(errors="replace")
+        if self._workdir is None or self._process is None:
+            return self._final_log
+        return self._process.log_text()
 
     def wait_for_log(self, pattern: str, timeout: float = 5.0) -> re.Match[str]:
         """Wait until the log matches the regular expression `pattern`."""
@@ -236,7 +225,7 @@ class HAProxy:
         while pending:
             if not self.running:
                 raise HAProxyError(f"HAProxy exited during start-up; log:\n{self.log}")
-            if port_accepts(pending[0]):
+            if _accepts(pending[0]):
                 pending.pop(0)
                 continue
             if time.monotonic() > deadline:
@@ -267,3 +256,12 @@ def server_status(socket_path: Path | str, backend: str, server: str) -> str:
         if len(fields) > status_at and fields[0] == backend and fields[1] == server:
             return fields[status_at]
     raise HAProxyError(f"no server {backend}/{server} in show stat")
+
+
+def _accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:port right now."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
