@@ -123,6 +123,17 @@ class Harness:
     def of_type(self, kind: type[T]) -> list[T]:
         return [e for e in self.events if isinstance(e, kind)]
 
+    def start_once(self) -> bool:
+        """The manager's first fetch (start), then close it: whether it became ready."""
+
+        async def scenario() -> bool:
+            try:
+                return await self.manager.start(timeout=5.0)
+            finally:
+                await self.manager.aclose()
+
+        return asyncio.run(scenario())
+
 
 def run(scenario: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(scenario())
@@ -133,13 +144,7 @@ def test_start_fetches_before_ready_and_tokens_verify(server: JwksServer, key_a:
     harness = Harness(JwksUrlSource(server.url("/jwks")))
     assert not harness.manager.ready(NOW)
 
-    async def scenario() -> bool:
-        try:
-            return await harness.manager.start(timeout=5.0)
-        finally:
-            await harness.manager.aclose()
-
-    assert run(scenario)
+    assert harness.start_once()
     assert harness.manager.ready(NOW)
     assert harness.verify(key_a) is Reason.OK
     fetched = harness.of_type(KeysFetched)
@@ -154,14 +159,7 @@ def test_oidc_discovery(server: JwksServer, key_a: KeyPair) -> None:
     )
     server.set("/k", jwks(key_a))
     harness = Harness(OidcDiscoverySource(issuer))
-
-    async def scenario() -> bool:
-        try:
-            return await harness.manager.start(timeout=5.0)
-        finally:
-            await harness.manager.aclose()
-
-    assert run(scenario)
+    assert harness.start_once()
     assert harness.verify(key_a) is Reason.OK
 
 
@@ -173,14 +171,7 @@ def test_oidc_discovery_refuses_a_different_issuer(server: JwksServer, key_a: Ke
     )
     server.set("/k", jwks(key_a))
     harness = Harness(OidcDiscoverySource(issuer))
-
-    async def scenario() -> bool:
-        try:
-            return await harness.manager.start(timeout=5.0)
-        finally:
-            await harness.manager.aclose()
-
-    assert not run(scenario)
+    assert not harness.start_once()
     assert server.requests("/k") == 0
     failures = harness.of_type(FetchFailed)
     assert len(failures) == 1
@@ -393,14 +384,7 @@ def test_redirects_stay_on_http(
     server.set("/jwks", b"", status=302, headers={"Location": location})
     server.set("/real", jwks(key_a))
     harness = Harness(JwksUrlSource(server.url("/jwks")))
-
-    async def scenario() -> bool:
-        try:
-            return await harness.manager.start(timeout=5.0)
-        finally:
-            await harness.manager.aclose()
-
-    assert run(scenario) is follows
+    assert harness.start_once() is follows
     if not follows:
         # urllib itself refuses file: (leaving the 302); our handler refuses ftp:.
         cause = harness.of_type(FetchFailed)[0].cause
@@ -472,17 +456,10 @@ def test_https_keys_come_only_from_a_trusted_certificate(
         assert url.startswith("https://127.0.0.1:")
 
         untrusted = Harness(JwksUrlSource(url))  # the system store does not know our CA
-
-        async def start(harness: Harness) -> bool:
-            try:
-                return await harness.manager.start(timeout=5.0)
-            finally:
-                await harness.manager.aclose()
-
-        assert run(lambda: start(untrusted)) is False
+        assert untrusted.start_once() is False
         assert "SSLCertVerificationError" in untrusted.of_type(FetchFailed)[0].cause
 
         monkeypatch.setenv("SSL_CERT_FILE", str(ca_pem))
         trusted = Harness(JwksUrlSource(url))  # its fetcher's context is built after the env
-        assert run(lambda: start(trusted)) is True
+        assert trusted.start_once() is True
         assert trusted.verify(key_a) is Reason.OK
