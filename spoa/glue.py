@@ -35,14 +35,11 @@ MAX_CLAIMS_BYTES = 6144  # the base64url payload; keeps every ACK well inside 16
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Verdicts the glue itself reaches (no token to verify); shared, as they are immutable.
-_MISSING_TOKEN = Verdict(
-    ok=False, status=401, reason=Reason.MISSING_TOKEN, claims={}, expires_at=None
-)
+_MISSING_TOKEN = Verdict.rejected(Reason.MISSING_TOKEN)
+_UNKNOWN_POLICY = Verdict.rejected(Reason.UNKNOWN_POLICY)
+# The request, not the token, is malformed (RFC 6750 invalid_request): 400, not 401.
 _MALFORMED_REQUEST = Verdict(
     ok=False, status=400, reason=Reason.MALFORMED, claims={}, expires_at=None
-)
-_UNKNOWN_POLICY = Verdict(
-    ok=False, status=500, reason=Reason.UNKNOWN_POLICY, claims={}, expires_at=None
 )
 
 TXN = Scope.TXN

@@ -197,7 +197,7 @@ class Verifier:
             audiences = shared(token_audiences(payload))
             scopes = shared(token_scopes(payload))
             check_times(exp, nbf, rules.leeway, now)
-            ok_verdict = _accepted(claims, exp, rules.name, kid, alg, cache_hit=True)
+            ok_verdict = Verdict.accepted(claims, exp, rules.name, kid, alg, cache_hit=True)
             self.cache.put(
                 cache_key,
                 CacheEntry(
@@ -231,26 +231,4 @@ class Verifier:
                     else frozenset()
                 ),
             )
-        return _accepted(claims, exp, rules.name, kid, alg, cache_hit=False)
-
-
-def _accepted(
-    claims: Mapping[str, Any],
-    exp: float | None,
-    issuer: str,
-    kid: str | None,
-    alg: str | None,
-    *,
-    cache_hit: bool,
-) -> Verdict:
-    return Verdict(
-        ok=True,
-        status=200,
-        reason=Reason.OK,
-        claims=claims,
-        expires_at=exp,
-        issuer=issuer,
-        kid=kid,
-        alg=alg,
-        cache_hit=cache_hit,
-    )
+        return Verdict.accepted(claims, exp, rules.name, kid, alg, cache_hit=False)

@@ -36,6 +36,8 @@ class Reason(StrEnum):
 _STATUS: dict[Reason, int] = dict.fromkeys(Reason, 401)
 _STATUS[Reason.OK] = 200
 _STATUS[Reason.INSUFFICIENT_SCOPE] = 403
+# A request naming a policy that is not configured is a configuration error, not the client's.
+_STATUS[Reason.UNKNOWN_POLICY] = 500
 
 # RFC 6750 error codes for the WWW-Authenticate header ("" = send no error attribute).
 _BEARER_ERROR: dict[Reason, str] = dict.fromkeys(Reason, "invalid_token")

@@ -26,6 +26,29 @@ class Verdict:
     cache_hit: bool = False
 
     @classmethod
+    def accepted(
+        cls,
+        claims: Mapping[str, Any],
+        expires_at: float | None,
+        issuer: str,
+        kid: str | None,
+        alg: str | None,
+        *,
+        cache_hit: bool,
+    ) -> Verdict:
+        return cls(
+            ok=True,
+            status=200,
+            reason=Reason.OK,
+            claims=claims,
+            expires_at=expires_at,
+            issuer=issuer,
+            kid=kid,
+            alg=alg,
+            cache_hit=cache_hit,
+        )
+
+    @classmethod
     def rejected(
         cls,
         reason: Reason,
