@@ -397,7 +397,7 @@ class Metrics:
         self._connections_open.dec()
         self._disconnects.labels(status=_status_label(status)).inc()
 
-    def frame_received(self, kind: str) -> None:
+    def frame_received(self, kind: str, count: int = 1) -> None:
         label = self._frame_labels.get(kind)
         if label is None:
             label = kind.lower().replace("-", "_")
@@ -406,7 +406,7 @@ class Metrics:
                 # Only known spellings are kept, so the dict cannot grow without bound.
                 self._frame_labels[kind] = label
         totals = self._frame_totals
-        totals[label] = totals.get(label, 0) + 1
+        totals[label] = totals.get(label, 0) + count
 
     def protocol_error(self, status: int) -> None:
         child = self._error_children.get(status)

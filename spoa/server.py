@@ -63,7 +63,7 @@ class ServerObserver(Protocol):
 
     def connection_opened(self) -> None: ...
     def connection_closed(self, status: Status) -> None: ...
-    def frame_received(self, kind: str) -> None: ...
+    def frame_received(self, kind: str, count: int = 1) -> None: ...
     def protocol_error(self, status: Status) -> None: ...
     def inflight_changed(self, delta: int) -> None: ...
 
@@ -77,7 +77,7 @@ class NullObserver:
     def connection_closed(self, status: Status) -> None:
         pass
 
-    def frame_received(self, kind: str) -> None:
+    def frame_received(self, kind: str, count: int = 1) -> None:
         pass
 
     def protocol_error(self, status: Status) -> None:
@@ -188,6 +188,9 @@ class _AgentProtocol(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._refused = False
+        # NOTIFYs in flight as last told to the observer: reported once per batch, so
+        # a batch answered inline costs no observer call at all.
+        self._reported_inflight = 0
 
     @property
     def busy(self) -> bool:
@@ -248,9 +251,9 @@ class _AgentProtocol(asyncio.Protocol):
             return
         if not conn.closed:
             conn.receive_data(b"", self._loop.time())
-        in_flight = conn.inflight
-        if in_flight:
-            self._observer.inflight_changed(-in_flight)
+        if self._reported_inflight:
+            self._observer.inflight_changed(-self._reported_inflight)
+            self._reported_inflight = 0
         self._server._connections.discard(self)
         self._observer.connection_closed(conn.close_status or Status.NORMAL)
 
@@ -265,10 +268,10 @@ class _AgentProtocol(asyncio.Protocol):
     # -- events ------------------------------------------------------------
 
     def _handle_events(self, events: list[Event]) -> None:
+        notifies = 0
         for event in events:
             if type(event) is NotifyReceived:
-                self._observer.frame_received("notify")
-                self._observer.inflight_changed(1)
+                notifies += 1
                 self._dispatch(event)
             elif isinstance(event, HelloReceived):
                 self._observer.frame_received("hello")
@@ -276,7 +279,17 @@ class _AgentProtocol(asyncio.Protocol):
                 self._observer.frame_received("disconnect")
             elif isinstance(event, ConnectionClosed):
                 self._on_closed(event)
+        if notifies:
+            self._observer.frame_received("notify", notifies)
+        self._report_inflight()
         self._update_reading()
+
+    def _report_inflight(self) -> None:
+        conn = self._conn
+        inflight = conn.inflight if conn is not None else 0
+        if inflight != self._reported_inflight:
+            self._observer.inflight_changed(inflight - self._reported_inflight)
+            self._reported_inflight = inflight
 
     def _dispatch(self, event: NotifyReceived) -> None:
         actions: list[Action] = []
@@ -328,6 +341,7 @@ class _AgentProtocol(asyncio.Protocol):
                 break
         self._ack(event, actions)
         self._flush()
+        self._report_inflight()
         self._update_reading()
 
     def _handler_failed(self, message_name: str, error: Exception) -> None:
@@ -350,7 +364,6 @@ class _AgentProtocol(asyncio.Protocol):
                 extra={"error_type": type(error).__name__},
             )
             conn.send_ack(event.stream_id, event.frame_id, self._fallback)
-        self._observer.inflight_changed(-1)
 
     def _on_closed(self, event: ConnectionClosed) -> None:
         if not event.status.is_normal:

@@ -67,8 +67,8 @@ class Recorder:
     def connection_closed(self, status: Status) -> None:
         self.closed.append(status)
 
-    def frame_received(self, kind: str) -> None:
-        self.frames.append(kind)
+    def frame_received(self, kind: str, count: int = 1) -> None:
+        self.frames.extend([kind] * count)
 
     def protocol_error(self, status: Status) -> None:
         self.errors.append(status)
