@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
-from spoa.protocol import Action, EncodedActions, Message, Scope, SetVar
+from spoa.protocol import Action, EncodedActions, Message, Scope, SetVar, encode_actions
 from spoa.verifier import Policy, Reason, RequestContext, Verdict, Verifier, bearer_error
 
 MESSAGE_NAME = "check-jwt"
@@ -182,17 +182,13 @@ def verdict_actions(
 ) -> list[Action]:
     """The set-var actions for one verdict (all in txn scope, prefix `jwt`)."""
     report_only = selected is not None and selected.report_only
-    actions: list[Action] = [
-        _ACCEPTED if verdict.ok else _rejection(verdict, selected, report_only)
-    ]
     if verdict.claims and token is not None and (verdict.ok or report_only):
         # Claims are set only for requests that pass, and only when the signature verified
         # (the verifier leaves them empty otherwise).
-        actions.append(_identity_memo(verdict, selected, token))
         exp = verdict.expires_at
-        if exp is not None:
-            actions.append(_expires_in(max(0, int(exp - now))))
-    return actions
+        expires_in = -1 if exp is None else max(0, int(exp - now))
+        return [_identity_answer(verdict, selected, token, report_only, expires_in)]
+    return [_ACCEPTED if verdict.ok else _rejection(verdict, selected, report_only)]
 
 
 # Rejections repeat (a flood of bad tokens gets the same answer), so their variables are
@@ -222,34 +218,44 @@ def _rejection(
     return encoded
 
 
-_EXPIRES_IN: dict[int, SetVar] = {}
+class _Answer:
+    """The encoded answer for one verified token under one policy, kept while its
+    `expires_in` second lasts. A cache hit returns the very Verdict object the verifier
+    cached, so every request in that second reuses the same bytes."""
+
+    __slots__ = ("encoded", "expires_in", "identity", "verdict")
+
+    def __init__(self, verdict: Verdict, identity: bytes) -> None:
+        self.verdict = verdict
+        self.identity = identity
+        self.expires_in = -2  # no second yet
+        self.encoded = _ACCEPTED
 
 
-def _expires_in(seconds: int) -> SetVar:
-    action = _EXPIRES_IN.get(seconds)
-    if action is None:
-        action = SetVar(TXN, "expires_in", seconds)
-        if len(_EXPIRES_IN) >= _MEMO_MAX:
-            _EXPIRES_IN.clear()
-        _EXPIRES_IN[seconds] = action
-    return action
+_ANSWERS: dict[tuple[int, str, bool], _Answer] = {}
 
 
-# A cache hit returns the very Verdict object the verifier cached, so the variables it
-# yields can be encoded once per (verdict, policy) instead of on every request.
-_IDENTITY_MEMO: dict[tuple[int, str], tuple[Verdict, EncodedActions]] = {}
-
-
-def _identity_memo(verdict: Verdict, selected: PolicyRuntime | None, token: str) -> EncodedActions:
-    key = (id(verdict), selected.policy.name if selected is not None else "")
-    hit = _IDENTITY_MEMO.get(key)
-    if hit is not None and hit[0] is verdict:  # `is`: an id can be reused after collection
-        return hit[1]
-    actions = EncodedActions.of(identity_actions(verdict, selected, token))
-    if len(_IDENTITY_MEMO) >= _MEMO_MAX:
-        _IDENTITY_MEMO.clear()
-    _IDENTITY_MEMO[key] = (verdict, actions)
-    return actions
+def _identity_answer(
+    verdict: Verdict,
+    selected: PolicyRuntime | None,
+    token: str,
+    report_only: bool,
+    expires_in: int,
+) -> EncodedActions:
+    """Head (accepted or report-only rejection), token variables, then `expires_in`."""
+    key = (id(verdict), selected.policy.name if selected is not None else "", report_only)
+    answer = _ANSWERS.get(key)
+    if answer is None or answer.verdict is not verdict:  # an id can be reused after collection
+        answer = _Answer(verdict, encode_actions(identity_actions(verdict, selected, token)))
+        if len(_ANSWERS) >= _MEMO_MAX:
+            _ANSWERS.clear()
+        _ANSWERS[key] = answer
+    if answer.expires_in != expires_in:
+        head = _ACCEPTED if verdict.ok else _rejection(verdict, selected, report_only)
+        tail = b"" if expires_in < 0 else encode_actions((SetVar(TXN, "expires_in", expires_in),))
+        answer.encoded = EncodedActions(head.payload + answer.identity + tail)
+        answer.expires_in = expires_in
+    return answer.encoded
 
 
 def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, token: str) -> list[SetVar]:

@@ -118,6 +118,28 @@ def test_accepted_token_sets_identity_variables(handler: CheckJwtHandler) -> Non
     assert claims["sub"] == "alice"
 
 
+def test_cached_answers_follow_the_clock_and_the_policy() -> None:
+    # A cache hit reuses the encoded answer of its verdict; expires_in must still follow
+    # the clock, and another policy must get its own variables.
+    now = [NOW]
+    handler = CheckJwtHandler(make_runtime(), clock=lambda: now[0])
+    bearer = f"Bearer {token(scope='read admin', email='a@example.test')}"
+    first = run(handler, message(authorization=bearer))
+    assert first["expires_in"] == 590
+    assert run(handler, message(authorization=bearer)) == first
+    now[0] += 5.5
+    later = run(handler, message(authorization=bearer))
+    assert later["expires_in"] == 584
+    assert {k: v for k, v in later.items() if k != "expires_in"} == {
+        k: v for k, v in first.items() if k != "expires_in"
+    }
+    admin = run(handler, message(authorization=bearer, policy="admin"))
+    assert admin["email"] == "a@example.test"
+    assert "email" not in run(handler, message(authorization=bearer))
+    now[0] = NOW + 600 - 10 + 31  # past exp and the 30 s leeway
+    assert run(handler, message(authorization=bearer))["reason"] == "expired"
+
+
 def test_missing_token_has_no_error_code(handler: CheckJwtHandler) -> None:
     result = run(handler, message(authorization=None, method="GET"))
     assert result == {
