@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
+from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
 from .errors import InvalidFrame, InvalidValue, ResourceLimit
@@ -61,8 +63,11 @@ _ARG_NAMES: dict[bytes, str] = {}
 _ARG_NAMES_LIMIT = 256
 
 
-def decode_messages(buf: Buffer, pos: int, end: int, max_items: int) -> tuple[Message, ...]:
-    """Decode the LIST-OF-MESSAGES payload of a NOTIFY; it may be empty."""
+def decode_messages_python(buf: Buffer, pos: int, end: int, max_items: int) -> tuple[Message, ...]:
+    """Decode the LIST-OF-MESSAGES payload of a NOTIFY; it may be empty.
+
+    The reference decoder. `decode_messages` is the C one in `_speedups` when it was
+    built (it must give the same answer and raise the same errors), else this one."""
     # The hot path of the agent: short argument names, NULLs and STRING values are
     # decoded inline; anything else goes through the general decoders.
     messages: list[Message] = []
@@ -120,3 +125,20 @@ def decode_messages(buf: Buffer, pos: int, end: int, max_items: int) -> tuple[Me
             append((arg_name, value))
         messages.append(Message(name, tuple(args)))
     return tuple(messages)
+
+
+def _load_speedups() -> Callable[[Buffer, int, int, int], tuple[Message, ...]] | None:
+    """The C decoder, unless it was not built or JWTGATE_NO_SPEEDUPS is set."""
+    if os.environ.get("JWTGATE_NO_SPEEDUPS"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    _speedups.bind(Message, InvalidFrame, ResourceLimit, IPv4Address, IPv6Address)
+    return _speedups.decode_messages
+
+
+_accelerated = _load_speedups()
+SPEEDUPS = _accelerated is not None
+decode_messages = _accelerated or decode_messages_python

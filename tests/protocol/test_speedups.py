@@ -1,0 +1,156 @@
+"""The C NOTIFY decoder against the pure-Python reference: same messages out of the same
+bytes, and the same exception (type and message) out of broken ones."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spoa.protocol import Message, SpopError, encode_messages, encode_value, encode_varint, payloads
+
+uint64 = st.integers(min_value=0, max_value=2**64 - 1)
+int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    int64,
+    uint64,
+    st.text(),
+    st.text(min_size=240, max_size=3000),  # multi-byte length prefixes
+    st.binary(),
+    st.builds(IPv4Address, st.integers(min_value=0, max_value=2**32 - 1)),
+    st.builds(IPv6Address, st.integers(min_value=0, max_value=2**128 - 1)),
+)
+names = st.text(max_size=40)
+messages = st.lists(
+    st.builds(Message, names, st.lists(st.tuples(names, values), max_size=8).map(tuple)),
+    max_size=4,
+)
+# Hand-made typed data the encoder never produces: INT32/UINT32, flags on NULL and
+# STRING, truncations, reserved types, over-long varints.
+odd_values = st.sampled_from(
+    [
+        b"\x02" + encode_varint(0xFFFFFFFF),
+        b"\x02" + encode_varint(2**40 + 5),
+        b"\x03" + encode_varint(2**40 + 7),
+        b"\x04" + encode_varint(2**63),
+        b"\x05" + encode_varint(2**64 - 1),
+        b"\x10",
+        b"\x18\x03abc",
+        b"\x19\x01\xff",
+        b"\x11",
+        b"\x01",
+        b"\x0a",
+        b"\x0f",
+        b"\x06\x01\x02",
+        b"\x07" + bytes(15),
+        b"\x08\xf5",
+        b"\x08\xf5\x80",
+        b"\x04" + b"\xff" * 11,
+        b"\x08\x05ab",
+        b"\x08\x02\xff\xfe",
+        b"",
+    ]
+)
+
+
+def outcome(decode: object, buf: bytes | bytearray, pos: int, end: int, limit: int) -> object:
+    try:
+        return ("ok", decode(buf, pos, end, limit))  # type: ignore[operator]
+    except SpopError as error:
+        return ("error", type(error), error.message)
+
+
+def assert_same(buf: bytes | bytearray, pos: int = 0, end: int | None = None, limit: int = 256):
+    end = len(buf) if end is None else end
+    expected = outcome(payloads.decode_messages_python, buf, pos, end, limit)
+    assert outcome(payloads.decode_messages, buf, pos, end, limit) == expected
+    return expected
+
+
+def test_the_c_decoder_is_built_and_in_use() -> None:
+    # scripts/setup builds it (gcc and the Python headers are part of the set-up); a
+    # silent fall-back to Python would make the agent several times slower.
+    assert payloads.SPEEDUPS, "spoa/protocol/_speedups.c was not built"
+    assert payloads.decode_messages is not payloads.decode_messages_python
+
+
+def test_the_python_decoder_can_be_forced() -> None:
+    code = "from spoa.protocol import payloads; print(payloads.SPEEDUPS)"
+    env = {**os.environ, "JWTGATE_NO_SPEEDUPS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+@given(messages)
+@settings(max_examples=400)
+def test_same_messages_as_the_reference(decoded: list[Message]) -> None:
+    raw = encode_messages(decoded)
+    kind, result = assert_same(raw)  # type: ignore[misc]
+    assert kind == "ok"
+    assert result == tuple(decoded)
+    assert all(type(message) is Message for message in result)
+
+
+@given(messages, st.data())
+@settings(max_examples=400)
+def test_same_outcome_on_mutated_input(decoded: list[Message], data: st.DataObject) -> None:
+    raw = bytearray(encode_messages(decoded) or b"\x00")
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        where = data.draw(st.integers(min_value=0, max_value=len(raw)))
+        edit = data.draw(st.sampled_from(["flip", "cut", "insert", "truncate"]))
+        byte = data.draw(st.integers(min_value=0, max_value=255))
+        if edit == "flip" and where < len(raw):
+            raw[where] = byte
+        elif edit == "cut" and where < len(raw):
+            del raw[where]
+        elif edit == "insert":
+            raw.insert(where, byte)
+        elif edit == "truncate":
+            del raw[where:]
+    assert_same(bytes(raw))
+    assert_same(raw)  # a bytearray, as the connection's buffer is
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=500)
+def test_same_outcome_on_random_bytes(raw: bytes) -> None:
+    assert_same(raw)
+
+
+@given(names, st.lists(odd_values, min_size=1, max_size=4))
+@settings(max_examples=300)
+def test_same_outcome_on_hand_made_typed_data(name: str, raw_values: list[bytes]) -> None:
+    body = b"".join(b"\x01a" + value for value in raw_values)
+    raw = encode_value(name)[1:] + bytes((len(raw_values),)) + body
+    assert_same(raw)
+
+
+@given(messages, st.binary(max_size=8), st.binary(max_size=8))
+def test_same_outcome_inside_a_larger_buffer(
+    decoded: list[Message], before: bytes, after: bytes
+) -> None:
+    raw = before + encode_messages(decoded) + after
+    assert_same(raw, len(before), len(raw) - len(after))
+    # and with `end` cutting into the payload
+    assert_same(raw, len(before), max(len(before), len(raw) - len(after) - 3))
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3])
+def test_same_limits(limit: int) -> None:
+    decoded = [Message("m", (("a", 1), ("b", 2), ("c", 3)))] * 3
+    assert_same(encode_messages(decoded), limit=limit)
+
+
+def test_an_end_past_the_buffer_is_clamped_not_read() -> None:
+    raw = encode_messages([Message("check-jwt", (("authorization", "x" * 300),))])
+    kind, *_ = outcome(payloads.decode_messages, raw[:-5], 0, len(raw), 256)  # type: ignore[misc]
+    assert kind == "error"
