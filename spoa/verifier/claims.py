@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from spoa.verifier.errors import TokenRejected
 from spoa.verifier.policy import ClaimMatcher, IssuerRules, normalize_type
@@ -36,8 +35,7 @@ def check_type(header: Mapping[str, Any], rules: IssuerRules) -> None:
         raise TokenRejected("token type is not accepted", reason=Reason.BAD_TYPE)
 
 
-@dataclass(frozen=True, slots=True)
-class TokenTimes:
+class TokenTimes(NamedTuple):
     """The instants a verified token's validity depends on, kept for cache hits."""
 
     exp: float | None

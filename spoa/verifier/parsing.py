@@ -9,8 +9,7 @@ from __future__ import annotations
 import binascii
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from spoa.verifier.errors import TokenRejected
 from spoa.verifier.reasons import Reason
@@ -24,8 +23,7 @@ _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 _TAIL_MASK = {2: 0x0F, 3: 0x03}
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedToken:
+class ParsedToken(NamedTuple):
     header: dict[str, Any]
     payload: dict[str, Any]
     signing_input: bytes

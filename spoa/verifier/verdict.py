@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from spoa.verifier.reasons import Reason, http_status
 
 EMPTY_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
+    """Immutable. A NamedTuple rather than a frozen dataclass: a cache miss builds two
+    and a frozen dataclass sets each of its ten fields through object.__setattr__."""
+
     ok: bool
     status: int
     reason: Reason
-    claims: Mapping[str, Any] = field(repr=False)
+    claims: Mapping[str, Any]
     expires_at: float | None
     issuer: str | None = None
     kid: str | None = None
     alg: str | None = None
     required_scopes: frozenset[str] = frozenset()
     cache_hit: bool = False
+
+    def __repr__(self) -> str:
+        # Claims left out: they are a user's identity, and reprs end up in logs.
+        return (
+            f"Verdict(ok={self.ok}, status={self.status}, reason={self.reason.value}, "
+            f"issuer={self.issuer!r}, kid={self.kid!r}, alg={self.alg!r}, "
+            f"cache_hit={self.cache_hit})"
+        )
 
     @classmethod
     def accepted(
