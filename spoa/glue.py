@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
-from spoa.protocol import Action, EncodedActions, Message, Scope, SetVar, encode_actions
+from spoa.protocol import (
+    Action,
+    EncodedActions,
+    Message,
+    Scope,
+    SetVar,
+    Value,
+    encode_set_vars,
+)
 from spoa.verifier import Policy, Reason, RequestContext, Verdict, Verifier, bearer_error
 
 MESSAGE_NAME = "check-jwt"
@@ -246,35 +254,50 @@ def _identity_answer(
     key = (id(verdict), selected.policy.name if selected is not None else "", report_only)
     answer = _ANSWERS.get(key)
     if answer is None or answer.verdict is not verdict:  # an id can be reused after collection
-        answer = _Answer(verdict, encode_actions(identity_actions(verdict, selected, token)))
+        answer = _Answer(
+            verdict, encode_set_vars(TXN, identity_variables(verdict, selected, token))
+        )
         if len(_ANSWERS) >= _MEMO_MAX:
             _ANSWERS.clear()
         _ANSWERS[key] = answer
     if answer.expires_in != expires_in:
         head = _ACCEPTED if verdict.ok else _rejection(verdict, selected, report_only)
-        tail = b"" if expires_in < 0 else encode_actions((SetVar(TXN, "expires_in", expires_in),))
+        tail = b"" if expires_in < 0 else _expires_in(expires_in)
         answer.encoded = EncodedActions(head.payload + answer.identity + tail)
         answer.expires_in = expires_in
     return answer.encoded
 
 
-def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, token: str) -> list[SetVar]:
+_EXPIRES_IN: dict[int, bytes] = {}
+
+
+def _expires_in(seconds: int) -> bytes:
+    encoded = _EXPIRES_IN.get(seconds)
+    if encoded is None:
+        encoded = encode_set_vars(TXN, (("expires_in", seconds),))
+        if len(_EXPIRES_IN) >= _MEMO_MAX:
+            _EXPIRES_IN.clear()
+        _EXPIRES_IN[seconds] = encoded
+    return encoded
+
+
+def identity_variables(
+    verdict: Verdict, selected: PolicyRuntime | None, token: str
+) -> list[tuple[str, Value]]:
     """The variables that depend only on the verified token (and the policy)."""
     claims = verdict.claims
-    actions: list[SetVar] = []
-    for name in ("sub", "iss", "jti"):
+    variables: list[tuple[str, Value]] = []
+    append = variables.append
+    for name in ("sub", "iss", "jti", "aud"):
         value = claim_text(claims.get(name))
         if value:
-            actions.append(SetVar(TXN, name, value))
-    aud = claim_text(claims.get("aud"))
-    if aud:
-        actions.append(SetVar(TXN, "aud", aud))
+            append((name, value))
     scope = claims.get("scope")
     if scope is None and isinstance(claims.get("scp"), list):
         scope = " ".join(str(s) for s in claims["scp"])
     scope_text = claim_text(scope)
     if scope_text:
-        actions.append(SetVar(TXN, "scope", scope_text))
+        append(("scope", scope_text))
     exp = claims.get("exp")
     # Within HAProxy's signed 64-bit integers only; a report-only verdict may carry any exp.
     if (
@@ -282,16 +305,16 @@ def identity_actions(verdict: Verdict, selected: PolicyRuntime | None, token: st
         and not isinstance(exp, bool)
         and -_INT64_LIMIT <= exp < _INT64_LIMIT
     ):
-        actions.append(SetVar(TXN, "exp", int(exp)))
+        append(("exp", int(exp)))
     payload = payload_segment(token)
     if payload is not None:
-        actions.append(SetVar(TXN, "claims", payload))
+        append(("claims", payload))
     if selected is not None:
         for var, claim in selected.forward_claims:
             value = claim_text(claims.get(claim))
             if value:
-                actions.append(SetVar(TXN, var, value))
-    return actions
+                append((var, value))
+    return variables
 
 
 def payload_segment(token: str) -> str | None:
@@ -304,6 +327,9 @@ def payload_segment(token: str) -> str | None:
 def claim_text(value: Any) -> str:
     """A claim as a header-safe string: lists joined with ',', control characters
     removed, capped in size. Objects are not forwarded as text."""
+    if type(value) is str and value.isascii() and value.isprintable():
+        # The common case: no control character, one byte per character.
+        return value if len(value) <= MAX_VAR_BYTES else value[:MAX_VAR_BYTES]
     if value is None or isinstance(value, dict):
         return ""
     if isinstance(value, list):

@@ -1,6 +1,7 @@
 """SPOP v2.0, HAProxy's Stream Processing Offload Protocol, as a sans-I/O core.
 
-Standard library only: no sockets, no asyncio, no clock reads.
+Standard library only: no sockets, no asyncio, no clock reads. The NOTIFY decoder
+has a C twin (`_speedups.c`, used when it was built; `SPEEDUPS` says whether it is).
 """
 
 from .actions import (
@@ -12,6 +13,7 @@ from .actions import (
     UnsetVar,
     decode_actions,
     encode_actions,
+    encode_set_vars,
 )
 from .connection import (
     AGENT_CAPABILITIES,
@@ -59,7 +61,14 @@ from .frames import (
     parse_header,
     split_frames,
 )
-from .payloads import Message, decode_kv_list, decode_messages, encode_kv_list, encode_messages
+from .payloads import (
+    SPEEDUPS,
+    Message,
+    decode_kv_list,
+    decode_messages,
+    encode_kv_list,
+    encode_messages,
+)
 from .types import DataType, Value, decode_value, encode_value
 from .varint import decode_varint, encode_varint
 
@@ -72,6 +81,7 @@ __all__ = [
     "DEFAULT_MAX_INFLIGHT",
     "DEFAULT_MAX_LIST_ITEMS",
     "MIN_MAX_FRAME_SIZE",
+    "SPEEDUPS",
     "SPOP_VERSION",
     "Action",
     "ActionType",
@@ -117,6 +127,7 @@ __all__ = [
     "encode_actions",
     "encode_kv_list",
     "encode_messages",
+    "encode_set_vars",
     "encode_value",
     "encode_varint",
     "parse_header",

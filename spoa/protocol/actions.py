@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -83,32 +83,43 @@ def _action_head(action_type: int, scope: int, name: str) -> bytes:
     return head
 
 
+def _append_set_var(append: Callable[[bytes], None], scope: int, name: str, value: Value) -> None:
+    append(_HEAD_CACHE.get((1, scope, name)) or _action_head(1, scope, name))
+    if type(value) is str:
+        # Inlined common case: a short UTF-8 string.
+        try:
+            raw = value.encode()
+        except UnicodeEncodeError:
+            append(encode_value(value))
+            return
+        if len(raw) < 240:
+            append(SHORT_STRING_HEADS[len(raw)])
+            append(raw)
+            return
+    append(encode_value(value))
+
+
+def encode_set_vars(scope: Scope, variables: Iterable[tuple[str, Value]]) -> bytes:
+    """set-var actions for (name, value) pairs in one scope, encoded as the SetVar
+    actions would be, without building them (an answer's variables on a cache miss)."""
+    parts: list[bytes] = []
+    append = parts.append
+    for name, value in variables:
+        _append_set_var(append, scope, name, value)
+    return b"".join(parts)
+
+
 def encode_actions(actions: Iterable[Action]) -> bytes:
     """The LIST-OF-ACTIONS payload of an ACK."""
     parts: list[bytes] = []
     append = parts.append
-    heads = _HEAD_CACHE
     for action in actions:
         if isinstance(action, SetVar):
-            head = heads.get((1, action.scope, action.name))
-            append(head or _action_head(1, action.scope, action.name))
-            value = action.value
-            if isinstance(value, str):
-                # Inlined common case: a short UTF-8 string.
-                try:
-                    raw = value.encode()
-                except UnicodeEncodeError:
-                    append(encode_value(value))
-                    continue
-                if len(raw) < 240:
-                    append(SHORT_STRING_HEADS[len(raw)])
-                    append(raw)
-                    continue
-            append(encode_value(value))
+            _append_set_var(append, action.scope, action.name, action.value)
         elif isinstance(action, EncodedActions):
             append(action.payload)
         elif isinstance(action, UnsetVar):
-            head = heads.get((2, action.scope, action.name))
+            head = _HEAD_CACHE.get((2, action.scope, action.name))
             append(head or _action_head(2, action.scope, action.name))
         else:
             raise InvalidValue(f"not an action: {type(action).__name__}")
