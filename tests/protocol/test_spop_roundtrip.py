@@ -22,6 +22,7 @@ from spoa.protocol import (
     encode_actions,
     encode_kv_list,
     encode_messages,
+    encode_set_vars,
     encode_value,
     encode_varint,
     split_frames,
@@ -89,6 +90,14 @@ def test_messages_round_trip(batch: list[Message]) -> None:
 def test_actions_round_trip(batch: list[SetVar | UnsetVar]) -> None:
     raw = encode_actions(batch)
     assert decode_actions(raw, 0, len(raw)) == batch
+
+
+@given(st.sampled_from(Scope), st.lists(st.tuples(var_names, values), max_size=12))
+def test_set_vars_encode_as_their_set_var_actions(
+    scope: Scope, variables: list[tuple[str, object]]
+) -> None:
+    expected = encode_actions([SetVar(scope, name, value) for name, value in variables])  # type: ignore[arg-type]
+    assert encode_set_vars(scope, variables) == expected  # type: ignore[arg-type]
 
 
 @settings(max_examples=60)
