@@ -154,7 +154,9 @@ class AgentConnection:
         self._inbuf = bytearray()
         self._outbox: list[bytes] = []
         self._events: list[Event] = []
-        self._inflight: set[tuple[int, int]] = set()
+        # In-flight NOTIFYs: (stream-id, frame-id) -> the two varints as they came, which
+        # the ACK repeats byte for byte.
+        self._inflight: dict[tuple[int, int], bytes] = {}
         self._hello_deadline = None if now is None else now + hello_timeout
         self._last_input = now
         self._close_status: Status | None = None
@@ -241,10 +243,13 @@ class AgentConnection:
         frame_type = buf[start]
         if not buf[start + 4] & _FIN:
             raise FragmentationNotSupported("fragmented frame (FIN not set)")
-        pos = start + 5
+        ids_start = pos = start + 5
         stream_id = buf[pos]
         if stream_id < 240:
             pos += 1
+        elif pos + 1 < end and buf[pos + 1] < 128:  # HAProxy's stream ids soon take two bytes
+            stream_id += buf[pos + 1] << 4
+            pos += 2
         else:
             stream_id, pos = decode_varint(buf, pos, end)
         frame_id = buf[pos] if pos < end else 0
@@ -262,7 +267,7 @@ class AgentConnection:
             if len(inflight) >= self._max_inflight:
                 raise ResourceLimit("too many NOTIFY frames in flight")
             messages = decode_messages(buf, pos, end, self._max_list_items)
-            inflight.add(key)
+            inflight[key] = bytes(buf[ids_start:pos])
             self._events.append(NotifyReceived(stream_id, frame_id, messages))
         elif frame_type == _HAPROXY_HELLO:
             if state is not _State.AWAIT_HELLO:
@@ -347,20 +352,16 @@ class AgentConnection:
         if self._state is _State.CLOSED:
             return
         key = (stream_id, frame_id)
-        if key not in self._inflight:
+        ids = self._inflight.get(key)
+        if ids is None:
             raise FrameIdNotFound("no NOTIFY in flight with these ids")
         first = actions[0] if len(actions) == 1 else None
         # One pre-encoded answer is the common case: its bytes go out as they are.
         payload = first.payload if type(first) is EncodedActions else encode_actions(actions)
-        ids = (
-            bytes((stream_id, frame_id))
-            if stream_id < 240 and frame_id < 240
-            else encode_varint(stream_id) + encode_varint(frame_id)
-        )
         length = 5 + len(ids) + len(payload)
         if length > (self._negotiated_max_frame_size or self._max_frame_size):
             raise FrameTooBig("ACK longer than the negotiated max-frame-size")
-        self._inflight.remove(key)
+        del self._inflight[key]
         self._outbox.append(length.to_bytes(4, "big") + _ACK_HEAD + ids + payload)
 
     def send_disconnect(self, status: Status, message: str) -> None:

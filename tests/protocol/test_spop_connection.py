@@ -275,6 +275,20 @@ def test_stream_id_zero_and_large_ids_are_echoed() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "stream_id", [239, 240, 241, 2287, 2288, 2289, 264431, 264432, 2**40 + 3, 2**64 - 1]
+)
+def test_ids_of_every_varint_width_are_echoed(stream_id: int) -> None:
+    # The two-byte stream id is decoded inline and the ACK repeats the NOTIFY's id bytes.
+    conn = ready()
+    events = conn.receive_data(notify(stream_id, stream_id % 1000), 1.0)
+    assert [(e.stream_id, e.frame_id) for e in events] == [(stream_id, stream_id % 1000)]
+    conn.send_ack(stream_id, stream_id % 1000, [SetVar(Scope.TXN, "a", 1)])
+    (frame,) = split_frames(conn.data_to_send())
+    assert (frame.header.stream_id, frame.header.frame_id) == (stream_id, stream_id % 1000)
+    assert conn.inflight == 0
+
+
 def test_empty_notify() -> None:
     conn = ready()
     events = conn.receive_data(build_frame(FrameType.NOTIFY, 5, 1, b""), 1.0)
