@@ -375,6 +375,17 @@ def _extract_token(args: Mapping[str, Any], query_param: str) -> tuple[str | Non
     400; the token's own characters are the verifier's to judge (401 `malformed`).
     """
     header = args.get(ARG_AUTHORIZATION)
+    if type(header) is str and header[:7] == "Bearer " and not query_param:
+        # The common case, decided as the general path below would decide it.
+        bearer = header[7:]
+        if (
+            bearer
+            and bearer.isascii()
+            and " " not in bearer
+            and not bearer[-1].isspace()
+            and args.get(ARG_TOKEN) is None
+        ):
+            return bearer, None
     token = None
     if header:
         if type(header) is not str:

@@ -23,6 +23,7 @@ from spoa.glue import (
     CheckJwtHandler,
     PolicyRuntime,
     Runtime,
+    _extract_token,
     claim_text,
 )
 from spoa.keymanager import JwksUrlSource, KeyManager
@@ -167,6 +168,21 @@ def test_a_token_with_stray_characters_is_a_malformed_token(handler: CheckJwtHan
     result = run(handler, message(authorization="bearer  ab\x01cd.ef.gh"))
     assert result["status"] == 401
     assert result["reason"] == "malformed"
+
+
+@given(
+    st.text(alphabet=st.sampled_from("Bb a.\t\x1f\x0b\u00e9=-_\r"), max_size=12),
+    st.sampled_from([None, "", "tok.en.x", " "]),
+)
+def test_the_common_bearer_case_is_decided_as_the_general_path_decides(
+    tail: str, other: str | None
+) -> None:
+    # With a query parameter configured the shortcut is skipped; with no query sent, the
+    # answer must be the same.
+    args = {"authorization": "Bearer " + tail, "token": other}
+    shortcut = _extract_token(args, "")
+    general = _extract_token(args, "access_token")
+    assert shortcut == general
 
 
 def test_bearer_scheme_is_case_insensitive(handler: CheckJwtHandler) -> None:
