@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -238,8 +239,9 @@ class VerdictRecorder:
             outcome = "report_only_reject"
         else:
             outcome = "reject"
+        # The reason itself: a StrEnum is its value, without the cost of `.value`.
         self.metrics.record_verdict(
-            outcome, verdict.reason.value, verdict.issuer, policy, seconds, verdict.cache_hit
+            outcome, verdict.reason, verdict.issuer, policy, seconds, verdict.cache_hit
         )
         if verdict.ok:
             if self.access_log:
@@ -390,6 +392,9 @@ class Worker:
             observer=self.metrics,
         )
         await self.server.start_on_socket(sock)
+        # What start-up built lives as long as the worker: keep it out of every garbage
+        # collection (the cyclic collector showed in per-request profiles).
+        gc.freeze()
         if on_serving is not None:
             on_serving()
         log.info(
@@ -490,6 +495,9 @@ class Worker:
             self._publish_readiness()
             if old is not None:
                 await old.aclose()
+            # The old engine was frozen with the rest of start-up; let the collector see
+            # it again, or its cycles would outlive the reload.
+            gc.unfreeze()
             self.metrics.config_reload("ok")
             log.info(
                 "reloaded",
