@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from dataclasses import dataclass
 from enum import StrEnum
@@ -116,8 +115,9 @@ def verify_signature(
         if algorithm.kind is KeyKind.OCT:
             if not isinstance(material, bytes):
                 return False
-            expected = hmac.new(material, signing_input, getattr(hashlib, algorithm.hash_name))
-            return hmac.compare_digest(expected.digest(), signature)
+            # The one-shot form runs in C; hmac.new builds Python objects per call.
+            expected = hmac.digest(material, signing_input, algorithm.hash_name)
+            return hmac.compare_digest(expected, signature)
         if algorithm.kind is KeyKind.RSA:
             if not isinstance(material, rsa.RSAPublicKey):
                 return False
