@@ -53,6 +53,7 @@ from spoa.metrics import (
     multiprocess_registry,
     prepare_multiprocess_dir,
 )
+from spoa.protocol import SPEEDUPS
 from spoa.server import ServerLimits, SpoaServer, install_uvloop
 from spoa.verifier import (
     ClaimMatcher,
@@ -401,6 +402,7 @@ class Worker:
             "agent_started",
             listen=agent.listen,
             pid=os.getpid(),
+            notify_decoder="c" if SPEEDUPS else "python",
             issuers=[i.name for i in self.config.issuers],
             policies=sorted(self.config.policies),
         )

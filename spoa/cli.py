@@ -18,6 +18,7 @@ from typing import Any
 
 from spoa import __version__
 from spoa.config import ConfigError, describe, load_config, parse_duration
+from spoa.protocol import SPEEDUPS
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -64,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"jwtgate {__version__}")
+    if SPEEDUPS:
+        decoder = "C"
+    elif os.environ.get("JWTGATE_NO_SPEEDUPS"):
+        decoder = "pure Python (JWTGATE_NO_SPEEDUPS is set)"
+    else:
+        decoder = "pure Python (the C one was not built)"
+    parser.add_argument(
+        "--version", action="version", version=f"jwtgate {__version__}, {decoder} NOTIFY decoder"
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     run = commands.add_parser(
