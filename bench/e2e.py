@@ -337,7 +337,7 @@ class Bench:
                 assert stack.haproxy is not None
                 yield Target(stack.url, stack.haproxy.pid, stack.agents[0].process.pid)
 
-    def run(self, scenario: Scenario, rate_guess: float) -> ScenarioResult:
+    def run(self, scenario: Scenario, rate_guess: float, *, paced: bool = True) -> ScenarioResult:
         token = None if scenario.kind in ("noauth",) else self.tokens[scenario.alg]
         token_file = paced_file = None
         if scenario.unique:
@@ -359,8 +359,10 @@ class Bench:
                 token_file=token_file,
             )
             rate = max(saturated.rps / 2, 100.0)
+            if not paced:
+                return ScenarioResult(scenario, saturated, WrkRun(), 0.0)
             connections = max(1, round(rate * PACED_DELAY_MS / 1000))
-            paced = measured(
+            paced_run = measured(
                 target.url,
                 self.seconds,
                 target.haproxy_pid,
@@ -370,7 +372,7 @@ class Bench:
                 delay_ms=PACED_DELAY_MS,
                 connections=connections,
             )
-        return ScenarioResult(scenario, saturated, paced, rate)
+        return ScenarioResult(scenario, saturated, paced_run, rate)
 
 
 # Rough upper bounds of the unique-token rates, to size the supply (RS256 signing costs
@@ -408,6 +410,33 @@ def run_all(
                     f"p50 {p.p50_ms:.2f} ms p99 {p.p99_ms:.2f} ms"
                 )
             results.append(result)
+    return results
+
+
+# The headline comparison, run again in interleaved rounds: on a shared machine the speed
+# drifts over a 10-minute pass, and scenarios run minutes apart see different machines.
+HEADLINE = (
+    Scenario("native jwt_verify RS256", "native", "RS256"),
+    Scenario("minimal ACK-only agent (hand-written)", "ackmin"),
+    Scenario("jwtgate RS256 cache hits", "jwtgate", "RS256"),
+)
+
+
+def run_rounds(
+    seconds: float, rounds: int, log: Callable[[str], None] = print
+) -> list[dict[str, float]]:
+    """Saturated rps of each HEADLINE scenario per round, the scenarios back to back."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="jwtgate-rounds-") as tmp:
+        bench = Bench(Path(tmp), seconds, log)
+        for index in range(rounds):
+            row: dict[str, float] = {}
+            for scenario in HEADLINE:
+                row[scenario.name] = bench.run(scenario, 9000.0, paced=False).saturated.rps
+            log(f"  round {index + 1}/{rounds}: " + ", ".join(f"{v:.0f}" for v in row.values()))
+            results.append(row)
     return results
 
 
