@@ -6,32 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spoa.protocol import Message, SpopError, encode_messages, encode_value, encode_varint, payloads
+from tests.protocol.strategies import messages as message_strategy
+from tests.protocol.strategies import names
 
-uint64 = st.integers(min_value=0, max_value=2**64 - 1)
-int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-values = st.one_of(
-    st.none(),
-    st.booleans(),
-    int64,
-    uint64,
-    st.text(),
-    st.text(min_size=240, max_size=3000),  # multi-byte length prefixes
-    st.binary(),
-    st.builds(IPv4Address, st.integers(min_value=0, max_value=2**32 - 1)),
-    st.builds(IPv6Address, st.integers(min_value=0, max_value=2**128 - 1)),
-)
-names = st.text(max_size=40)
-messages = st.lists(
-    st.builds(Message, names, st.lists(st.tuples(names, values), max_size=8).map(tuple)),
-    max_size=4,
-)
+messages = st.lists(message_strategy, max_size=4)
 # Hand-made typed data the encoder never produces: INT32/UINT32, flags on NULL and
 # STRING, truncations, reserved types, over-long varints.
 odd_values = st.sampled_from(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv6Address
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,26 +25,13 @@ from spoa.protocol import (
     encode_varint,
     split_frames,
 )
+from tests.protocol.strategies import messages, names, uint64, values
 
-uint64 = st.integers(min_value=0, max_value=2**64 - 1)
-int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-values = st.one_of(
-    st.none(),
-    st.booleans(),
-    int64,
-    uint64,
-    st.text(),
-    st.binary(),
-    st.builds(IPv4Address, st.integers(min_value=0, max_value=2**32 - 1)),
-    st.builds(IPv6Address, st.integers(min_value=0, max_value=2**128 - 1)),
-)
-names = st.text(max_size=40)
 var_names = st.from_regex(r"[A-Za-z0-9._]{1,63}", fullmatch=True)
 actions = st.one_of(
     st.builds(SetVar, st.sampled_from(Scope), var_names, values),
     st.builds(UnsetVar, st.sampled_from(Scope), var_names),
 )
-messages = st.builds(Message, names, st.lists(st.tuples(names, values), max_size=8).map(tuple))
 
 
 @given(uint64)
