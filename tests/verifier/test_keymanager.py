@@ -78,6 +78,12 @@ class FakeClock:
 def no_threads_left_behind() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
+    # A fetch thread that gave up on a slow server may still be unwinding (closing its
+    # socket) when the test ends; on a loaded machine that takes a moment. It must end,
+    # but it gets a few seconds to do so.
+    deadline = time.monotonic() + 5.0
+    for thread in [t for t in threading.enumerate() if t not in before]:
+        thread.join(max(0.0, deadline - time.monotonic()))
     leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert leftover == []
 
