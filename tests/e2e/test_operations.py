@@ -238,7 +238,9 @@ def test_signals_while_keys_load_are_neither_fatal_nor_lost(tmp_path: Path, work
         issuer.mode = "slow"  # the first key fetch takes a second: a wide start-up window
         process, log, metrics_port = start_agent(tmp_path, issuer, workers)
         try:
-            time.sleep(0.5)  # well inside start-up; no fake clock can stand in for a process
+            # Inside start-up: every worker is fetching keys (its signal handlers are in
+            # place by then; a fixed sleep was too short on a loaded machine).
+            wait_until(lambda: issuer.request_count() >= workers, 20, "the first key fetches")
             process.send_signal(signal.SIGHUP)
             issuer.mode = "ok"
             wait_until(
@@ -266,7 +268,7 @@ def test_sigterm_during_start_up_stops_promptly(tmp_path: Path) -> None:
     with LocalIssuer(slow_delay=5.0) as issuer:
         issuer.mode = "slow"
         process, log, _ = start_agent(tmp_path, issuer, 1)
-        time.sleep(0.5)
+        wait_until(lambda: issuer.request_count() >= 1, 20, "the first key fetch")
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
