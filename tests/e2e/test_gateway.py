@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -255,15 +256,19 @@ def test_a_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_the_demo_runs_in_short_mode() -> None:
+def test_the_demo_runs_in_short_mode(tmp_path: Path) -> None:
+    # The demo keeps its logs for the user in a fresh temporary directory: put that
+    # under this test's own, so runs of the suite leave nothing in /tmp.
     result = subprocess.run(
         [sys.executable, "-m", "spoa", "demo", "--short", "--no-live", "--exit"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert [p.name[:13] for p in tmp_path.iterdir()] == ["jwtgate-demo-"]
     assert "Every request got the answer it should have" in result.stdout
     assert "curl -i -H 'Authorization: Bearer " in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
