@@ -45,27 +45,12 @@ def shared(value: _T) -> _T:
 
 def compact_claims(payload: Mapping[str, Any]) -> dict[str, Any]:
     """The payload with its names and short string values shared with other entries."""
-    # `shared` inlined: this runs once per cache miss, for every claim. The table may
-    # pass its bound by one payload's worth of names.
-    table = _SHARED
-    room = len(table) < _SHARED_MAX
-    compact: dict[str, Any] = {}
-    for name, value in payload.items():
-        found = table.get(name)
-        if found is None:
-            if room:
-                table[name] = name
-            found = name
-        if type(value) is str and len(value) <= _SHARED_STR_MAX:
-            known = table.get(value)
-            if known is None:
-                if room:
-                    table[value] = value
-                known = value
-            compact[found] = known
-        else:
-            compact[found] = value
-    return compact
+    return {
+        shared(name): shared(value)
+        if type(value) is str and len(value) <= _SHARED_STR_MAX
+        else value
+        for name, value in payload.items()
+    }
 
 
 class CacheEntry:
