@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import Enum
 
-from .actions import Action, EncodedActions, encode_actions
+from .actions import Action, encode_actions
 from .errors import (
     BadMaxFrameSize,
     CapabilitiesMissing,
@@ -355,9 +355,7 @@ class AgentConnection:
         ids = self._inflight.get(key)
         if ids is None:
             raise FrameIdNotFound("no NOTIFY in flight with these ids")
-        first = actions[0] if len(actions) == 1 else None
-        # One pre-encoded answer is the common case: its bytes go out as they are.
-        payload = first.payload if type(first) is EncodedActions else encode_actions(actions)
+        payload = encode_actions(actions)
         length = 5 + len(ids) + len(payload)
         if length > (self._negotiated_max_frame_size or self._max_frame_size):
             raise FrameTooBig("ACK longer than the negotiated max-frame-size")
