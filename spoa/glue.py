@@ -375,17 +375,6 @@ def _extract_token(args: Mapping[str, Any], query_param: str) -> tuple[str | Non
     400; the token's own characters are the verifier's to judge (401 `malformed`).
     """
     header = args.get(ARG_AUTHORIZATION)
-    if type(header) is str and header[:7] == "Bearer " and not query_param:
-        # The common case, decided as the general path below would decide it.
-        bearer = header[7:]
-        if (
-            bearer
-            and bearer.isascii()
-            and " " not in bearer
-            and not bearer[-1].isspace()
-            and args.get(ARG_TOKEN) is None
-        ):
-            return bearer, None
     token = None
     if header:
         if type(header) is not str:
@@ -398,12 +387,13 @@ def _extract_token(args: Mapping[str, Any], query_param: str) -> tuple[str | Non
     other = args.get(ARG_TOKEN)
     if other:
         other = _text(other).strip()
-    found = [t for t in (token, other) if t]
+    if token and other:
+        return None, _MALFORMED_REQUEST
+    found = token or other
     if query_param:
-        query = _text(args.get(ARG_QUERY))
-        found += [v for k, v in parse_qsl(query, keep_blank_values=False) if k == query_param]
-    if len(found) == 1:
-        return found[0], None
-    if not found:
-        return None, _MISSING_TOKEN
-    return None, _MALFORMED_REQUEST
+        for name, value in parse_qsl(_text(args.get(ARG_QUERY)), keep_blank_values=False):
+            if name == query_param:
+                if found:
+                    return None, _MALFORMED_REQUEST
+                found = value
+    return (found, None) if found else (None, _MISSING_TOKEN)

@@ -174,11 +174,11 @@ def test_a_token_with_stray_characters_is_a_malformed_token(handler: CheckJwtHan
     st.text(alphabet=st.sampled_from("Bb a.\t\x1f\x0b\u00e9=-_\r"), max_size=12),
     st.sampled_from([None, "", "tok.en.x", " "]),
 )
-def test_the_common_bearer_case_is_decided_as_the_general_path_decides(
+def test_a_configured_query_parameter_changes_nothing_when_no_query_is_sent(
     tail: str, other: str | None
 ) -> None:
-    # With a query parameter configured the shortcut is skipped; with no query sent, the
-    # answer must be the same.
+    # The query-parameter branch of _extract_token must not change how the header and
+    # the token argument are judged.
     args = {"authorization": "Bearer " + tail, "token": other}
     shortcut = _extract_token(args, "")
     general = _extract_token(args, "access_token")
