@@ -190,13 +190,14 @@ def verdict_actions(
 ) -> list[Action]:
     """The set-var actions for one verdict (all in txn scope, prefix `jwt`)."""
     report_only = selected is not None and selected.report_only
+    head = _ACCEPTED if verdict.ok else _rejection(verdict, selected, report_only)
     if verdict.claims and token is not None and (verdict.ok or report_only):
         # Claims are set only for requests that pass, and only when the signature verified
         # (the verifier leaves them empty otherwise).
         exp = verdict.expires_at
         expires_in = -1 if exp is None else max(0, int(exp - now))
-        return [_identity_answer(verdict, selected, token, report_only, expires_in)]
-    return [_ACCEPTED if verdict.ok else _rejection(verdict, selected, report_only)]
+        return [_identity_answer(verdict, selected, token, head, expires_in)]
+    return [head]
 
 
 # Rejections repeat (a flood of bad tokens gets the same answer), so their variables are
@@ -240,18 +241,19 @@ class _Answer:
         self.encoded = _ACCEPTED
 
 
-_ANSWERS: dict[tuple[int, str, bool], _Answer] = {}
+_ANSWERS: dict[tuple[int, str], _Answer] = {}
 
 
 def _identity_answer(
     verdict: Verdict,
     selected: PolicyRuntime | None,
     token: str,
-    report_only: bool,
+    head: EncodedActions,
     expires_in: int,
 ) -> EncodedActions:
-    """Head (accepted or report-only rejection), token variables, then `expires_in`."""
-    key = (id(verdict), selected.policy.name if selected is not None else "", report_only)
+    """`head` (accepted, or a report-only rejection), token variables, then `expires_in`."""
+    # The head follows from the verdict and the policy, both in the key.
+    key = (id(verdict), selected.policy.name if selected is not None else "")
     answer = _ANSWERS.get(key)
     if answer is None or answer.verdict is not verdict:  # an id can be reused after collection
         answer = _Answer(
@@ -261,7 +263,6 @@ def _identity_answer(
             _ANSWERS.clear()
         _ANSWERS[key] = answer
     if answer.expires_in != expires_in:
-        head = _ACCEPTED if verdict.ok else _rejection(verdict, selected, report_only)
         tail = b"" if expires_in < 0 else _expires_in(expires_in)
         answer.encoded = EncodedActions(head.payload + answer.identity + tail)
         answer.expires_in = expires_in

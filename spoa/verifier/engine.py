@@ -231,4 +231,4 @@ class Verifier:
                     else frozenset()
                 ),
             )
-        return Verdict.accepted(claims, exp, rules.name, kid, alg, cache_hit=False)
+        return ok_verdict._replace(cache_hit=False)
