@@ -21,8 +21,6 @@ static PyObject *ipv4_type;      /* ipaddress.IPv4Address */
 static PyObject *ipv6_type;      /* ipaddress.IPv6Address */
 
 #define MAX_VARINT_BYTES 10
-#define STRING_TYPE_BYTE 8
-#define NULL_TYPE_BYTE 0
 
 static void
 fail(PyObject *kind, const char *message)
@@ -171,22 +169,14 @@ read_value(const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t end)
     }
 }
 
-/* One argument: (name, value), the fast paths of the Python version inlined. */
+/* One argument: (name, value). */
 static PyObject *
 read_argument(const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t end)
 {
     PyObject *name = read_string(buf, pos, end);
     if (name == NULL)
         return NULL;
-    PyObject *value;
-    Py_ssize_t p = *pos;
-    if (p + 1 < end && buf[p] == NULL_TYPE_BYTE) {
-        *pos = p + 1;
-        value = Py_NewRef(Py_None);
-    }
-    else {
-        value = read_value(buf, pos, end);
-    }
+    PyObject *value = read_value(buf, pos, end);
     if (value == NULL) {
         Py_DECREF(name);
         return NULL;
