@@ -126,9 +126,11 @@ async def _connection(
         # The message of the last token, encoded once: a repeated token costs this client
         # no re-encoding (HAProxy's own encoding is C), so the agent, not the client, is
         # what saturates. Every new token is encoded in full.
-        last: list[Any] = [None, b""]
+        last_token: str | None = None
+        last_message = b""
 
         def send_more(count: int) -> None:
+            nonlocal last_token, last_message
             frames = []
             now = clock()
             for _ in range(count):
@@ -137,11 +139,11 @@ async def _connection(
                 token = source.next()
                 if token is None:
                     break
-                if token is not last[0]:
-                    last[0], last[1] = token, encode_messages([check_jwt_message(token)])
+                if token is not last_token:
+                    last_token, last_message = token, encode_messages([check_jwt_message(token)])
                 frame_id = next(frame_ids)
                 sent_at[frame_id] = now
-                body = _NOTIFY_HEAD + encode_varint(frame_id) + last[1]
+                body = _NOTIFY_HEAD + encode_varint(frame_id) + last_message
                 frames.append(len(body).to_bytes(4, "big") + body)
             if frames:
                 writer.write(b"".join(frames))  # one write per batch, like HAProxy
