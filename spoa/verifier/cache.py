@@ -134,6 +134,10 @@ class VerifiedTokenCache:
                 pass
         return entry
 
+    def peek(self, key: bytes) -> CacheEntry | None:
+        """The entry, without counting a hit or refreshing its place."""
+        return self._entries.get(key)
+
     def put(self, key: bytes, entry: CacheEntry) -> None:
         if self.max_entries == 0:
             return

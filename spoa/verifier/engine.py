@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -33,6 +34,7 @@ from spoa.verifier.reasons import Reason
 from spoa.verifier.verdict import EMPTY_CLAIMS, Verdict
 
 DEFAULT_MAX_TOKEN_BYTES = 8192
+_MARGIN = 0.001  # seconds; see replay_window
 DEFAULT_CACHE_SIZE = 10_000
 
 
@@ -94,6 +96,37 @@ class Verifier:
             return self._verify_full(token, key, policy, now)
         except Exception:  # fail closed on anything unforeseen; the glue logs the reason
             return Verdict.rejected(Reason.INTERNAL_ERROR)
+
+    def replay_window(self, token: str | bytes, now: float) -> tuple[float, float] | None:
+        """While an accepted verdict for `token`, just given, stays exactly the same:
+        (from, until) on the clock `verify` was given, from the cached entry's times and
+        its keys' staleness bound. None when nothing is cached for it or its keys moved.
+
+        Policy checks (audience, scopes, claim rules) do not depend on time, and the
+        caller must drop what it keeps on any key change or reload. Bounds that the
+        checks compute in another arithmetic form keep a margin of a millisecond.
+        """
+        if isinstance(token, str) and not token.isascii():
+            return None
+        entry = self.cache.peek(token_digest(token))
+        if entry is None or self._keys.generation(entry.issuer, now) != entry.generation:
+            return None
+        keys_until = self._keys.usable_until(entry.issuer)
+        if keys_until is None:
+            return None
+        valid_from, valid_until = -math.inf, keys_until - _MARGIN
+        leeway = entry.leeway
+        if entry.exp is not None:
+            valid_until = min(valid_until, entry.exp + leeway)  # the check's own expression
+        if entry.nbf is not None:
+            valid_from = max(valid_from, entry.nbf - leeway + _MARGIN)
+        if entry.iat is not None:
+            valid_from = max(valid_from, entry.iat - leeway + _MARGIN)
+        if entry.lifetime_floor is not None:
+            valid_from = max(valid_from, entry.lifetime_floor)
+        if not valid_from <= now < valid_until:
+            return None
+        return valid_from, valid_until
 
     def _verify_cached(
         self, key: bytes, entry: CacheEntry, policy: Policy, now: float

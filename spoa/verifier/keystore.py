@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +35,11 @@ class KeyStore(Protocol):
         """Whether the issuer's current key set still contains this key."""
         ...
 
+    def usable_until(self, issuer: str) -> float | None:
+        """The instant after which the issuer's current keys are too stale to use, unless
+        refreshed first; None when it has no keys."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class IssuerKeys:
@@ -47,11 +53,22 @@ class IssuerKeys:
 
 
 class MemoryKeyStore:
-    """A `KeyStore` held in memory; updated by whole-set replacement per issuer."""
+    """A `KeyStore` held in memory; updated by whole-set replacement per issuer.
+
+    Listeners are called after every replacement or removal (not after a refresh that
+    only confirms the same keys), from the thread that made it."""
 
     def __init__(self) -> None:
         self._issuers: dict[str, IssuerKeys] = {}
         self._generations = itertools.count(1)
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def replace(
         self, issuer: str, key_set: KeySet, now: float, *, max_stale: float = math.inf
@@ -59,6 +76,7 @@ class MemoryKeyStore:
         """Install a freshly loaded key set; returns its generation."""
         generation = next(self._generations)
         self._issuers[issuer] = IssuerKeys(key_set, generation, now, max_stale)
+        self._changed()
         return generation
 
     def confirm(self, issuer: str, now: float) -> None:
@@ -71,6 +89,7 @@ class MemoryKeyStore:
 
     def remove(self, issuer: str) -> None:
         self._issuers.pop(issuer, None)
+        self._changed()
 
     def get(self, issuer: str) -> IssuerKeys | None:
         return self._issuers.get(issuer)
@@ -94,3 +113,7 @@ class MemoryKeyStore:
     def holds(self, issuer: str, key_id: str) -> bool:
         entry = self._issuers.get(issuer)
         return entry is not None and key_id in entry.key_set.key_ids
+
+    def usable_until(self, issuer: str) -> float | None:
+        entry = self._issuers.get(issuer)
+        return None if entry is None else entry.refreshed_at + entry.max_stale

@@ -184,3 +184,98 @@ def test_entries_share_repeated_values(key: KeyPair) -> None:
     second = verifier.verify(mint(key, default_claims(sub="b")), POLICY, CONTEXT, NOW)
     assert first.claims["iss"] is second.claims["iss"]
     assert first.claims["sub"] != second.claims["sub"]
+
+
+# --- replay_window: how long an accepted verdict stays exactly the same ---------------------
+
+
+def _same_verdict_through(verifier: Verifier, token: str, window: tuple[float, float]) -> None:
+    """Inside the window the verdict is the accepted one; just outside it is not."""
+    valid_from, valid_until = window
+    inside = [valid_until - 1e-3]
+    if valid_from != float("-inf"):
+        inside.append(valid_from)
+    for now in inside:
+        assert verifier.verify(token, POLICY, CONTEXT, now).ok
+    assert not verifier.verify(token, POLICY, CONTEXT, valid_until).ok
+
+
+@pytest.mark.parametrize(
+    ("overrides", "floor_claim"),
+    [
+        ({}, "iat"),
+        ({"iat": None}, None),
+        ({"nbf": int(NOW) + 20, "iat": None}, "nbf"),
+        ({"iat": int(NOW) + 20}, "iat"),
+    ],
+)
+def test_replay_window_is_where_the_verdict_holds(
+    key: KeyPair, overrides: dict[str, int | None], floor_claim: str | None
+) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"}, leeway=30.0)
+    claims = default_claims(**overrides)
+    token = mint(key, claims)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    window = verifier.replay_window(token, NOW)
+    assert window is not None
+    valid_from, valid_until = window
+    assert valid_until == claims["exp"] + 30.0
+    if floor_claim is None:
+        assert valid_from == float("-inf")
+    else:
+        assert valid_from == pytest.approx(claims[floor_claim] - 30.0, abs=2e-3)
+        assert valid_from > claims[floor_claim] - 30.0  # the margin is on the safe side
+        later = default_claims(**overrides, jti="before")
+        early = verifier.verify(mint(key, later), POLICY, CONTEXT, valid_from - 2e-3)
+        assert not early.ok
+    _same_verdict_through(verifier, token, window)
+
+
+def test_replay_window_of_a_lifetime_counted_from_now(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"}, leeway=0.0, max_lifetime=900.0)
+    claims = default_claims(iat=None)
+    token = mint(key, claims)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    window = verifier.replay_window(token, NOW)
+    assert window is not None
+    assert window[0] == claims["exp"] - 900.0
+    assert not verifier.verify(token, POLICY, CONTEXT, window[0] - 1).ok
+
+
+def test_replay_window_ends_before_the_keys_go_stale(key: KeyPair) -> None:
+    store = MemoryKeyStore()
+    store.replace("main", KeySet((key.verification_key(),)), NOW, max_stale=60.0)
+    verifier = Verifier([rules({"ES256"})], store)
+    token = mint(key)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    window = verifier.replay_window(token, NOW)
+    assert window is not None
+    assert NOW + 59 < window[1] < NOW + 60
+    assert store.usable_until("main") == NOW + 60
+    assert verifier.verify(token, POLICY, CONTEXT, NOW + 60.5).reason is Reason.KEYS_UNAVAILABLE
+
+
+def test_no_replay_window_without_a_current_entry(key: KeyPair) -> None:
+    verifier, store = verifier_for([key.verification_key()], {"ES256"})
+    token = mint(key)
+    assert verifier.replay_window(token, NOW) is None  # never verified
+    assert not verifier.verify(mint(key, default_claims(aud="other")), POLICY, CONTEXT, NOW).ok
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    assert verifier.replay_window(token, NOW) is not None
+    assert verifier.replay_window(token, NOW + 600 + 31) is None  # past exp and leeway
+    store.replace("main", KeySet((key.verification_key(),)), NOW)  # a new generation
+    assert verifier.replay_window(token, NOW) is None
+    assert verifier.replay_window("é" + token, NOW) is None
+
+
+def test_key_store_listeners_hear_replacements_and_removals_only(key: KeyPair) -> None:
+    store = MemoryKeyStore()
+    heard: list[str] = []
+    store.subscribe(lambda: heard.append("changed"))
+    store.replace("main", KeySet((key.verification_key(),)), NOW)
+    store.confirm("main", NOW + 1)
+    assert heard == ["changed"]
+    assert store.usable_until("main") == float("inf")
+    store.remove("main")
+    assert heard == ["changed", "changed"]
+    assert store.usable_until("main") is None
