@@ -1,7 +1,8 @@
 """SPOP v2.0, HAProxy's Stream Processing Offload Protocol, as a sans-I/O core.
 
 Standard library only: no sockets, no asyncio, no clock reads. The NOTIFY decoder
-has a C twin (`_speedups.c`, used when it was built; `SPEEDUPS` says whether it is).
+has a C twin (`_speedups.c`, used when it was built; `SPEEDUPS` says whether it is), as
+has the scanner that replays remembered answers (`AnswerMemo`, memo.py).
 """
 
 from .actions import (
@@ -44,6 +45,7 @@ from .errors import (
     VersionMissing,
 )
 from .events import (
+    AnswersReplayed,
     ConnectionClosed,
     DisconnectReceived,
     Event,
@@ -61,6 +63,7 @@ from .frames import (
     parse_header,
     split_frames,
 )
+from .memo import AnswerMemo, MemoEntry
 from .payloads import (
     SPEEDUPS,
     Message,
@@ -86,6 +89,8 @@ __all__ = [
     "Action",
     "ActionType",
     "AgentConnection",
+    "AnswerMemo",
+    "AnswersReplayed",
     "BadMaxFrameSize",
     "CapabilitiesMissing",
     "ConnectionClosed",
@@ -105,6 +110,7 @@ __all__ = [
     "InvalidInterlacedFrames",
     "InvalidValue",
     "MaxFrameSizeMissing",
+    "MemoEntry",
     "Message",
     "NotifyReceived",
     "ResourceLimit",

@@ -285,6 +285,316 @@ decode_messages(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/*
+ * answer_frames: the replay scanner of spoa/protocol/memo.py (answer_frames_python is
+ * the reference). It only reads: every frame it is unsure of stops the scan, and the
+ * Python path then handles that frame and the rest. A key is the raw typed data of each
+ * key argument, so only canonically encoded values match (the Python side re-encodes
+ * decoded values); a non-canonical one is a miss, never a wrong hit.
+ */
+
+#define ABSENT_BYTE 0xFF
+#define MAX_KEY_ARGS 8
+#define MIN_FRAME_BODY 7
+#define NOTIFY_TYPE 3
+#define ACK_TYPE 103
+
+/* Skip one typed value without building it; its end, or -1 when it is malformed. */
+static Py_ssize_t
+skip_value(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end)
+{
+    if (pos >= end)
+        return -1;
+    unsigned kind = buf[pos++] & 0x0F;
+    Py_ssize_t start;
+    uint64_t number;
+    switch (kind) {
+    case 0:
+    case 1:
+        return pos;
+    case 2:
+    case 3:
+    case 4:
+    case 5:
+        return read_varint(buf, pos, end, &number);
+    case 6:
+        return end - pos < 4 ? -1 : pos + 4;
+    case 7:
+        return end - pos < 16 ? -1 : pos + 16;
+    case 8:
+    case 9:
+        return read_span(buf, pos, end, &start);
+    default:
+        return -1;
+    }
+}
+
+/* Append a varint in SPOP's encoding (varint.encode_varint). */
+static Py_ssize_t
+write_varint(unsigned char *out, uint64_t value)
+{
+    Py_ssize_t n = 0;
+    if (value < 240) {
+        out[n++] = (unsigned char)value;
+        return n;
+    }
+    out[n++] = (unsigned char)((value & 0xFF) | 0xF0);
+    value = (value - 240) >> 4;
+    while (value >= 128) {
+        out[n++] = (unsigned char)((value & 0xFF) | 0x80);
+        value = (value - 128) >> 7;
+    }
+    out[n++] = (unsigned char)value;
+    return n;
+}
+
+typedef struct {
+    Py_ssize_t start; /* where the typed data starts, or -1 when the argument is absent */
+    Py_ssize_t stop;
+} key_span;
+
+/*
+ * Check one NOTIFY payload: exactly one message named `name`, well-formed to its end.
+ * Fills spans for the key arguments; 0 when it qualifies, -1 when it does not. Only
+ * raises (and returns -2) on an internal failure.
+ */
+static int
+scan_message(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t max_items,
+             const char *name, Py_ssize_t name_len, const char *const *keys,
+             const Py_ssize_t *key_lens, Py_ssize_t nkeys, key_span *spans)
+{
+    Py_ssize_t start, stop;
+    for (Py_ssize_t k = 0; k < nkeys; k++)
+        spans[k].start = -1;
+    if (max_items < 1)
+        return -1;
+    stop = read_span(buf, pos, end, &start);
+    if (stop < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (stop - start != name_len || memcmp(buf + start, name, (size_t)name_len) != 0)
+        return -1;
+    pos = stop;
+    if (pos >= end)
+        return -1;
+    Py_ssize_t nb_args = buf[pos++];
+    if (nb_args > max_items)
+        return -1;
+    for (Py_ssize_t i = 0; i < nb_args; i++) {
+        stop = read_span(buf, pos, end, &start);
+        if (stop < 0) {
+            PyErr_Clear();
+            return -1;
+        }
+        Py_ssize_t value_start = stop;
+        Py_ssize_t value_stop = skip_value(buf, value_start, end);
+        if (value_stop < 0) {
+            PyErr_Clear();
+            return -1;
+        }
+        for (Py_ssize_t k = 0; k < nkeys; k++) {
+            if (stop - start != key_lens[k] ||
+                memcmp(buf + start, keys[k], (size_t)key_lens[k]) != 0)
+                continue;
+            unsigned type_byte = buf[value_start];
+            if (spans[k].start >= 0 || (type_byte != 0 && type_byte != 8 && type_byte != 9))
+                return -1; /* repeated, or a type that is not keyed */
+            spans[k].start = value_start;
+            spans[k].stop = value_stop;
+        }
+        pos = value_stop;
+    }
+    return pos == end ? 0 : -1; /* more bytes: a second message */
+}
+
+static PyObject *
+answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError,
+                        "answer_frames(buf, pos, end, frame_limit, max_items, message_name, "
+                        "key_names, table, now, countdown_head)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t end = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t frame_limit = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
+    if (frame_limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t max_items = PyNumber_AsSsize_t(args[4], PyExc_OverflowError);
+    if (max_items == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *name_obj = args[5], *key_names = args[6], *table = args[7];
+    PyObject *countdown_obj = args[9];
+    if (!PyBytes_Check(name_obj) || !PyTuple_Check(key_names) || !PyDict_Check(table) ||
+        !PyBytes_Check(countdown_obj)) {
+        PyErr_SetString(PyExc_TypeError, "answer_frames: bad argument types");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[8]);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t nkeys = PyTuple_GET_SIZE(key_names);
+    if (nkeys < 1 || nkeys > MAX_KEY_ARGS) {
+        PyErr_SetString(PyExc_ValueError, "answer_frames: 1 to 8 key names");
+        return NULL;
+    }
+    const char *keys[MAX_KEY_ARGS];
+    Py_ssize_t key_lens[MAX_KEY_ARGS];
+    for (Py_ssize_t k = 0; k < nkeys; k++) {
+        PyObject *key_name = PyTuple_GET_ITEM(key_names, k);
+        if (!PyBytes_Check(key_name)) {
+            PyErr_SetString(PyExc_TypeError, "answer_frames: key names are bytes");
+            return NULL;
+        }
+        keys[k] = PyBytes_AS_STRING(key_name);
+        key_lens[k] = PyBytes_GET_SIZE(key_name);
+    }
+    if (pos < 0 || end < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative position");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (end > view.len)
+        end = view.len;
+    const unsigned char *buf = (const unsigned char *)view.buf;
+    const unsigned char *countdown_head = (const unsigned char *)PyBytes_AS_STRING(countdown_obj);
+    Py_ssize_t countdown_len = PyBytes_GET_SIZE(countdown_obj);
+
+    PyObject *tags = PyList_New(0);
+    PyObject *acks = NULL; /* a bytearray, grown as frames are answered */
+    PyObject *key = NULL;
+    Py_ssize_t acks_len = 0;
+    if (tags == NULL)
+        goto error;
+    acks = PyByteArray_FromStringAndSize(NULL, 0);
+    if (acks == NULL)
+        goto error;
+
+    while (end - pos >= 4) {
+        uint64_t length = ((uint64_t)buf[pos] << 24) | ((uint64_t)buf[pos + 1] << 16) |
+                          ((uint64_t)buf[pos + 2] << 8) | (uint64_t)buf[pos + 3];
+        if (length > (uint64_t)frame_limit || length > (uint64_t)(end - pos - 4) ||
+            length < MIN_FRAME_BODY)
+            break;
+        Py_ssize_t start = pos + 4, stop = start + (Py_ssize_t)length;
+        if (buf[start] != NOTIFY_TYPE || buf[start + 1] != 0 || buf[start + 2] != 0 ||
+            buf[start + 3] != 0 || buf[start + 4] != 1)
+            break;
+        uint64_t ignored;
+        Py_ssize_t body = read_varint(buf, start + 5, stop, &ignored);
+        if (body >= 0)
+            body = read_varint(buf, body, stop, &ignored);
+        if (body < 0) {
+            PyErr_Clear();
+            break;
+        }
+        key_span spans[MAX_KEY_ARGS];
+        if (scan_message(buf, body, stop, max_items, PyBytes_AS_STRING(name_obj),
+                         PyBytes_GET_SIZE(name_obj), keys, key_lens, nkeys, spans) < 0)
+            break;
+        Py_ssize_t key_len = 0;
+        for (Py_ssize_t k = 0; k < nkeys; k++)
+            key_len += spans[k].start < 0 ? 1 : spans[k].stop - spans[k].start;
+        key = PyBytes_FromStringAndSize(NULL, key_len);
+        if (key == NULL)
+            goto error;
+        char *cursor = PyBytes_AS_STRING(key);
+        for (Py_ssize_t k = 0; k < nkeys; k++) {
+            if (spans[k].start < 0) {
+                *cursor++ = (char)ABSENT_BYTE;
+                continue;
+            }
+            Py_ssize_t size = spans[k].stop - spans[k].start;
+            memcpy(cursor, buf + spans[k].start, (size_t)size);
+            cursor += size;
+        }
+        PyObject *entry = PyDict_GetItemWithError(table, key); /* borrowed */
+        Py_CLEAR(key);
+        if (entry == NULL) {
+            if (PyErr_Occurred())
+                goto error;
+            break;
+        }
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 5) {
+            PyErr_SetString(PyExc_TypeError, "answer_frames: a table value is not a MemoEntry");
+            goto error;
+        }
+        PyObject *payload = PyTuple_GET_ITEM(entry, 0);
+        PyObject *from_obj = PyTuple_GET_ITEM(entry, 1);
+        PyObject *until_obj = PyTuple_GET_ITEM(entry, 2);
+        PyObject *countdown_to = PyTuple_GET_ITEM(entry, 3);
+        if (!PyBytes_Check(payload) || !PyFloat_Check(from_obj) || !PyFloat_Check(until_obj) ||
+            (countdown_to != Py_None && !PyFloat_Check(countdown_to))) {
+            PyErr_SetString(PyExc_TypeError, "answer_frames: a table value is not a MemoEntry");
+            goto error;
+        }
+        if (!(PyFloat_AS_DOUBLE(from_obj) <= now && now < PyFloat_AS_DOUBLE(until_obj)))
+            break;
+        unsigned char tail[MAX_VARINT_BYTES + 1];
+        Py_ssize_t tail_len = 0;
+        if (countdown_to != Py_None) {
+            double left = PyFloat_AS_DOUBLE(countdown_to) - now;
+            if (!(left < 9223372036854775808.0)) /* 2**63; NaN fails too */
+                break;
+            uint64_t seconds = left > 0 ? (uint64_t)left : 0; /* int() truncates */
+            tail[0] = 4; /* INT64 */
+            tail_len = 1 + write_varint(tail + 1, seconds);
+        }
+        Py_ssize_t ids_len = body - (start + 5);
+        Py_ssize_t payload_len = PyBytes_GET_SIZE(payload);
+        Py_ssize_t extra = tail_len ? countdown_len + tail_len : 0;
+        Py_ssize_t ack_length = 5 + ids_len + payload_len + extra;
+        if (ack_length > frame_limit)
+            break;
+        if (PyByteArray_Resize(acks, acks_len + 4 + ack_length) < 0)
+            goto error;
+        unsigned char *out = (unsigned char *)PyByteArray_AS_STRING(acks) + acks_len;
+        out[0] = (unsigned char)(ack_length >> 24);
+        out[1] = (unsigned char)(ack_length >> 16);
+        out[2] = (unsigned char)(ack_length >> 8);
+        out[3] = (unsigned char)ack_length;
+        out[4] = ACK_TYPE;
+        out[5] = out[6] = out[7] = 0;
+        out[8] = 1;
+        memcpy(out + 9, buf + start + 5, (size_t)ids_len);
+        out += 9 + ids_len;
+        memcpy(out, PyBytes_AS_STRING(payload), (size_t)payload_len);
+        out += payload_len;
+        if (tail_len) {
+            memcpy(out, countdown_head, (size_t)countdown_len);
+            memcpy(out + countdown_len, tail, (size_t)tail_len);
+        }
+        acks_len += 4 + ack_length;
+        if (PyList_Append(tags, PyTuple_GET_ITEM(entry, 4)) < 0)
+            goto error;
+        pos = stop;
+    }
+    PyBuffer_Release(&view);
+    PyObject *acks_bytes = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(acks), acks_len);
+    Py_DECREF(acks);
+    if (acks_bytes == NULL) {
+        Py_DECREF(tags);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(nNN)", pos, acks_bytes, tags);
+    return result;
+error:
+    PyBuffer_Release(&view);
+    Py_XDECREF(key);
+    Py_XDECREF(acks);
+    Py_XDECREF(tags);
+    return NULL;
+}
+
 static PyObject *
 bind(PyObject *module, PyObject *args)
 {
@@ -303,6 +613,8 @@ bind(PyObject *module, PyObject *args)
 static PyMethodDef methods[] = {
     {"decode_messages", (PyCFunction)(void (*)(void))decode_messages, METH_FASTCALL,
      "Decode the LIST-OF-MESSAGES payload of a NOTIFY (see payloads.decode_messages)."},
+    {"answer_frames", (PyCFunction)(void (*)(void))answer_frames, METH_FASTCALL,
+     "Replay remembered answers for the NOTIFYs at the start of buf (see memo.py)."},
     {"bind", bind, METH_VARARGS,
      "Hand over Message, InvalidFrame, ResourceLimit, IPv4Address and IPv6Address."},
     {NULL, NULL, 0, NULL},

@@ -1,4 +1,6 @@
+from collections.abc import Hashable
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any
 
 from .errors import InvalidFrame, ResourceLimit
 from .payloads import Message
@@ -13,3 +15,15 @@ def bind(
 def decode_messages(
     buf: bytes | bytearray, pos: int, end: int, max_items: int
 ) -> tuple[Message, ...]: ...
+def answer_frames(
+    buf: bytes | bytearray,
+    pos: int,
+    end: int,
+    frame_limit: int,
+    max_items: int,
+    message_name: bytes,
+    key_names: tuple[bytes, ...],
+    table: dict[bytes, Any],
+    now: float,
+    countdown_head: bytes,
+) -> tuple[int, bytes, list[Hashable]]: ...

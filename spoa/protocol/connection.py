@@ -29,6 +29,7 @@ from .errors import (
     VersionMissing,
 )
 from .events import (
+    AnswersReplayed,
     ConnectionClosed,
     DisconnectReceived,
     Event,
@@ -42,6 +43,7 @@ from .frames import (
     FrameType,
     build_frame,
 )
+from .memo import AnswerMemo
 from .payloads import decode_kv_list, decode_messages, encode_kv_list
 from .types import Value, encode_string
 from .varint import decode_varint, encode_varint
@@ -117,6 +119,8 @@ class AgentConnection:
     that long; keep it above HAProxy's `timeout idle` / `timeout server`.
     `frame_timeout` closes a connection whose started frame is not complete
     within that long, so a peer cannot hold one open by trickling bytes.
+    `answer_memo`, when given, acknowledges repeated NOTIFYs from remembered answers
+    (reported as `AnswersReplayed`) whenever nothing is buffered or in flight.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class AgentConnection:
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         now: float | None = None,
+        answer_memo: AnswerMemo | None = None,
     ) -> None:
         if not MIN_MAX_FRAME_SIZE <= max_frame_size <= MAX_FRAME_SIZE_LIMIT:
             raise ValueError("max_frame_size must be within [256, 2**32-1]")
@@ -160,6 +165,7 @@ class AgentConnection:
         self._hello_deadline = None if now is None else now + hello_timeout
         self._last_input = now
         self._close_status: Status | None = None
+        self._memo = answer_memo
 
     # -- state -------------------------------------------------------------
 
@@ -198,6 +204,23 @@ class AgentConnection:
             message = "peer closed mid-frame" if self._inbuf else "peer closed"
             self._close(Status.NORMAL, message)
             return self._take_events()
+        memo = self._memo
+        if (
+            memo is not None
+            and memo.table
+            and self._state is _State.READY
+            and not self._inbuf
+            and not self._inflight
+        ):
+            # Replayed NOTIFYs are acknowledged here and never in flight.
+            pos, acks, tags = memo.answer(data, self._frame_limit, self._max_list_items)
+            if tags:
+                self._outbox.append(acks)
+                self._events.append(AnswersReplayed(tags))
+                if pos == len(data):
+                    self._partial_since = None
+                    return self._take_events()
+                data = data[pos:]
         try:
             completed = self._consume(data)
         except SpopError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,6 +37,12 @@ class NotifyReceived(NamedTuple):
     messages: tuple[Message, ...]
 
 
+class AnswersReplayed(NamedTuple):
+    """NOTIFYs already acknowledged from the connection's `AnswerMemo`: one tag each."""
+
+    tags: list[Hashable]
+
+
 @dataclass(frozen=True, slots=True)
 class DisconnectReceived:
     """HAPROXY-DISCONNECT; `status` is HAProxy's raw code (it may be private)."""
@@ -52,4 +59,4 @@ class ConnectionClosed:
     message: str
 
 
-Event = HelloReceived | NotifyReceived | DisconnectReceived | ConnectionClosed
+Event = HelloReceived | NotifyReceived | AnswersReplayed | DisconnectReceived | ConnectionClosed

@@ -1,4 +1,4 @@
-"""The C NOTIFY decoder under AddressSanitizer and UndefinedBehaviorSanitizer.
+"""The C NOTIFY decoder and replay scanner under AddressSanitizer and UndefinedBehaviorSanitizer.
 
 It reads bytes that come, through HAProxy, from the network. This builds a sanitized copy
 of the extension in a scratch directory and runs the differential and fuzz tests against
@@ -16,7 +16,11 @@ import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TESTS = ["tests/protocol/test_speedups.py", "tests/protocol/test_fuzz_connection.py"]
+TESTS = [
+    "tests/protocol/test_speedups.py",
+    "tests/protocol/test_fuzz_connection.py",
+    "tests/protocol/test_memo.py",
+]
 
 
 def _runtime(name: str) -> str:

@@ -1,0 +1,273 @@
+"""Remembered answers, replayed for repeated NOTIFYs without running a handler.
+
+The caller (the glue) remembers the actions it answered for a message, keyed by the
+exact values of the message's *key arguments*, with the wall-clock window in which that
+answer stays the same. A later NOTIFY holding one message of that name, whose key
+arguments encode to a remembered key, is then acknowledged at once with those actions
+while `valid_from <= now < valid_until`. An optional countdown variable is recomputed at
+each replay: `max(0, int(countdown_to - now))`, as an INT64 set-var appended last.
+
+Nothing here decides what an answer means. The caller promises that its answer depends
+only on the key arguments and the clock within the window, and clears the memo whenever
+anything else it depends on changes (keys, configuration). `epoch` guards the race of an
+answer computed before a clear and remembered after it.
+
+Replay only takes whole, plain NOTIFY frames at the start of the input: type NOTIFY,
+flags exactly FIN, valid ids, exactly one message, every byte well-formed, key arguments
+NULL, STRING or BINARY and not repeated, the ACK within the frame limit. At the first
+frame that is anything else, it stops, and the connection's normal path handles that
+frame and the rest of the input. A replayed NOTIFY is acknowledged at once, so it is never
+in flight, and the ids of one may come again in the next (as after any ACK).
+`answer_frames` is the C scanner in `_speedups` when it was built; `answer_frames_python`
+is the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
+
+from .actions import Scope, _action_head
+from .errors import SpopError
+from .frames import MIN_FRAME_BODY, FrameType
+from .payloads import Message, decode_messages_python
+from .types import encode_value
+from .varint import Buffer, decode_varint, encode_varint
+
+# The key part of a key argument the message does not carry. No typed data starts with
+# 0xFF (type 15 is reserved), so it cannot collide with an encoded value.
+ABSENT = b"\xff"
+DEFAULT_MEMO_ENTRIES = 4096
+MAX_KEY_ARGS = 8  # what the C scanner handles
+
+_NOTIFY = FrameType.NOTIFY.value
+_PLAIN_FLAGS = b"\x00\x00\x00\x01"  # FIN only
+_ACK_HEAD = bytes((FrameType.ACK.value,)) + _PLAIN_FLAGS
+_INT64 = b"\x04"
+_COUNTDOWN_LIMIT = 2.0**63
+
+
+class MemoEntry(NamedTuple):
+    """One remembered answer. `tag` is handed back with every replay (for counting)."""
+
+    payload: bytes
+    valid_from: float
+    valid_until: float
+    countdown_to: float | None
+    tag: Hashable
+
+
+# An OrderedDict (a dict to the C scanner) so the oldest entry goes in O(1): deleting from
+# the front of a plain dict leaves holes that each later `next(iter())` walks over.
+Table = dict[bytes, MemoEntry]
+
+
+def key_part(value: object) -> bytes | None:
+    """The canonical encoding of one key argument's value; None for a type that is not
+    keyed (anything but NULL, STRING and BINARY)."""
+    if value is None or type(value) is str or type(value) is bytes:
+        return encode_value(value)
+    return None
+
+
+def countdown_tail(head: bytes, countdown_to: float, now: float) -> bytes:
+    return head + _INT64 + encode_varint(max(0, int(countdown_to - now)))
+
+
+def answer_frames_python(
+    buf: Buffer,
+    pos: int,
+    end: int,
+    frame_limit: int,
+    max_items: int,
+    message_name: bytes,
+    key_names: tuple[bytes, ...],
+    table: Table,
+    now: float,
+    countdown_head: bytes,
+) -> tuple[int, bytes, list[Hashable]]:
+    """Replay answers for the NOTIFYs at buf[pos:end], up to the first that cannot be.
+
+    Returns (position after the last replayed frame, their ACK frames, their tags). The
+    reference: it decodes each message with the Python decoder and keys it by value."""
+    acks: list[bytes] = []
+    tags: list[Hashable] = []
+    name = message_name.decode("utf-8", "surrogateescape")
+    wanted = [key.decode("utf-8", "surrogateescape") for key in key_names]
+    while end - pos >= 4:
+        length = int.from_bytes(buf[pos : pos + 4], "big")
+        start, stop = pos + 4, pos + 4 + length
+        if length > frame_limit or stop > end or length < MIN_FRAME_BODY:
+            break
+        if buf[start] != _NOTIFY or bytes(buf[start + 1 : start + 5]) != _PLAIN_FLAGS:
+            break
+        try:
+            _, body = decode_varint(buf, start + 5, stop)
+            _, body = decode_varint(buf, body, stop)
+            messages = decode_messages_python(buf, body, stop, max_items)
+        except SpopError:
+            break
+        if len(messages) != 1 or messages[0].name != name:
+            break
+        key = key_of(messages[0], wanted)
+        entry = table.get(key) if key is not None else None
+        if entry is None or not entry.valid_from <= now < entry.valid_until:
+            break
+        payload = entry.payload
+        if entry.countdown_to is not None:
+            if not entry.countdown_to - now < _COUNTDOWN_LIMIT:
+                break
+            payload += countdown_tail(countdown_head, entry.countdown_to, now)
+        ids = bytes(buf[start + 5 : body])
+        ack_length = 5 + len(ids) + len(payload)
+        if ack_length > frame_limit:
+            break
+        acks.append(ack_length.to_bytes(4, "big") + _ACK_HEAD + ids + payload)
+        tags.append(entry.tag)
+        pos = stop
+    return pos, b"".join(acks), tags
+
+
+def key_of(message: Message, key_names: Sequence[str]) -> bytes | None:
+    """The memo key of a message: its key arguments' values, encoded, in order. None when
+    a key argument repeats or has a type that is not keyed."""
+    parts: list[bytes] = []
+    for wanted in key_names:
+        found: bytes | None = None
+        for arg_name, value in message.args:
+            if arg_name != wanted:
+                continue
+            if found is not None:
+                return None
+            found = key_part(value)
+            if found is None:
+                return None
+        parts.append(ABSENT if found is None else found)
+    return b"".join(parts)
+
+
+AnswerFrames = Callable[
+    [Buffer, int, int, int, int, bytes, tuple[bytes, ...], Table, float, bytes],
+    tuple[int, bytes, list[Hashable]],
+]
+
+
+def _load_speedups() -> AnswerFrames | None:
+    if os.environ.get("JWTGATE_NO_SPEEDUPS"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    return _speedups.answer_frames
+
+
+answer_frames: AnswerFrames = _load_speedups() or answer_frames_python
+
+
+def _check_key_args(key_args: Sequence[str]) -> None:
+    if not 1 <= len(key_args) <= MAX_KEY_ARGS:
+        raise ValueError(f"an answer memo is keyed by 1 to {MAX_KEY_ARGS} arguments")
+
+
+class AnswerMemo:
+    """Answers remembered for one message name, keyed by some of its arguments.
+
+    `clock` is the wall clock the windows are on. At most `max_entries` are kept; the
+    oldest goes first. Disabled, it remembers and replays nothing."""
+
+    def __init__(
+        self,
+        message_name: str,
+        key_args: Sequence[str],
+        *,
+        clock: Callable[[], float],
+        countdown_var: tuple[Scope, str] | None = None,
+        max_entries: int = DEFAULT_MEMO_ENTRIES,
+    ) -> None:
+        _check_key_args(key_args)
+        if max_entries < 1:
+            raise ValueError("max_entries must be positive")
+        self.message_name = message_name
+        self.key_args = tuple(key_args)
+        self.clock = clock
+        self.max_entries = max_entries
+        self.enabled = True
+        self.epoch = 0
+        self.table: OrderedDict[bytes, MemoEntry] = OrderedDict()
+        self._name = message_name.encode("utf-8", "surrogateescape")
+        self._key_names = tuple(key.encode("utf-8", "surrogateescape") for key in key_args)
+        self._countdown_head = b""
+        if countdown_var is not None:
+            scope, name = countdown_var
+            self._countdown_head = _action_head(1, scope, name)
+
+    def key_for(self, message: Message) -> bytes | None:
+        if message.name != self.message_name:
+            return None
+        return key_of(message, self.key_args)
+
+    def remember(
+        self,
+        key: bytes,
+        payload: bytes,
+        *,
+        valid_from: float,
+        valid_until: float,
+        countdown_to: float | None,
+        tag: Hashable,
+        epoch: int,
+    ) -> bool:
+        """Remember an answer; False (and nothing kept) when the memo was cleared since
+        `epoch` was read, when it is disabled, when the window is empty or the countdown is
+        not finite."""
+        if not self.enabled or epoch != self.epoch:
+            return False
+        # NaN compares false, so it fails here too; -inf..inf is a valid open window.
+        if not valid_from < valid_until:
+            return False
+        if countdown_to is not None and not math.isfinite(countdown_to):
+            return False
+        if countdown_to is not None and not self._countdown_head:
+            raise ValueError("this memo has no countdown variable")
+        table = self.table
+        table.pop(key, None)  # re-inserted at the end: the oldest stays first
+        while len(table) >= self.max_entries:
+            table.popitem(last=False)
+        countdown = None if countdown_to is None else float(countdown_to)
+        table[key] = MemoEntry(payload, float(valid_from), float(valid_until), countdown, tag)
+        return True
+
+    def rekey(self, key_args: Sequence[str]) -> None:
+        """Key by other arguments from now on (a reload); forgets every answer."""
+        _check_key_args(key_args)
+        self.key_args = tuple(key_args)
+        self._key_names = tuple(key.encode("utf-8", "surrogateescape") for key in key_args)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every answer; answers computed before now will not be remembered."""
+        self.epoch += 1
+        self.table.clear()
+
+    def answer(
+        self, buf: Buffer, frame_limit: int, max_items: int
+    ) -> tuple[int, bytes, list[Hashable]]:
+        """Replay what can be replayed at the start of `buf` (see `answer_frames`)."""
+        if not self.table or not self.enabled:
+            return 0, b"", []
+        return answer_frames(
+            buf,
+            0,
+            len(buf),
+            frame_limit,
+            max_items,
+            self._name,
+            self._key_names,
+            self.table,
+            float(self.clock()),
+            self._countdown_head,
+        )
