@@ -27,7 +27,14 @@ from typing import Any
 import structlog
 
 from spoa.config import Config, ConfigError, IssuerSettings, describe, load_config
-from spoa.glue import FALLBACK_ACTIONS, MESSAGE_NAME, CheckJwtHandler, PolicyRuntime, Runtime
+from spoa.glue import (
+    FALLBACK_ACTIONS,
+    MESSAGE_NAME,
+    CheckJwtHandler,
+    PolicyRuntime,
+    Runtime,
+    new_answer_memo,
+)
 from spoa.keymanager import (
     FetchFailed,
     HmacSecret,
@@ -374,7 +381,12 @@ class Worker:
         self.engine = building.result()
         self._publish_issuer_settings()
         self._publish_readiness()
-        self.handler = CheckJwtHandler(self.engine.runtime, observer=self.recorder)
+        # Accepted answers are replayed by the SPOP layer while they stay the same; not
+        # with the access log on, which wants a line per request. Key changes clear it.
+        memo = new_answer_memo(self.engine.runtime)
+        memo.enabled = not self.config.log.access_log
+        self.engine.store.subscribe(memo.clear)
+        self.handler = CheckJwtHandler(self.engine.runtime, observer=self.recorder, memo=memo)
         agent = self.config.agent
         limits = ServerLimits(
             max_frame_size=agent.max_frame_size,
@@ -391,6 +403,8 @@ class Worker:
             fallback_actions=FALLBACK_ACTIONS,
             limits=limits,
             observer=self.metrics,
+            answer_memo=memo,
+            on_replayed=self.metrics.record_replayed,
         )
         await self.server.start_on_socket(sock)
         # What start-up built lives as long as the worker: keep it out of every garbage
@@ -487,6 +501,10 @@ class Worker:
             self.config = config
             self.recorder.configure(config)
             assert self.handler is not None
+            memo = self.handler.memo
+            if memo is not None:
+                memo.enabled = not config.log.access_log
+                engine.store.subscribe(memo.clear)
             self.handler.runtime = engine.runtime  # in-flight checks finish on the old one
             self.metrics.set_label_sets(
                 issuers=[i.name for i in config.issuers],

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 from spoa.protocol import (
     Action,
+    AnswerMemo,
     EncodedActions,
     Message,
     Scope,
@@ -96,9 +97,28 @@ class Runtime:
     unknown_kid_wait: float = 0.5  # seconds a request may wait for a kid refetch
 
 
+def replay_key_args(runtime: Runtime) -> tuple[str, ...]:
+    """Every argument an answer depends on: the token's sources and the policy. Method,
+    path and host are not among them because no check reads the request context; a
+    check that does must add them here."""
+    base = (ARG_AUTHORIZATION, ARG_TOKEN, ARG_POLICY)
+    return (*base, ARG_QUERY) if runtime.token_query_param else base
+
+
+def new_answer_memo(runtime: Runtime, clock: Callable[[], float] = time.time) -> AnswerMemo:
+    """The memo through which the SPOP layer replays accepted answers (docs/architecture.md)."""
+    return AnswerMemo(
+        MESSAGE_NAME, replay_key_args(runtime), clock=clock, countdown_var=(TXN, "expires_in")
+    )
+
+
 class CheckJwtHandler:
     """The SPOE handler for `check-jwt`. Sync on the common path; async only when an
-    unknown `kid` makes a (bounded, single-flight) JWKS refetch worth waiting for."""
+    unknown `kid` makes a (bounded, single-flight) JWKS refetch worth waiting for.
+
+    With a `memo` (on the same clock), each accepted answer is remembered for as long as
+    the verifier says it stays the same, so the SPOP layer can replay it; a new runtime
+    clears it."""
 
     def __init__(
         self,
@@ -106,17 +126,31 @@ class CheckJwtHandler:
         *,
         clock: Callable[[], float] = time.time,
         observer: VerdictObserver | None = None,
+        memo: AnswerMemo | None = None,
     ) -> None:
-        self.runtime = runtime
         self._clock = clock
         self._observer = observer
         self._timer = time.perf_counter
+        self.memo = memo
+        self.runtime = runtime
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        if self.memo is not None:
+            self.memo.rekey(replay_key_args(runtime))
 
     def __call__(self, message: Message) -> Sequence[Action] | Awaitable[Sequence[Action]]:
         # The per-request path: kept flat (no helper call where a line does); one ending,
         # _finish, shared with the refetch path.
         started = self._timer()
-        runtime = self.runtime  # one reference for the whole request, across a reload
+        runtime = self._runtime  # one reference for the whole request, across a reload
+        memo = self.memo
+        epoch = memo.epoch if memo is not None else 0  # read before the verdict is
         args = dict(reversed(message.args))  # the first of a repeated name wins
         policy_name = args.get(ARG_POLICY)
         if type(policy_name) is not str or not policy_name:
@@ -143,6 +177,10 @@ class CheckJwtHandler:
                 and verdict.issuer is not None
             ):
                 return self._after_refetch(runtime, selected, token, context, verdict, started)
+            # Remembered from the second sighting on (a cache hit): a token seen once
+            # may never come back, and remembering costs a miss a few microseconds.
+            if verdict.cache_hit and verdict.ok and memo is not None and memo.enabled:
+                _remember(memo, epoch, message, runtime, verdict, selected, token, now)
         return self._finish(verdict, policy_name, selected, token, now, started)
 
     async def _after_refetch(
@@ -227,6 +265,33 @@ def _rejection(
     return encoded
 
 
+def _remember(
+    memo: AnswerMemo,
+    epoch: int,
+    message: Message,
+    runtime: Runtime,
+    verdict: Verdict,
+    selected: PolicyRuntime,
+    token: str,
+    now: float,
+) -> None:
+    """Remember an accepted answer for replay, for as long as it stays the same."""
+    window = runtime.verifier.replay_window(token, now)
+    key = memo.key_for(message)
+    if window is None or key is None or not verdict.claims:
+        return
+    answer = _answer(verdict, selected, token)
+    memo.remember(
+        key,
+        _ACCEPTED.payload + answer.identity,
+        valid_from=window[0],
+        valid_until=window[1],
+        countdown_to=verdict.expires_at,
+        tag=(verdict.issuer, selected.policy.name),
+        epoch=epoch,
+    )
+
+
 class _Answer:
     """The encoded answer for one verified token under one policy, kept while its
     `expires_in` second lasts. A cache hit returns the very Verdict object the verifier
@@ -252,6 +317,15 @@ def _identity_answer(
     expires_in: int,
 ) -> EncodedActions:
     """`head` (accepted, or a report-only rejection), token variables, then `expires_in`."""
+    answer = _answer(verdict, selected, token)
+    if answer.expires_in != expires_in:
+        tail = b"" if expires_in < 0 else _expires_in(expires_in)
+        answer.encoded = EncodedActions(head.payload + answer.identity + tail)
+        answer.expires_in = expires_in
+    return answer.encoded
+
+
+def _answer(verdict: Verdict, selected: PolicyRuntime | None, token: str) -> _Answer:
     # The head follows from the verdict and the policy, both in the key.
     key = (id(verdict), selected.policy.name if selected is not None else "")
     answer = _ANSWERS.get(key)
@@ -262,11 +336,7 @@ def _identity_answer(
         if len(_ANSWERS) >= _MEMO_MAX:
             _ANSWERS.clear()
         _ANSWERS[key] = answer
-    if answer.expires_in != expires_in:
-        tail = b"" if expires_in < 0 else _expires_in(expires_in)
-        answer.encoded = EncodedActions(head.payload + answer.identity + tail)
-        answer.expires_in = expires_in
-    return answer.encoded
+    return answer
 
 
 _EXPIRES_IN: dict[int, bytes] = {}

@@ -20,11 +20,11 @@ import socket
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
@@ -142,12 +142,22 @@ class Metrics:
         self._bucket_flushed = {True: [0] * len(self._bounds), False: [0] * len(self._bounds)}
         self._seconds_totals = {True: 0.0, False: 0.0}
         self._seconds_flushed = {True: 0.0, False: 0.0}
+        self._replayed_total = 0
+        self._replayed_flushed = 0
+        self._replay_keys: dict[Hashable, tuple[str, str, str, str]] = {}
         reg.register(_FlushOnCollect(self.flush))
 
         self._verdicts = Counter(
             "jwtgate_verdicts_total",
             "Verdicts by outcome, reason code, issuer and policy.",
             ["outcome", "reason", "issuer", "policy"],
+            registry=reg,
+        )
+        self._replayed = Counter(
+            "jwtgate_replayed_answers_total",
+            "Accepted answers replayed by the SPOP layer from the answer memo, without a "
+            "verification (counted in jwtgate_verdicts_total too, not in the duration "
+            "histogram nor the token cache counters).",
             registry=reg,
         )
         self._verify_seconds = Histogram(
@@ -298,6 +308,7 @@ class Metrics:
         self._policies = _bounded(policies)
         self._reasons = _bounded(reasons)
         self._verdict_children = {}
+        self._replay_keys = {}
         if not self.multiprocess:
             for issuer in removed:
                 for gauge in (
@@ -342,6 +353,25 @@ class Metrics:
         self._bucket_totals[cache_hit][bisect_left(self._bounds, seconds)] += 1
         self._seconds_totals[cache_hit] += seconds
 
+    def record_replayed(self, tags: list[Hashable]) -> None:
+        """Count accepted answers the SPOP layer replayed; each tag is (issuer, policy)."""
+        keys = self._replay_keys
+        totals = self._verdict_totals
+        for tag in tags:
+            key = keys.get(tag)
+            if key is None:
+                issuer, policy = cast(tuple[str, str], tag)
+                key = (
+                    "accept",
+                    self._reasons.get("ok", OTHER),
+                    self._issuers.get(issuer, OTHER),
+                    self._policies.get(policy, OTHER),
+                )
+                if len(keys) < 4096:
+                    keys[tag] = key
+            totals[key] = totals.get(key, 0) + 1
+        self._replayed_total += len(tags)
+
     def flush(self) -> None:
         """Apply the per-request counts gathered since the last flush. Any thread."""
         with self._flush_lock:
@@ -360,6 +390,10 @@ class Metrics:
                     self._frames.labels(type=kind).inc(delta)
                     self._frame_flushed[kind] = total
             self._inflight.set(self._inflight_now)
+            replayed = self._replayed_total
+            if replayed != self._replayed_flushed:
+                self._replayed.inc(replayed - self._replayed_flushed)
+                self._replayed_flushed = replayed
             for hit, child in ((True, self._verify_hit), (False, self._verify_miss)):
                 _add_observations(
                     child,

@@ -14,7 +14,7 @@ import contextlib
 import inspect
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -27,6 +27,8 @@ from .protocol import (
     DEFAULT_MAX_LIST_ITEMS,
     Action,
     AgentConnection,
+    AnswerMemo,
+    AnswersReplayed,
     ConnectionClosed,
     DisconnectReceived,
     Event,
@@ -41,6 +43,7 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], Sequence[Action] | Awaitable[Sequence[Action]]]
+ReplayObserver = Callable[[list[Hashable]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +110,10 @@ def _close_unstarted(pending: list[tuple[str, Awaitable[Sequence[Action]]]]) -> 
 
 
 class SpoaServer:
-    """Serves SPOP to HAProxy; handlers are looked up by message name."""
+    """Serves SPOP to HAProxy; handlers are looked up by message name.
+
+    With an `answer_memo`, every connection replays its remembered answers, and
+    `on_replayed` receives the tags of each batch so replays can be counted."""
 
     def __init__(
         self,
@@ -116,6 +122,8 @@ class SpoaServer:
         fallback_actions: Sequence[Action],
         limits: ServerLimits = ServerLimits(),
         observer: ServerObserver | None = None,
+        answer_memo: AnswerMemo | None = None,
+        on_replayed: ReplayObserver | None = None,
     ) -> None:
         if not fallback_actions:
             raise ValueError("fallback_actions must hold at least one action")
@@ -123,6 +131,8 @@ class SpoaServer:
         self.fallback_actions = tuple(fallback_actions)
         self.limits = limits
         self.observer: ServerObserver = observer or NullObserver()
+        self.answer_memo = answer_memo
+        self.on_replayed = on_replayed
         self._server: asyncio.Server | None = None
         self._connections: set[_AgentProtocol] = set()
         self._closing = False
@@ -218,6 +228,7 @@ class _AgentProtocol(asyncio.Protocol):
             idle_timeout=limits.idle_timeout,
             frame_timeout=limits.frame_timeout,
             now=self._loop.time(),
+            answer_memo=server.answer_memo,
         )
         server._connections.add(self)
         self._observer.connection_opened()
@@ -273,6 +284,10 @@ class _AgentProtocol(asyncio.Protocol):
             if type(event) is NotifyReceived:
                 notifies += 1
                 self._dispatch(event)
+            elif type(event) is AnswersReplayed:
+                notifies += len(event.tags)
+                if self._server.on_replayed is not None:
+                    self._server.on_replayed(event.tags)
             elif isinstance(event, HelloReceived):
                 self._observer.frame_received("hello")
             elif isinstance(event, DisconnectReceived):

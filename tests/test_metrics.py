@@ -109,6 +109,27 @@ def test_verdicts_are_counted_by_outcome_reason_issuer_and_policy(
     assert value(scrape(server.port), name, **reject) == 2
 
 
+def test_replayed_answers_count_as_accepts_but_not_as_verifications(
+    metrics: Metrics, server: MetricsServer
+) -> None:
+    metrics.record_verdict("accept", "ok", "corp", "api", 4e-6, True)
+    metrics.record_replayed([("corp", "api"), ("corp", "api"), ("gone", "api")])
+    metrics.record_replayed([("corp", "admin")])
+    samples = scrape(server.port)
+    name = "jwtgate_verdicts_total"
+    accept = {"outcome": "accept", "reason": "ok", "policy": "api"}
+    assert value(samples, name, issuer="corp", **accept) == 3
+    assert value(samples, name, issuer="other", **accept) == 1
+    assert value(samples, name, outcome="accept", reason="ok", issuer="corp", policy="admin") == 1
+    assert value(samples, "jwtgate_replayed_answers_total") == 4
+    assert value(samples, "jwtgate_verify_duration_seconds_count", cache="hit") == 1
+    metrics.set_label_sets(issuers=["corp"], policies=["admin"], reasons=["ok"])
+    metrics.record_replayed([("corp", "api")])
+    samples = scrape(server.port)
+    assert value(samples, name, outcome="accept", reason="ok", issuer="corp", policy="other") == 1
+    assert value(samples, "jwtgate_replayed_answers_total") == 5
+
+
 def test_verify_latency_histogram_separates_cache_hits_from_misses(
     metrics: Metrics, server: MetricsServer
 ) -> None:

@@ -83,8 +83,30 @@ def test_metrics_follow_accepts_and_rejects(single_agent: tuple[Stack, LocalIssu
     assert total(after, "jwtgate_issuer_ready", issuer="local") == 1
     assert total(after, "jwtgate_jwks_keys", issuer="local") == 1
     assert total(after, "jwtgate_spop_connections_open") >= 1
+    # The first accept verifies; the second is a token cache hit, which the answer memo
+    # remembers; the third is replayed by the SPOP layer (a verdict, not a verification).
+    # The 403 under the admin policy is a cache hit too.
+    replayed = "jwtgate_replayed_answers_total"
+    assert total(after, replayed) - total(before, replayed) == 1
     hist = "jwtgate_verify_duration_seconds_count"
-    assert total(after, hist, cache="hit") - total(before, hist, cache="hit") >= 2
+    assert total(after, hist, cache="hit") - total(before, hist, cache="hit") == 2
+    assert total(after, hist, cache="miss") - total(before, hist, cache="miss") >= 1
+
+
+def test_the_access_log_sees_every_accept_so_nothing_is_replayed() -> None:
+    with LocalIssuer() as issuer:
+        config = agent_config(issuer).replace(
+            'format = "json"', 'format = "json"\naccess_log = true'
+        )
+        with Stack(StackOptions(agent_config=config, agents=1)) as stack:
+            agent = stack.agents[0]
+            good = mint(issuer)
+            for _ in range(3):
+                assert request(stack, token=good).status == 200
+            wait_until(
+                lambda: agent.process.log_text().count('"accepted"') == 3, 5, "3 access lines"
+            )
+            assert total(scrape(agent), "jwtgate_replayed_answers_total") == 0
 
 
 def test_logs_never_contain_a_token(single_agent: tuple[Stack, LocalIssuer]) -> None:
