@@ -206,6 +206,23 @@ def test_key_rotation_mid_traffic_causes_no_wrongful_401(
     assert set(statuses) == {200}
 
 
+def test_a_retired_key_stops_replayed_answers_at_once() -> None:
+    # A token answered from the agent's answer memo must be refused as soon as its key
+    # leaves the issuer's JWKS, exactly as a cache hit would be.
+    with (
+        LocalIssuer(keep=1) as issuer,
+        Stack(StackOptions(agent_config=agent_config(issuer), agents=1)) as stack,
+    ):
+        old = mint(issuer)
+        for _ in range(4):  # a miss, a cache hit (remembered), then replays
+            assert request(stack, token=old).status == 200
+        issuer.rotate()  # keep=1: the old key is no longer published
+        assert request(stack, token=mint(issuer)).status == 200  # unknown kid: refetch
+        refused = request(stack, token=old)
+        assert refused.status == 401
+        assert "unknown_kid" in refused.headers.get("www-authenticate", "")
+
+
 @pytest.fixture
 def fragile_gateway() -> Iterator[tuple[Stack, LocalIssuer]]:
     with (
