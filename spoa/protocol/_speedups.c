@@ -412,10 +412,10 @@ static PyObject *
 answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 10) {
+    if (nargs != 11) {
         PyErr_SetString(PyExc_TypeError,
                         "answer_frames(buf, pos, end, frame_limit, max_items, message_name, "
-                        "key_names, table, now, countdown_head)");
+                        "key_names, table, now, countdown_head, inflight)");
         return NULL;
     }
     Py_ssize_t pos = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
@@ -431,9 +431,9 @@ answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (max_items == -1 && PyErr_Occurred())
         return NULL;
     PyObject *name_obj = args[5], *key_names = args[6], *table = args[7];
-    PyObject *countdown_obj = args[9];
+    PyObject *countdown_obj = args[9], *inflight = args[10];
     if (!PyBytes_Check(name_obj) || !PyTuple_Check(key_names) || !PyDict_Check(table) ||
-        !PyBytes_Check(countdown_obj)) {
+        !PyBytes_Check(countdown_obj) || !PyDict_Check(inflight)) {
         PyErr_SetString(PyExc_TypeError, "answer_frames: bad argument types");
         return NULL;
     }
@@ -489,13 +489,26 @@ answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (buf[start] != NOTIFY_TYPE || buf[start + 1] != 0 || buf[start + 2] != 0 ||
             buf[start + 3] != 0 || buf[start + 4] != 1)
             break;
-        uint64_t ignored;
-        Py_ssize_t body = read_varint(buf, start + 5, stop, &ignored);
+        uint64_t stream_id, frame_id;
+        Py_ssize_t body = read_varint(buf, start + 5, stop, &stream_id);
         if (body >= 0)
-            body = read_varint(buf, body, stop, &ignored);
+            body = read_varint(buf, body, stop, &frame_id);
         if (body < 0) {
             PyErr_Clear();
             break;
+        }
+        if (PyDict_GET_SIZE(inflight) > 0) {
+            /* Ids of a NOTIFY still in flight: the connection's own path refuses them. */
+            PyObject *ids = Py_BuildValue("(KK)", (unsigned long long)stream_id,
+                                          (unsigned long long)frame_id);
+            if (ids == NULL)
+                goto error;
+            int busy = PyDict_Contains(inflight, ids);
+            Py_DECREF(ids);
+            if (busy < 0)
+                goto error;
+            if (busy)
+                break;
         }
         key_span spans[MAX_KEY_ARGS];
         if (scan_message(buf, body, stop, max_items, PyBytes_AS_STRING(name_obj),

@@ -26,4 +26,5 @@ def answer_frames(
     table: dict[bytes, Any],
     now: float,
     countdown_head: bytes,
+    inflight: dict[tuple[int, int], bytes],
 ) -> tuple[int, bytes, list[Hashable]]: ...

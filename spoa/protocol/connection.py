@@ -120,7 +120,7 @@ class AgentConnection:
     `frame_timeout` closes a connection whose started frame is not complete
     within that long, so a peer cannot hold one open by trickling bytes.
     `answer_memo`, when given, acknowledges repeated NOTIFYs from remembered answers
-    (reported as `AnswersReplayed`) whenever nothing is buffered or in flight.
+    (reported as `AnswersReplayed`) at every frame boundary once HELLO is done.
     """
 
     def __init__(
@@ -204,23 +204,6 @@ class AgentConnection:
             message = "peer closed mid-frame" if self._inbuf else "peer closed"
             self._close(Status.NORMAL, message)
             return self._take_events()
-        memo = self._memo
-        if (
-            memo is not None
-            and memo.table
-            and self._state is _State.READY
-            and not self._inbuf
-            and not self._inflight
-        ):
-            # Replayed NOTIFYs are acknowledged here and never in flight.
-            pos, acks, tags = memo.answer(data, self._frame_limit, self._max_list_items)
-            if tags:
-                self._outbox.append(acks)
-                self._events.append(AnswersReplayed(tags))
-                if pos == len(data):
-                    self._partial_since = None
-                    return self._take_events()
-                data = data[pos:]
         try:
             completed = self._consume(data)
         except SpopError as error:
@@ -242,7 +225,21 @@ class AgentConnection:
             buf = data
         size = len(buf)
         pos = 0
+        memo = self._memo
+        replay = memo is not None and memo.enabled and bool(memo.table)
         while size - pos >= 4:
+            if replay and self._state is _State.READY:
+                assert memo is not None
+                # Replayed NOTIFYs are acknowledged here and never in flight.
+                end, acks, tags = memo.answer(
+                    buf, pos, size, self._frame_limit, self._max_list_items, self._inflight
+                )
+                if tags:
+                    self._outbox.append(acks)
+                    self._events.append(AnswersReplayed(tags))
+                    pos = end
+                    if size - pos < 4:
+                        break
             length = int.from_bytes(buf[pos : pos + 4], "big")
             # Decided from the length alone, before any of the body is buffered.
             if length > self._frame_limit:

@@ -12,11 +12,11 @@ only on the key arguments and the clock within the window, and clears the memo w
 anything else it depends on changes (keys, configuration). `epoch` guards the race of an
 answer computed before a clear and remembered after it.
 
-Replay only takes whole, plain NOTIFY frames at the start of the input: type NOTIFY,
-flags exactly FIN, valid ids, exactly one message, every byte well-formed, key arguments
-NULL, STRING or BINARY and not repeated, the ACK within the frame limit. At the first
-frame that is anything else, it stops, and the connection's normal path handles that
-frame and the rest of the input. A replayed NOTIFY is acknowledged at once, so it is never
+Replay takes whole, plain NOTIFY frames from where the scan starts: type NOTIFY, flags
+exactly FIN, valid ids not in flight, exactly one message, every byte well-formed, key
+arguments NULL, STRING or BINARY and not repeated, the ACK within the frame limit. At the
+first frame that is anything else, it stops; the connection's normal path handles that
+frame and scans again after it. A replayed NOTIFY is acknowledged at once, so it is never
 in flight, and the ids of one may come again in the next (as after any ACK).
 `answer_frames` is the C scanner in `_speedups` when it was built; `answer_frames_python`
 is the reference it is tested against.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import NamedTuple
 
 from .actions import Scope, _action_head
@@ -88,6 +88,7 @@ def answer_frames_python(
     table: Table,
     now: float,
     countdown_head: bytes,
+    inflight: Mapping[tuple[int, int], bytes],
 ) -> tuple[int, bytes, list[Hashable]]:
     """Replay answers for the NOTIFYs at buf[pos:end], up to the first that cannot be.
 
@@ -105,10 +106,12 @@ def answer_frames_python(
         if buf[start] != _NOTIFY or bytes(buf[start + 1 : start + 5]) != _PLAIN_FLAGS:
             break
         try:
-            _, body = decode_varint(buf, start + 5, stop)
-            _, body = decode_varint(buf, body, stop)
+            stream_id, body = decode_varint(buf, start + 5, stop)
+            frame_id, body = decode_varint(buf, body, stop)
             messages = decode_messages_python(buf, body, stop, max_items)
         except SpopError:
+            break
+        if (stream_id, frame_id) in inflight:
             break
         if len(messages) != 1 or messages[0].name != name:
             break
@@ -150,7 +153,19 @@ def key_of(message: Message, key_names: Sequence[str]) -> bytes | None:
 
 
 AnswerFrames = Callable[
-    [Buffer, int, int, int, int, bytes, tuple[bytes, ...], Table, float, bytes],
+    [
+        Buffer,
+        int,
+        int,
+        int,
+        int,
+        bytes,
+        tuple[bytes, ...],
+        Table,
+        float,
+        bytes,
+        dict[tuple[int, int], bytes],
+    ],
     tuple[int, bytes, list[Hashable]],
 ]
 
@@ -254,15 +269,22 @@ class AnswerMemo:
         self.table.clear()
 
     def answer(
-        self, buf: Buffer, frame_limit: int, max_items: int
+        self,
+        buf: Buffer,
+        pos: int,
+        end: int,
+        frame_limit: int,
+        max_items: int,
+        inflight: dict[tuple[int, int], bytes],
     ) -> tuple[int, bytes, list[Hashable]]:
-        """Replay what can be replayed at the start of `buf` (see `answer_frames`)."""
+        """Replay what can be replayed at buf[pos:end] (see `answer_frames`); a NOTIFY with
+        the ids of one in `inflight` stops it."""
         if not self.table or not self.enabled:
-            return 0, b"", []
+            return pos, b"", []
         return answer_frames(
             buf,
-            0,
-            len(buf),
+            pos,
+            end,
             frame_limit,
             max_items,
             self._name,
@@ -270,4 +292,5 @@ class AnswerMemo:
             self.table,
             float(self.clock()),
             self._countdown_head,
+            inflight,
         )

@@ -127,6 +127,7 @@ def scan(
     now: float = NOW,
     frame_limit: int = LIMIT,
     max_items: int = MAX_ITEMS,
+    inflight: dict[tuple[int, int], bytes] | None = None,
 ) -> tuple[int, bytes, list[Hashable]]:
     return impl(
         buf,
@@ -139,6 +140,7 @@ def scan(
         memo.table,
         now,
         memo._countdown_head,
+        {} if inflight is None else inflight,
     )
 
 
@@ -608,11 +610,35 @@ def test_a_stretch_of_hits_stops_at_the_first_miss_and_no_further(impl: Scan) ->
     assert tags == ["hit"] * 3
     assert acks == b"".join(ack(i, 1, OK) for i in range(1, 4))
     # from a later starting position and with an end before the buffer's
-    fixed = (LIMIT, MAX_ITEMS, memo._name, memo._key_names, memo.table, NOW, memo._countdown_head)
+    fixed = (
+        LIMIT,
+        MAX_ITEMS,
+        memo._name,
+        memo._key_names,
+        memo.table,
+        NOW,
+        memo._countdown_head,
+        {},
+    )
     rest = impl(buf, pos + len(miss), len(buf), *fixed)
     assert rest == (len(buf), ack(4, 1, OK), ["hit"])
     cut = impl(buf, 0, len(hits[0]) + 3, *fixed)
     assert cut == (len(hits[0]), ack(1, 1, OK), ["hit"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_notify_with_the_ids_of_one_in_flight_stops_the_scan(impl: Scan) -> None:
+    memo = stop_memo()
+    buf = notify(1, 1, REQUEST) + notify(1, 2, REQUEST) + notify(300, 70000, REQUEST)
+    first = len(notify(1, 1, REQUEST))
+    assert scan(impl, memo, buf, inflight={(1, 2): b"\x01\x02"}) == (
+        first,
+        ack(1, 1, OK),
+        ["hit"],
+    )
+    stopped = scan(impl, memo, buf, inflight={(300, 70000): b"", (2, 2): b""})
+    assert stopped[0] == len(buf) - len(notify(300, 70000, REQUEST))
+    assert scan(impl, memo, buf, inflight={(2, 1): b""})[0] == len(buf)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -832,9 +858,9 @@ def test_remember_refuses_when_disabled_and_a_disabled_memo_answers_nothing() ->
     assert not remember_key(memo)
     assert list(memo.table) == [b"\x00\x00"]
     frame = notify(1, 1, Message(NAME, (("token", None), ("host", None))))
-    assert memo.answer(frame, LIMIT, MAX_ITEMS) == (0, b"", [])
+    assert memo.answer(frame, 0, len(frame), LIMIT, MAX_ITEMS, {}) == (0, b"", [])
     memo.enabled = True
-    assert memo.answer(frame, LIMIT, MAX_ITEMS)[2] == ["t"]
+    assert memo.answer(frame, 0, len(frame), LIMIT, MAX_ITEMS, {})[2] == ["t"]
 
 
 @pytest.mark.parametrize(
@@ -1002,16 +1028,17 @@ def test_a_miss_hands_itself_and_the_rest_to_the_handler() -> None:
     conn = connection(tokens_memo())
     burst = hit(1) + hit(2) + hit(3, "unknown") + hit(4) + hit(5)
     events = conn.receive_data(burst, 1.0)
-    assert events[0] == AnswersReplayed([1, 2])
-    assert notify_events(events[1:]) == [(3, 1), (4, 1), (5, 1)]
-    assert len(events) == 4
-    assert events[1] == NotifyReceived(3, 1, (request("tunknown"),))
-    assert conn.data_to_send() == ack(1, 1, OK) + ack(2, 1, OK)
-    assert conn.inflight == 3
-    for stream_id in (5, 3, 4):
-        conn.send_ack(stream_id, 1, [SetVar(Scope.TXN, "handled", stream_id)])
+    # The miss takes the handler path; replay goes on right after it.
+    assert events == [
+        AnswersReplayed([1, 2]),
+        NotifyReceived(3, 1, (request("tunknown"),)),
+        AnswersReplayed([4, 5]),
+    ]
+    assert conn.data_to_send() == ack(1, 1, OK) + ack(2, 1, OK) + ack(4, 1, OK) + ack(5, 1, OK)
+    assert conn.inflight == 1
+    conn.send_ack(3, 1, [SetVar(Scope.TXN, "handled", 3)])
     frames = split_frames(conn.data_to_send())
-    assert [f.header.stream_id for f in frames] == [5, 3, 4]
+    assert [f.header.stream_id for f in frames] == [3]
     assert conn.inflight == 0
     assert conn.receive_data(hit(6), 2.0) == [AnswersReplayed([6])]
 
@@ -1021,24 +1048,21 @@ def test_no_replay_before_hello() -> None:
     events = conn.receive_data(hit(1), 0.0)
     assert [type(e) for e in events] == [ConnectionClosed]
     assert conn.close_status == Status.INVALID_FRAME
-    # HELLO and NOTIFYs in one read: the NOTIFYs take the handler path
+    # HELLO and NOTIFYs in one read: replayed once HELLO was handled
     conn = AgentConnection(now=0.0, answer_memo=tokens_memo())
     events = conn.receive_data(HELLO + hit(1) + hit(2), 0.0)
-    assert [type(e) for e in events] == [HelloReceived, NotifyReceived, NotifyReceived]
+    assert [type(e) for e in events] == [HelloReceived, AnswersReplayed]
+    frames = split_frames(conn.data_to_send())
+    assert [f.header.type for f in frames] == [FrameType.AGENT_HELLO, FrameType.ACK, FrameType.ACK]
 
 
-def test_no_replay_while_a_partial_frame_is_buffered() -> None:
+def test_a_frame_completed_from_the_buffer_is_replayed_too() -> None:
     conn = connection(tokens_memo())
     first = hit(1)
     assert conn.receive_data(first[:6], 1.0) == []
-    events = conn.receive_data(first[6:] + hit(2), 1.0)
-    assert notify_events(events) == [(1, 1), (2, 1)]
-    assert len(events) == 2
-    assert conn.data_to_send() == b""
-    conn.send_ack(1, 1, [SetVar(Scope.TXN, "v", 1)])
-    conn.send_ack(2, 1, [SetVar(Scope.TXN, "v", 1)])
-    conn.data_to_send()
-    assert conn.receive_data(hit(3), 1.0) == [AnswersReplayed([3])]
+    assert conn.receive_data(first[6:] + hit(2), 1.0) == [AnswersReplayed([1, 2])]
+    assert conn.data_to_send() == ack(1, 1, OK) + ack(2, 1, OK)
+    assert conn.inflight == 0
 
 
 def test_the_rest_of_a_buffered_frame_is_not_scanned_for_replays() -> None:
@@ -1047,9 +1071,9 @@ def test_the_rest_of_a_buffered_frame_is_not_scanned_for_replays() -> None:
     outer = build_frame(50, 0, 0, hit(1))
     conn = connection(tokens_memo())
     assert conn.receive_data(outer[:11], 1.0) == []
-    assert conn.receive_data(outer[11:] + hit(2), 1.0) == [NotifyReceived(2, 1, (request("t2"),))]
-    assert conn.data_to_send() == b""
-    assert conn.inflight == 1
+    assert conn.receive_data(outer[11:] + hit(2), 1.0) == [AnswersReplayed([2])]
+    assert conn.data_to_send() == ack(2, 1, OK)  # nothing for the NOTIFY inside the body
+    assert conn.inflight == 0
 
 
 def test_hits_then_a_partial_frame() -> None:
@@ -1060,20 +1084,20 @@ def test_hits_then_a_partial_frame() -> None:
     assert conn.receive_data(hit(1) + second[:5], 1.0) == [AnswersReplayed([1])]
     assert conn.data_to_send() == ack(1, 1, OK)
     assert conn.next_deadline() == 6.0  # the frame clock runs for the partial frame
-    assert notify_events(conn.receive_data(second[5:], 2.0)) == [(2, 1)]
+    assert conn.receive_data(second[5:], 2.0) == [AnswersReplayed([2])]
+    assert conn.next_deadline() == 2.0 + 300.0  # idle again: the frame clock stopped
 
 
-def test_no_replay_while_a_notify_is_in_flight() -> None:
+def test_replays_go_on_beside_a_notify_in_flight_but_never_reuse_its_ids() -> None:
     conn = connection(tokens_memo())
     assert notify_events(conn.receive_data(hit(1, "unknown"), 1.0)) == [(1, 1)]
-    events = conn.receive_data(hit(2) + hit(3), 1.0)
-    assert notify_events(events) == [(2, 1), (3, 1)]
-    assert len(events) == 2
-    assert conn.data_to_send() == b""
-    for stream_id in (1, 2, 3):
-        conn.send_ack(stream_id, 1, [SetVar(Scope.TXN, "v", 1)])
-    conn.data_to_send()
-    assert conn.receive_data(hit(4), 1.0) == [AnswersReplayed([4])]
+    assert conn.receive_data(hit(2) + hit(3), 1.0) == [AnswersReplayed([2, 3])]
+    assert conn.data_to_send() == ack(2, 1, OK) + ack(3, 1, OK)
+    assert conn.inflight == 1
+    # A hit with the ids still in flight is not replayed: the connection refuses it.
+    events = conn.receive_data(hit(1), 1.0)
+    assert [type(e) for e in events] == [ConnectionClosed]
+    assert conn.close_status == Status.INVALID_INTERLACED_FRAMES
 
 
 def test_the_memo_clock_decides_and_a_cleared_or_disabled_memo_replays_nothing() -> None:
