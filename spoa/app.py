@@ -60,7 +60,7 @@ from spoa.metrics import (
     multiprocess_registry,
     prepare_multiprocess_dir,
 )
-from spoa.protocol import SPEEDUPS
+from spoa.protocol import SPEEDUPS, AnswerMemo
 from spoa.server import ServerLimits, SpoaServer, install_uvloop
 from spoa.verifier import (
     ClaimMatcher,
@@ -214,6 +214,14 @@ async def build_engine(config: Config, on_key_event: Callable[[KeyEvent], None])
         unknown_kid_wait=config.agent.unknown_kid_wait,
     )
     return Engine(config, runtime, keys, verifier, store)
+
+
+def configure_replay(memo: AnswerMemo, config: Config) -> None:
+    """Size the answer memo from [cache] replay_entries; 0 turns replay off, and so does
+    the access log, which wants a line per request. Key changes and reloads clear it."""
+    entries = config.cache.replay_entries
+    memo.enabled = entries > 0 and not config.log.access_log
+    memo.max_entries = max(entries, 1)
 
 
 # --- observing verdicts and key events -----------------------------------------------------
@@ -381,10 +389,9 @@ class Worker:
         self.engine = building.result()
         self._publish_issuer_settings()
         self._publish_readiness()
-        # Accepted answers are replayed by the SPOP layer while they stay the same; not
-        # with the access log on, which wants a line per request. Key changes clear it.
+        # Accepted answers are replayed by the SPOP layer while they stay the same.
         memo = new_answer_memo(self.engine.runtime)
-        memo.enabled = not self.config.log.access_log
+        configure_replay(memo, self.config)
         self.engine.store.subscribe(memo.clear)
         self.handler = CheckJwtHandler(self.engine.runtime, observer=self.recorder, memo=memo)
         agent = self.config.agent
@@ -503,7 +510,7 @@ class Worker:
             assert self.handler is not None
             memo = self.handler.memo
             if memo is not None:
-                memo.enabled = not config.log.access_log
+                configure_replay(memo, config)
                 engine.store.subscribe(memo.clear)
             self.handler.runtime = engine.runtime  # in-flight checks finish on the old one
             self.metrics.set_label_sets(

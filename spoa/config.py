@@ -158,6 +158,7 @@ class LogSettings:
 @dataclass(frozen=True)
 class CacheSettings:
     max_entries: int = 100_000
+    replay_entries: int = 4096
 
 
 @dataclass(frozen=True)
@@ -412,7 +413,7 @@ class _Reader:
         }[name]
 
     def cache_field(self, name: str) -> Callable[[Any], Any]:
-        return {"max_entries": _int(0, 100_000_000)}[name]
+        return {"max_entries": _int(0, 100_000_000), "replay_entries": _int(0, 1_000_000)}[name]
 
     def issuers(self, value: Any) -> list[IssuerSettings]:
         if value is None:

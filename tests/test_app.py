@@ -11,6 +11,7 @@ import pytest
 from spoa.app import (
     VerdictRecorder,
     _check_restart_only,
+    configure_replay,
     issuer_rules,
     jwks_timing,
     key_source,
@@ -19,6 +20,7 @@ from spoa.app import (
 from spoa.config import ConfigError, parse_config
 from spoa.keymanager import JwksUrlSource, OidcDiscoverySource, StaticKeySource
 from spoa.metrics import Metrics
+from spoa.protocol import AnswerMemo
 from spoa.verifier import Reason, Verdict
 from tests.test_config import MINIMAL
 
@@ -103,6 +105,25 @@ def test_reloadable_changes_pass() -> None:
         '[agent]\nunknown_kid_wait = "100ms"\n' + MINIMAL + 'require_scopes = ["x"]\n'
     )
     _check_restart_only(old, new)
+
+
+def test_replay_follows_replay_entries_and_the_access_log() -> None:
+    memo = AnswerMemo("check-jwt", ("authorization",), clock=lambda: 0.0)
+    configure_replay(memo, parse_config(MINIMAL))
+    assert (memo.enabled, memo.max_entries) == (True, 4096)
+    configure_replay(memo, parse_config("[cache]\nreplay_entries = 10\n" + MINIMAL))
+    assert (memo.enabled, memo.max_entries) == (True, 10)
+    configure_replay(memo, parse_config("[cache]\nreplay_entries = 0\n" + MINIMAL))
+    assert not memo.enabled
+    configure_replay(memo, parse_config("[log]\naccess_log = true\n" + MINIMAL))
+    assert not memo.enabled
+    for size in (3, 2):  # a smaller memo drops its oldest answers on the next one
+        memo = AnswerMemo("check-jwt", ("authorization",), clock=lambda: 0.0, max_entries=size)
+        for key in (b"a", b"b", b"c"):
+            assert memo.remember(
+                key, b"", valid_from=0, valid_until=1, countdown_to=None, tag="t", epoch=0
+            )
+        assert len(memo.table) == size
 
 
 class CapturedRejections:

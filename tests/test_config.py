@@ -71,6 +71,7 @@ def test_the_shipped_example_is_valid() -> None:
         ("[agent]\nlisten_port = 1\n", "agent.listen_port: unknown key"),
         ('[log]\nformat = "xml"\n', 'log.format: expected "json" or "console", got xml'),
         ("[cache]\nmax_entries = -1\n", "cache.max_entries: expected an integer from 0"),
+        ("[cache]\nreplay_entries = 2e3\n", "cache.replay_entries: expected an integer from 0"),
         ("[bogus]\n", "bogus: unknown key"),
     ],
 )
