@@ -249,6 +249,18 @@ error:
     return NULL;
 }
 
+/* Integer arguments as Py_ssize_t (OverflowError beyond); -1 with an exception set. */
+static int
+ssize_args(PyObject *const *args, Py_ssize_t count, Py_ssize_t *out)
+{
+    for (Py_ssize_t i = 0; i < count; i++) {
+        out[i] = PyNumber_AsSsize_t(args[i], PyExc_OverflowError);
+        if (out[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 decode_messages(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -261,15 +273,10 @@ decode_messages(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "bind() was not called");
         return NULL;
     }
-    Py_ssize_t pos = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
-    if (pos == -1 && PyErr_Occurred())
+    Py_ssize_t sizes[3];
+    if (ssize_args(args + 1, 3, sizes) < 0)
         return NULL;
-    Py_ssize_t end = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
-    if (end == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t max_items = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
-    if (max_items == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t pos = sizes[0], end = sizes[1], max_items = sizes[2];
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -418,18 +425,10 @@ answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         "key_names, table, now, countdown_head, inflight)");
         return NULL;
     }
-    Py_ssize_t pos = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
-    if (pos == -1 && PyErr_Occurred())
+    Py_ssize_t sizes[4];
+    if (ssize_args(args + 1, 4, sizes) < 0)
         return NULL;
-    Py_ssize_t end = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
-    if (end == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t frame_limit = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
-    if (frame_limit == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t max_items = PyNumber_AsSsize_t(args[4], PyExc_OverflowError);
-    if (max_items == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t pos = sizes[0], end = sizes[1], frame_limit = sizes[2], max_items = sizes[3];
     PyObject *name_obj = args[5], *key_names = args[6], *table = args[7];
     PyObject *countdown_obj = args[9], *inflight = args[10];
     if (!PyBytes_Check(name_obj) || !PyTuple_Check(key_names) || !PyDict_Check(table) ||

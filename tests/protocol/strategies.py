@@ -23,3 +23,21 @@ values = st.one_of(
 )
 names = st.text(max_size=40)
 messages = st.builds(Message, names, st.lists(st.tuples(names, values), max_size=8).map(tuple))
+
+
+def mutate(data: st.DataObject, raw: bytes) -> bytearray:
+    """One to four edits drawn by `data`: a byte flipped, cut or inserted, or a truncation."""
+    out = bytearray(raw)
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        where = data.draw(st.integers(min_value=0, max_value=len(out)))
+        edit = data.draw(st.sampled_from(["flip", "cut", "insert", "truncate"]))
+        byte = data.draw(st.integers(min_value=0, max_value=255))
+        if edit == "flip" and where < len(out):
+            out[where] = byte
+        elif edit == "cut" and where < len(out):
+            del out[where]
+        elif edit == "insert":
+            out.insert(where, byte)
+        elif edit == "truncate":
+            del out[where:]
+    return out

@@ -48,7 +48,7 @@ from spoa.protocol.payloads import decode_messages_python
 from spoa.protocol.types import encode_string
 from spoa.protocol.varint import decode_varint
 from tests.protocol.strategies import messages as any_message
-from tests.protocol.strategies import names, uint64, values
+from tests.protocol.strategies import mutate, names, uint64, values
 
 Scan = Callable[..., tuple[int, bytes, list[Hashable]]]
 
@@ -335,19 +335,7 @@ def test_c_answers_a_prefix_of_the_reference_on_mutated_input(
     scenario: tuple[AnswerMemo, bytes, int, int], data: st.DataObject
 ) -> None:
     memo, buf, frame_limit, max_items = scenario
-    raw = bytearray(buf)
-    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
-        where = data.draw(st.integers(min_value=0, max_value=len(raw)))
-        edit = data.draw(st.sampled_from(["flip", "cut", "insert", "truncate"]))
-        byte = data.draw(st.integers(min_value=0, max_value=255))
-        if edit == "flip" and where < len(raw):
-            raw[where] = byte
-        elif edit == "cut" and where < len(raw):
-            del raw[where]
-        elif edit == "insert":
-            raw.insert(where, byte)
-        elif edit == "truncate":
-            del raw[where:]
+    raw = mutate(data, buf)
     c_result, py_result = both(memo, bytes(raw), frame_limit, max_items)
     check_consistent(bytes(raw), c_result, py_result)
 

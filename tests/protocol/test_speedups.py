@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from spoa.protocol import Message, SpopError, encode_messages, encode_value, encode_varint, payloads
 from tests.protocol.strategies import messages as message_strategy
-from tests.protocol.strategies import names
+from tests.protocol.strategies import mutate, names
 
 messages = st.lists(message_strategy, max_size=4)
 # Hand-made typed data the encoder never produces: INT32/UINT32, flags on NULL and
@@ -87,19 +87,7 @@ def test_same_messages_as_the_reference(decoded: list[Message]) -> None:
 @given(messages, st.data())
 @settings(max_examples=400)
 def test_same_outcome_on_mutated_input(decoded: list[Message], data: st.DataObject) -> None:
-    raw = bytearray(encode_messages(decoded) or b"\x00")
-    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
-        where = data.draw(st.integers(min_value=0, max_value=len(raw)))
-        edit = data.draw(st.sampled_from(["flip", "cut", "insert", "truncate"]))
-        byte = data.draw(st.integers(min_value=0, max_value=255))
-        if edit == "flip" and where < len(raw):
-            raw[where] = byte
-        elif edit == "cut" and where < len(raw):
-            del raw[where]
-        elif edit == "insert":
-            raw.insert(where, byte)
-        elif edit == "truncate":
-            del raw[where:]
+    raw = mutate(data, encode_messages(decoded) or b"\x00")
     assert_same(bytes(raw))
     assert_same(raw)  # a bytearray, as the connection's buffer is
 
