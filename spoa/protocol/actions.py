@@ -61,13 +61,16 @@ Action = SetVar | UnsetVar | EncodedActions
 
 # HAProxy accepts these characters in variable names.
 _VALID_NAME = re.compile(r"[A-Za-z0-9._]{1,63}")
-# (scope, name) -> "action type, nb-args, scope, name": the constant head of an action.
-# Bounded so a caller inventing names per request cannot grow it without end.
+# (type, scope, name) -> "action type, nb-args, scope, name": the constant head of an
+# action. Bounded so a caller inventing names per request cannot grow it without end. The
+# scope in the key is a plain int: an IntEnum hashes through Python code, and not like
+# its int, so one key form must be used throughout.
 _HEAD_CACHE: dict[tuple[int, int, str], bytes] = {}
 _HEAD_CACHE_LIMIT = 4096
 
 
 def _action_head(action_type: int, scope: int, name: str) -> bytes:
+    scope = int(scope)
     key = (action_type, scope, name)
     head = _HEAD_CACHE.get(key)
     if head is not None:
@@ -84,7 +87,8 @@ def _action_head(action_type: int, scope: int, name: str) -> bytes:
 
 
 def _append_set_var(append: Callable[[bytes], None], scope: int, name: str, value: Value) -> None:
-    append(_HEAD_CACHE.get((1, scope, name)) or _action_head(1, scope, name))
+    code = int(scope)
+    append(_HEAD_CACHE.get((1, code, name)) or _action_head(1, code, name))
     if type(value) is str:
         # Inlined common case: a short UTF-8 string.
         try:
@@ -102,10 +106,18 @@ def _append_set_var(append: Callable[[bytes], None], scope: int, name: str, valu
 def encode_set_vars(scope: Scope, variables: Iterable[tuple[str, Value]]) -> bytes:
     """set-var actions for (name, value) pairs in one scope, encoded as the SetVar
     actions would be, without building them (an answer's variables on a cache miss)."""
+    code = int(scope)
     parts: list[bytes] = []
     append = parts.append
+    heads = _HEAD_CACHE
     for name, value in variables:
-        _append_set_var(append, scope, name, value)
+        append(heads.get((1, code, name)) or _action_head(1, code, name))
+        # ASCII text is its own UTF-8, one byte per character (isascii is O(1)).
+        if type(value) is str and value.isascii() and len(value) < 240:
+            append(SHORT_STRING_HEADS[len(value)])
+            append(value.encode("ascii"))
+        else:
+            append(encode_value(value))
     return b"".join(parts)
 
 
@@ -119,7 +131,7 @@ def encode_actions(actions: Iterable[Action]) -> bytes:
         elif isinstance(action, EncodedActions):
             append(action.payload)
         elif isinstance(action, UnsetVar):
-            head = _HEAD_CACHE.get((2, action.scope, action.name))
+            head = _HEAD_CACHE.get((2, int(action.scope), action.name))
             append(head or _action_head(2, action.scope, action.name))
         else:
             raise InvalidValue(f"not an action: {type(action).__name__}")
