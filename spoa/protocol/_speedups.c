@@ -471,6 +471,7 @@ answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *tags = PyList_New(0);
     PyObject *acks = NULL; /* a bytearray, grown as frames are answered */
     PyObject *key = NULL;
+    PyObject *entry = NULL;
     Py_ssize_t acks_len = 0;
     if (tags == NULL)
         goto error;
@@ -529,13 +530,14 @@ answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             memcpy(cursor, buf + spans[k].start, (size_t)size);
             cursor += size;
         }
-        PyObject *entry = PyDict_GetItemWithError(table, key); /* borrowed */
+        entry = PyDict_GetItemWithError(table, key);
         Py_CLEAR(key);
         if (entry == NULL) {
             if (PyErr_Occurred())
                 goto error;
             break;
         }
+        Py_INCREF(entry); /* held while its parts are read, whatever the table does */
         if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 5) {
             PyErr_SetString(PyExc_TypeError, "answer_frames: a table value is not a MemoEntry");
             goto error;
@@ -549,14 +551,18 @@ answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "answer_frames: a table value is not a MemoEntry");
             goto error;
         }
-        if (!(PyFloat_AS_DOUBLE(from_obj) <= now && now < PyFloat_AS_DOUBLE(until_obj)))
+        if (!(PyFloat_AS_DOUBLE(from_obj) <= now && now < PyFloat_AS_DOUBLE(until_obj))) {
+            Py_CLEAR(entry);
             break;
+        }
         unsigned char tail[MAX_VARINT_BYTES + 1];
         Py_ssize_t tail_len = 0;
         if (countdown_to != Py_None) {
             double left = PyFloat_AS_DOUBLE(countdown_to) - now;
-            if (!(left < 9223372036854775808.0)) /* 2**63; NaN fails too */
+            if (!(left < 9223372036854775808.0)) { /* 2**63; NaN fails too */
+                Py_CLEAR(entry);
                 break;
+            }
             uint64_t seconds = left > 0 ? (uint64_t)left : 0; /* int() truncates */
             tail[0] = 4; /* INT64 */
             tail_len = 1 + write_varint(tail + 1, seconds);
@@ -565,8 +571,10 @@ answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t payload_len = PyBytes_GET_SIZE(payload);
         Py_ssize_t extra = tail_len ? countdown_len + tail_len : 0;
         Py_ssize_t ack_length = 5 + ids_len + payload_len + extra;
-        if (ack_length > frame_limit)
+        if (ack_length > frame_limit) {
+            Py_CLEAR(entry);
             break;
+        }
         if (PyByteArray_Resize(acks, acks_len + 4 + ack_length) < 0)
             goto error;
         unsigned char *out = (unsigned char *)PyByteArray_AS_STRING(acks) + acks_len;
@@ -588,6 +596,7 @@ answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         acks_len += 4 + ack_length;
         if (PyList_Append(tags, PyTuple_GET_ITEM(entry, 4)) < 0)
             goto error;
+        Py_CLEAR(entry);
         pos = stop;
     }
     PyBuffer_Release(&view);
@@ -602,6 +611,7 @@ answer_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 error:
     PyBuffer_Release(&view);
     Py_XDECREF(key);
+    Py_XDECREF(entry);
     Py_XDECREF(acks);
     Py_XDECREF(tags);
     return NULL;
