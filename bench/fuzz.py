@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/fuzz.py --minutes 10
 
-Runs the suite's hypothesis properties (tests/protocol/test_fuzz_connection.py,
+Runs the suite's hypothesis properties (tests/protocol/test_fuzz_connection.py, the replay
+scanner's differential tests in tests/protocol/test_memo.py,
 tests/verifier/test_fuzz_tokens.py and the glue's any-signed-claims property) in rounds with
 many examples and fresh seeds until the time is up. A failure stops the run with
 hypothesis's minimised example printed: save it under tests/protocol/crashers/ (raw bytes,
@@ -23,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     "tests/protocol/test_fuzz_connection.py",
+    "tests/protocol/test_memo.py",
     "tests/verifier/test_fuzz_tokens.py",
     "tests/test_glue.py::test_any_signed_claims_get_a_verdict",
 ]
