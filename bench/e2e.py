@@ -63,6 +63,7 @@ class Scenario:
     alg: str = "RS256"
     unique: bool = False
     workers: int = 1
+    pool: int = 0  # > 0: this many tokens, taken in turn (many users, each repeating)
 
 
 SCENARIOS = (
@@ -74,6 +75,8 @@ SCENARIOS = (
     Scenario("jwtgate RS256 cache hits", "jwtgate", "RS256"),
     Scenario("jwtgate RS256 unique", "jwtgate", "RS256", unique=True),
     Scenario("jwtgate ES256 unique", "jwtgate", "ES256", unique=True),
+    Scenario("jwtgate RS256, 2 000 tokens in turn", "jwtgate", "RS256", pool=2_000),
+    Scenario("jwtgate RS256, 20 000 tokens in turn", "jwtgate", "RS256", pool=20_000),
     Scenario("jwtgate RS256 cache hits, 2 workers", "jwtgate", "RS256", workers=2),
     Scenario("jwtgate RS256 unique, 2 workers", "jwtgate", "RS256", unique=True, workers=2),
 )
@@ -182,12 +185,15 @@ def run_wrk(
     token_file: Path | None,
     delay_ms: int | None = None,
     connections: int = WRK_CONNECTIONS,
+    cycle: bool = False,
 ) -> WrkRun:
     script = BENCH_DIR / "haproxy" / "wrk.lua"
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
     if token is not None:
         argv += ["-H", f"Authorization: Bearer {token}"]
     argv += [f"{url}/api/orders", "--", str(delay_ms or 0), str(token_file or "-")]
+    if cycle:
+        argv.append("cycle")
     if 1 in os.sched_getaffinity(0):
         argv = ["taskset", "-c", "1", *argv]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
@@ -340,6 +346,10 @@ class Bench:
     def run(self, scenario: Scenario, rate_guess: float, *, paced: bool = True) -> ScenarioResult:
         token = None if scenario.kind in ("noauth",) else self.tokens[scenario.alg]
         token_file = paced_file = None
+        cycle = scenario.pool > 0
+        if cycle:
+            self.log(f"    minting a pool of {scenario.pool} {scenario.alg} tokens")
+            token_file = paced_file = self.token_file(scenario.alg, scenario.pool, "pool")
         if scenario.unique:
             supply = int(rate_guess * self.seconds * 1.3) + 200
             self.log(f"    minting {supply + supply // 2} unique {scenario.alg} tokens")
@@ -347,9 +357,12 @@ class Bench:
             paced_file = self.token_file(scenario.alg, supply // 2, "paced")
         with self.target(scenario) as target:
             wait_accepting(target.url, token if token else None)
-            # A short warm-up: connections up, caches filled for the hit scenarios.
-            run_wrk(target.url, 1, token=token, token_file=None)
-            wrk_token = None if scenario.unique else token
+            # A short warm-up: connections up, caches filled for the hit scenarios (a
+            # pool goes round at least twice: its tokens verified, then remembered).
+            warm_up = max(1.0, scenario.pool / 2500)
+            warm_file = token_file if cycle else None  # never spend unique tokens here
+            run_wrk(target.url, warm_up, token=token, token_file=warm_file, cycle=cycle)
+            wrk_token = None if scenario.unique or cycle else token
             saturated = measured(
                 target.url,
                 self.seconds,
@@ -357,6 +370,7 @@ class Bench:
                 target.agent_pid,
                 token=wrk_token,
                 token_file=token_file,
+                cycle=cycle,
             )
             rate = max(saturated.rps / 2, 100.0)
             if not paced:
@@ -371,6 +385,7 @@ class Bench:
                 token_file=paced_file,
                 delay_ms=PACED_DELAY_MS,
                 connections=connections,
+                cycle=cycle,
             )
         return ScenarioResult(scenario, saturated, paced_run, rate)
 

@@ -1,4 +1,4 @@
--- wrk script for every benchmark run. Arguments: delay_ms token_file
+-- wrk script for every benchmark run. Arguments: delay_ms token_file [cycle]
 -- delay_ms > 0 paces the run: each connection waits delay_ms between its requests, so the
 -- offered rate is about connections * 1000 / delay_ms and nothing queues in the client.
 -- wrk times a request from the moment it is written, so the pause is not part of the
@@ -7,9 +7,12 @@
 -- With a token file every request carries the next token, so none repeats and every
 -- check is a cache miss; when the file runs out the thread stops, so the run ends
 -- early instead of turning into cache hits. "-" means none: wrk's -H header is sent.
+-- With "cycle" the file is a pool of users' tokens, taken in turn and started again at its
+-- end: each token repeats once every pool-size requests.
 -- done() prints the latency distribution for the CDF plot.
 local tokens = nil
 local index = 0
+local cycle = false
 
 function init(args)
   local delay_ms = tonumber(args[1]) or 0
@@ -18,6 +21,7 @@ function init(args)
       return delay_ms
     end
   end
+  cycle = args[3] == "cycle"
   if args[2] and args[2] ~= "-" then
     tokens = {}
     for line in io.lines(args[2]) do
@@ -30,8 +34,12 @@ function request()
   if tokens then
     index = index + 1
     if index > #tokens then
-      wrk.thread:stop()
-      index = #tokens
+      if cycle then
+        index = 1
+      else
+        wrk.thread:stop()
+        index = #tokens
+      end
     end
     return wrk.format(nil, nil, { ["Authorization"] = "Bearer " .. tokens[index] })
   end
