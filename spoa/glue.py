@@ -179,7 +179,7 @@ class CheckJwtHandler:
                 return self._after_refetch(runtime, selected, token, context, verdict, started)
             # Remembered from the second sighting on (a cache hit): a token seen once
             # may never come back, and remembering costs a miss a few microseconds.
-            if verdict.cache_hit and verdict.ok and memo is not None and memo.enabled:
+            if verdict.cache_hit and verdict.ok and memo is not None and memo.admit():
                 _remember(memo, epoch, message, runtime, verdict, selected, token, now)
         return self._finish(verdict, policy_name, selected, token, now, started)
 

@@ -41,6 +41,9 @@ from .varint import Buffer, decode_varint, encode_varint
 # 0xFF (type 15 is reserved), so it cannot collide with an encoded value.
 ABSENT = b"\xff"
 DEFAULT_MEMO_ENTRIES = 4096
+# While remembered answers are evicted before they are replayed, one candidate in this
+# many is remembered (see AnswerMemo.admit).
+ADMISSION_SAMPLE = 16
 MAX_KEY_ARGS = 8  # what the C scanner handles
 
 _NOTIFY = FrameType.NOTIFY.value
@@ -192,7 +195,13 @@ class AnswerMemo:
     """Answers remembered for one message name, keyed by some of its arguments.
 
     `clock` is the wall clock the windows are on. At most `max_entries` are kept; the
-    oldest goes first. Disabled, it remembers and replays nothing."""
+    oldest goes first. Disabled, it remembers and replays nothing.
+
+    Remembering has a cost, wasted when more answers are in use than the memo holds:
+    each is evicted before its next use. So after every `max_entries` answers remembered,
+    the memo compares them with the replays they earned in that time; when there were
+    fewer replays, `admit` takes only one candidate in ADMISSION_SAMPLE until a window
+    pays again. This decides only which answers are kept, never what an answer is."""
 
     def __init__(
         self,
@@ -212,7 +221,12 @@ class AnswerMemo:
         self.max_entries = max_entries
         self.enabled = True
         self.epoch = 0
+        self.replayed = 0  # answers replayed, in total
         self.table: OrderedDict[bytes, MemoEntry] = OrderedDict()
+        self._sample = 1  # admit one candidate in this many
+        self._offered = 0
+        self._window_kept = 0
+        self._window_start = 0  # `replayed` when the window began
         self._name = message_name.encode("utf-8", "surrogateescape")
         self._key_names = tuple(key.encode("utf-8", "surrogateescape") for key in key_args)
         self._countdown_head = b""
@@ -224,6 +238,14 @@ class AnswerMemo:
         if message.name != self.message_name:
             return None
         return key_of(message, self.key_args)
+
+    def admit(self) -> bool:
+        """Whether to remember the next answer: ask once per candidate, before building
+        it. False while disabled, and for all but a sample while the memo churns."""
+        if not self.enabled:
+            return False
+        self._offered += 1
+        return self._offered % self._sample == 0
 
     def remember(
         self,
@@ -254,6 +276,12 @@ class AnswerMemo:
             table.popitem(last=False)
         countdown = None if countdown_to is None else float(countdown_to)
         table[key] = MemoEntry(payload, float(valid_from), float(valid_until), countdown, tag)
+        self._window_kept += 1
+        if self._window_kept >= self.max_entries:
+            earned = self.replayed - self._window_start
+            self._sample = ADMISSION_SAMPLE if earned < self._window_kept else 1
+            self._window_kept = 0
+            self._window_start = self.replayed
         return True
 
     def rekey(self, key_args: Sequence[str]) -> None:
@@ -281,7 +309,7 @@ class AnswerMemo:
         the ids of one in `inflight` stops it."""
         if not self.table or not self.enabled:
             return pos, b"", []
-        return answer_frames(
+        result = answer_frames(
             buf,
             pos,
             end,
@@ -294,3 +322,5 @@ class AnswerMemo:
             self._countdown_head,
             inflight,
         )
+        self.replayed += len(result[2])
+        return result

@@ -44,7 +44,7 @@ from spoa.protocol import (
     split_frames,
 )
 from spoa.protocol import memo as memo_module
-from spoa.protocol.memo import ABSENT, answer_frames_python, key_of
+from spoa.protocol.memo import ABSENT, ADMISSION_SAMPLE, answer_frames_python, key_of
 from spoa.protocol.payloads import decode_messages_python
 from spoa.protocol.types import encode_string
 from spoa.protocol.varint import decode_varint
@@ -890,6 +890,35 @@ def test_remember_stores_floats() -> None:
     assert remember_key(memo, valid_from=1, valid_until=2, countdown_to=3)
     entry = memo.table[KEY]
     assert [type(v) for v in entry[1:4]] == [float, float, float]
+
+
+def test_a_churning_memo_admits_only_a_sample_until_replays_pay_again() -> None:
+    memo = new_memo(max_entries=4)
+    frame = notify(1, 1, Message(NAME, (("token", None), ("host", None))))  # key 00 00
+
+    def window(replays: int) -> None:
+        """Four admitted answers (a window closes at the fourth), with this many replays
+        before the last one."""
+        kept = 0
+        while kept < 4:
+            if memo.admit():
+                assert remember_key(memo, bytes([0 if kept == 0 else kept + 1, 0]))
+                kept += 1
+                if kept == 3:
+                    for _ in range(replays):
+                        assert memo.answer(frame, 0, len(frame), LIMIT, MAX_ITEMS, {})[2] == ["t"]
+
+    assert all(memo.admit() for _ in range(50))  # a fresh memo takes every candidate
+    window(replays=0)  # its answers earned nothing: from now on only a sample
+    admitted = [memo.admit() for _ in range(ADMISSION_SAMPLE * 3)]
+    assert admitted.count(True) == 3
+    window(replays=3)  # fewer replays than answers: still a sample
+    assert [memo.admit() for _ in range(ADMISSION_SAMPLE)].count(True) == 1
+    window(replays=4)  # it paid
+    assert all(memo.admit() for _ in range(50))
+    assert memo.replayed == 7
+    memo.enabled = False
+    assert not memo.admit()
 
 
 def test_the_oldest_entry_goes_first() -> None:
