@@ -86,21 +86,16 @@ def _action_head(action_type: int, scope: int, name: str) -> bytes:
     return head
 
 
-def _append_set_var(append: Callable[[bytes], None], scope: int, name: str, value: Value) -> None:
-    code = int(scope)
+def _append_set_var(append: Callable[[bytes], None], code: int, name: str, value: Value) -> None:
+    """One set-var action; `code` is the scope as a plain int (see _HEAD_CACHE)."""
     append(_HEAD_CACHE.get((1, code, name)) or _action_head(1, code, name))
-    if type(value) is str:
-        # Inlined common case: a short UTF-8 string.
-        try:
-            raw = value.encode()
-        except UnicodeEncodeError:
-            append(encode_value(value))
-            return
-        if len(raw) < 240:
-            append(SHORT_STRING_HEADS[len(raw)])
-            append(raw)
-            return
-    append(encode_value(value))
+    # The common case inline: ASCII text is its own UTF-8, one byte per character
+    # (isascii is O(1)).
+    if type(value) is str and value.isascii() and len(value) < 240:
+        append(SHORT_STRING_HEADS[len(value)])
+        append(value.encode("ascii"))
+    else:
+        append(encode_value(value))
 
 
 def encode_set_vars(scope: Scope, variables: Iterable[tuple[str, Value]]) -> bytes:
@@ -109,15 +104,8 @@ def encode_set_vars(scope: Scope, variables: Iterable[tuple[str, Value]]) -> byt
     code = int(scope)
     parts: list[bytes] = []
     append = parts.append
-    heads = _HEAD_CACHE
     for name, value in variables:
-        append(heads.get((1, code, name)) or _action_head(1, code, name))
-        # ASCII text is its own UTF-8, one byte per character (isascii is O(1)).
-        if type(value) is str and value.isascii() and len(value) < 240:
-            append(SHORT_STRING_HEADS[len(value)])
-            append(value.encode("ascii"))
-        else:
-            append(encode_value(value))
+        _append_set_var(append, code, name, value)
     return b"".join(parts)
 
 
@@ -127,7 +115,7 @@ def encode_actions(actions: Iterable[Action]) -> bytes:
     append = parts.append
     for action in actions:
         if isinstance(action, SetVar):
-            _append_set_var(append, action.scope, action.name, action.value)
+            _append_set_var(append, int(action.scope), action.name, action.value)
         elif isinstance(action, EncodedActions):
             append(action.payload)
         elif isinstance(action, UnsetVar):
