@@ -226,10 +226,10 @@ class AgentConnection:
         size = len(buf)
         pos = 0
         memo = self._memo
-        replay = memo is not None and memo.enabled and bool(memo.table)
+        if memo is not None and not (memo.enabled and memo.table):
+            memo = None  # nothing to replay in this read
         while size - pos >= 4:
-            if replay and self._state is _State.READY:
-                assert memo is not None
+            if memo is not None and self._state is _State.READY:
                 # Replayed NOTIFYs are acknowledged here and never in flight.
                 end, acks, tags = memo.answer(
                     buf, pos, size, self._frame_limit, self._max_list_items, self._inflight

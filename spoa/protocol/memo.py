@@ -25,7 +25,6 @@ is the reference it is tested against.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import NamedTuple
@@ -33,9 +32,9 @@ from typing import NamedTuple
 from .actions import Scope, _action_head
 from .errors import SpopError
 from .frames import MIN_FRAME_BODY, FrameType
-from .payloads import Message, decode_messages_python
+from .payloads import SPEEDUPS, Message, decode_messages_python
 from .types import encode_value
-from .varint import Buffer, decode_varint, encode_varint
+from .varint import Buffer, decode_varint
 
 # The key part of a key argument the message does not carry. No typed data starts with
 # 0xFF (type 15 is reserved), so it cannot collide with an encoded value.
@@ -49,7 +48,6 @@ MAX_KEY_ARGS = 8  # what the C scanner handles
 _NOTIFY = FrameType.NOTIFY.value
 _PLAIN_FLAGS = b"\x00\x00\x00\x01"  # FIN only
 _ACK_HEAD = bytes((FrameType.ACK.value,)) + _PLAIN_FLAGS
-_INT64 = b"\x04"
 _COUNTDOWN_LIMIT = 2.0**63
 
 
@@ -63,8 +61,6 @@ class MemoEntry(NamedTuple):
     tag: Hashable
 
 
-# An OrderedDict (a dict to the C scanner) so the oldest entry goes in O(1): deleting from
-# the front of a plain dict leaves holes that each later `next(iter())` walks over.
 Table = dict[bytes, MemoEntry]
 
 
@@ -77,7 +73,7 @@ def key_part(value: object) -> bytes | None:
 
 
 def countdown_tail(head: bytes, countdown_to: float, now: float) -> bytes:
-    return head + _INT64 + encode_varint(max(0, int(countdown_to - now)))
+    return head + encode_value(max(0, int(countdown_to - now)))  # INT64 below 2**63
 
 
 def answer_frames_python(
@@ -173,17 +169,16 @@ AnswerFrames = Callable[
 ]
 
 
-def _load_speedups() -> AnswerFrames | None:
-    if os.environ.get("JWTGATE_NO_SPEEDUPS"):
+def _c_scanner() -> AnswerFrames | None:
+    """The C scanner, when payloads found the extension built and allowed (SPEEDUPS)."""
+    if not SPEEDUPS:
         return None
-    try:
-        from . import _speedups
-    except ImportError:
-        return None
-    return _speedups.answer_frames
+    from ._speedups import answer_frames as scanner
+
+    return scanner
 
 
-answer_frames: AnswerFrames = _load_speedups() or answer_frames_python
+answer_frames: AnswerFrames = _c_scanner() or answer_frames_python
 
 
 def _check_key_args(key_args: Sequence[str]) -> None:
@@ -222,6 +217,8 @@ class AnswerMemo:
         self.enabled = True
         self.epoch = 0
         self.replayed = 0  # answers replayed, in total
+        # An OrderedDict (a dict to the C scanner) so the oldest entry goes in O(1):
+        # deleting from the front of a plain dict leaves holes each `next(iter())` walks.
         self.table: OrderedDict[bytes, MemoEntry] = OrderedDict()
         self._sample = 1  # admit one candidate in this many
         self._offered = 0
