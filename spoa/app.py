@@ -216,12 +216,14 @@ async def build_engine(config: Config, on_key_event: Callable[[KeyEvent], None])
     return Engine(config, runtime, keys, verifier, store)
 
 
-def configure_replay(memo: AnswerMemo, config: Config) -> None:
+def configure_replay(memo: AnswerMemo, config: Config, store: MemoryKeyStore) -> None:
     """Size the answer memo from [cache] replay_entries; 0 turns replay off, and so does
-    the access log, which wants a line per request. Key changes and reloads clear it."""
+    the access log, which wants a line per request. A change in `store` clears it, as
+    does a new runtime (CheckJwtHandler)."""
     entries = config.cache.replay_entries
     memo.enabled = entries > 0 and not config.log.access_log
     memo.max_entries = max(entries, 1)
+    store.subscribe(memo.clear)
 
 
 # --- observing verdicts and key events -----------------------------------------------------
@@ -391,8 +393,7 @@ class Worker:
         self._publish_readiness()
         # Accepted answers are replayed by the SPOP layer while they stay the same.
         memo = new_answer_memo(self.engine.runtime)
-        configure_replay(memo, self.config)
-        self.engine.store.subscribe(memo.clear)
+        configure_replay(memo, self.config, self.engine.store)
         self.handler = CheckJwtHandler(self.engine.runtime, observer=self.recorder, memo=memo)
         agent = self.config.agent
         limits = ServerLimits(
@@ -510,8 +511,7 @@ class Worker:
             assert self.handler is not None
             memo = self.handler.memo
             if memo is not None:
-                configure_replay(memo, config)
-                engine.store.subscribe(memo.clear)
+                configure_replay(memo, config, engine.store)
             self.handler.runtime = engine.runtime  # in-flight checks finish on the old one
             self.metrics.set_label_sets(
                 issuers=[i.name for i in config.issuers],

@@ -21,7 +21,7 @@ from spoa.config import ConfigError, parse_config
 from spoa.keymanager import JwksUrlSource, OidcDiscoverySource, StaticKeySource
 from spoa.metrics import Metrics
 from spoa.protocol import AnswerMemo
-from spoa.verifier import Reason, Verdict
+from spoa.verifier import MemoryKeyStore, Reason, Verdict
 from tests.test_config import MINIMAL
 
 
@@ -109,13 +109,14 @@ def test_reloadable_changes_pass() -> None:
 
 def test_replay_follows_replay_entries_and_the_access_log() -> None:
     memo = AnswerMemo("check-jwt", ("authorization",), clock=lambda: 0.0)
-    configure_replay(memo, parse_config(MINIMAL))
+    store = MemoryKeyStore()
+    configure_replay(memo, parse_config(MINIMAL), store)
     assert (memo.enabled, memo.max_entries) == (True, 4096)
-    configure_replay(memo, parse_config("[cache]\nreplay_entries = 10\n" + MINIMAL))
+    configure_replay(memo, parse_config("[cache]\nreplay_entries = 10\n" + MINIMAL), store)
     assert (memo.enabled, memo.max_entries) == (True, 10)
-    configure_replay(memo, parse_config("[cache]\nreplay_entries = 0\n" + MINIMAL))
+    configure_replay(memo, parse_config("[cache]\nreplay_entries = 0\n" + MINIMAL), store)
     assert not memo.enabled
-    configure_replay(memo, parse_config("[log]\naccess_log = true\n" + MINIMAL))
+    configure_replay(memo, parse_config("[log]\naccess_log = true\n" + MINIMAL), store)
     assert not memo.enabled
     for size in (3, 2):  # a smaller memo drops its oldest answers on the next one
         memo = AnswerMemo("check-jwt", ("authorization",), clock=lambda: 0.0, max_entries=size)

@@ -34,8 +34,8 @@ from spoa.verifier.reasons import Reason
 from spoa.verifier.verdict import EMPTY_CLAIMS, Verdict
 
 DEFAULT_MAX_TOKEN_BYTES = 8192
-_MARGIN = 0.001  # seconds; see replay_window
 DEFAULT_CACHE_SIZE = 10_000
+_MARGIN = 0.001  # seconds; see replay_window
 
 
 class Verifier:
