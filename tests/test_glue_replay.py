@@ -28,21 +28,12 @@ from spoa.protocol import (
     NotifyReceived,
     build_frame,
     encode_actions,
-    encode_kv_list,
     encode_messages,
     split_frames,
 )
 from spoa.verifier import IssuerRules, MemoryKeyStore, RequestContext, Verifier, load_jwks
+from tests.protocol.test_memo import HELLO
 from tests.test_glue import AUD, ISS, KEY, NOW, make_runtime, message, token
-
-HELLO = build_frame(
-    FrameType.HAPROXY_HELLO,
-    0,
-    0,
-    encode_kv_list(
-        (("supported-versions", "2.0"), ("max-frame-size", 16380), ("capabilities", "pipelining"))
-    ),
-)
 
 
 class Clock:
