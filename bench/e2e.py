@@ -66,13 +66,17 @@ class Scenario:
     pool: int = 0  # > 0: this many tokens, taken in turn (many users, each repeating)
 
 
+NATIVE_RS256 = Scenario("native jwt_verify RS256", "native", "RS256")
+MINIMAL_AGENT = Scenario("minimal ACK-only agent (hand-written)", "ackmin")
+JWTGATE_HITS = Scenario("jwtgate RS256 cache hits", "jwtgate", "RS256")
+
 SCENARIOS = (
     Scenario("no auth", "noauth"),
-    Scenario("native jwt_verify RS256", "native", "RS256"),
+    NATIVE_RS256,
     Scenario("native jwt_verify ES256", "native", "ES256"),
-    Scenario("minimal ACK-only agent (hand-written)", "ackmin"),
+    MINIMAL_AGENT,
     Scenario("ACK-only agent (jwtgate server, no JWT)", "ackonly"),
-    Scenario("jwtgate RS256 cache hits", "jwtgate", "RS256"),
+    JWTGATE_HITS,
     Scenario("jwtgate RS256 unique", "jwtgate", "RS256", unique=True),
     Scenario("jwtgate ES256 unique", "jwtgate", "ES256", unique=True),
     Scenario("jwtgate RS256, 2 000 tokens in turn", "jwtgate", "RS256", pool=2_000),
@@ -395,14 +399,18 @@ class Bench:
 RATE_GUESS = {("RS256", 1): 5000.0, ("ES256", 1): 5000.0, ("RS256", 2): 7000.0}
 
 
+def _require_wrk() -> None:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+
+
 def run_all(
     seconds: float,
     log: Callable[[str], None] = print,
     scenarios: tuple[Scenario, ...] = SCENARIOS,
     max_supply_rate: float | None = None,
 ) -> list[ScenarioResult]:
-    if shutil.which("wrk") is None:
-        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    _require_wrk()
     results = []
     with tempfile.TemporaryDirectory(prefix="jwtgate-e2e-") as tmp:
         bench = Bench(Path(tmp), seconds, log)
@@ -430,19 +438,14 @@ def run_all(
 
 # The headline comparison, run again in interleaved rounds: on a shared machine the speed
 # drifts over a 10-minute pass, and scenarios run minutes apart see different machines.
-HEADLINE = (
-    Scenario("native jwt_verify RS256", "native", "RS256"),
-    Scenario("minimal ACK-only agent (hand-written)", "ackmin"),
-    Scenario("jwtgate RS256 cache hits", "jwtgate", "RS256"),
-)
+HEADLINE = (NATIVE_RS256, MINIMAL_AGENT, JWTGATE_HITS)
 
 
 def run_rounds(
     seconds: float, rounds: int, log: Callable[[str], None] = print
 ) -> list[dict[str, float]]:
     """Saturated rps of each HEADLINE scenario per round, the scenarios back to back."""
-    if shutil.which("wrk") is None:
-        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    _require_wrk()
     results = []
     with tempfile.TemporaryDirectory(prefix="jwtgate-rounds-") as tmp:
         bench = Bench(Path(tmp), seconds, log)
