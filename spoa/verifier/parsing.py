@@ -9,6 +9,7 @@ from __future__ import annotations
 import binascii
 import json
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from spoa.verifier.errors import TokenRejected
@@ -68,11 +69,9 @@ def b64url_decode(segment: bytes) -> bytes:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in result:
-            raise _reject("duplicate JSON member name")
-        result[name] = value
+    result = dict(pairs)  # in C; a repeated name leaves fewer members than pairs
+    if len(result) != len(pairs):
+        raise _reject("duplicate JSON member name")
     return result
 
 
@@ -82,6 +81,9 @@ def _no_constants(_name: str) -> Any:
 
 # One decoder for every call: json.loads with hooks builds a new one each time.
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+# Its C scanner, called directly for text that starts with `{`: decode() would only add
+# the whitespace skips and the end check done below.
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 
 # A JSON escape of a UTF-16 surrogate. Escaped pairs decode to one character; a lone one
 # decodes to a string that is not Unicode text (RFC 8259 §8.2, I-JSON §2.1).
@@ -107,7 +109,15 @@ def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     and no lone surrogate escapes (every string must be text another parser reads alike)."""
     try:
         text = raw.decode("utf-8")
-        value = _DECODER.decode(text)
+        if text[:1] == "{":
+            try:
+                value, end = _SCAN(text, 0)
+            except StopIteration as exc:  # the scanner's "no value here"
+                raise _reject(f"{what} is not valid JSON") from exc
+            if end != len(text):
+                value = _DECODER.decode(text)  # trailing whitespace, or an error to raise
+        else:
+            value = _DECODER.decode(text)
         # Only texts holding a surrogate escape are walked: the common case costs one scan.
         if _SURROGATE_ESCAPE.search(raw) is not None and _has_lone_surrogate(value):
             raise _reject(f"{what} holds a lone surrogate escape")

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from spoa.verifier.reasons import Reason, http_status
 
 EMPTY_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+_NO_SCOPES: frozenset[str] = frozenset()
 
 
 class Verdict(NamedTuple):
@@ -45,16 +46,9 @@ class Verdict(NamedTuple):
         *,
         cache_hit: bool,
     ) -> Verdict:
+        # Positional: twice as fast as keywords, and a miss builds two.
         return cls(
-            ok=True,
-            status=200,
-            reason=Reason.OK,
-            claims=claims,
-            expires_at=expires_at,
-            issuer=issuer,
-            kid=kid,
-            alg=alg,
-            cache_hit=cache_hit,
+            True, 200, Reason.OK, claims, expires_at, issuer, kid, alg, _NO_SCOPES, cache_hit
         )
 
     @classmethod

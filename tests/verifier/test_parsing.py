@@ -1,0 +1,118 @@
+"""parse_json_object against a plain reference: the fast path (the C scanner called
+directly, duplicates found by counting) must accept and refuse exactly what json.loads
+with a member-by-member duplicate check does."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spoa.verifier.errors import TokenRejected
+from spoa.verifier.parsing import parse_json_object
+from spoa.verifier.reasons import Reason
+
+
+class _Refused(Exception):
+    pass
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for name, _value in pairs:
+        if name in seen:
+            raise _Refused
+        seen.add(name)
+    return dict(pairs)
+
+
+def _no_constant(_name: str) -> Any:
+    raise _Refused
+
+
+def reference(raw: bytes) -> dict[str, Any] | None:
+    """The parsed object, or None where parse_json_object must refuse."""
+    try:
+        value = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_pairs_hook, parse_constant=_no_constant
+        )
+        # Every string must be text (no lone surrogate escape).
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (_Refused, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def parsed(raw: bytes) -> dict[str, Any] | None:
+    try:
+        return parse_json_object(raw, "payload")
+    except TokenRejected as exc:
+        reason = exc.reason
+    assert reason is Reason.MALFORMED
+    return None
+
+
+@pytest.mark.parametrize(
+    ("raw", "accepted"),
+    [
+        (b'{"a":1}', True),
+        (b' \t\r\n{"a":1} \n', True),  # JSON whitespace around the object
+        (b'{"a":1}x', False),  # trailing data
+        (b'{"a":1}{}', False),
+        (b'{"a":1,"a":1}', False),  # duplicate, even with equal values
+        (b'{"a":{"b":1,"b":2}}', False),  # nested duplicate
+        (b'{"a":[{"b":1,"b":2}]}', False),
+        (b'{"a":NaN}', False),
+        (b'{"a":Infinity}', False),
+        (b"[]", False),
+        (b"", False),
+        (b"{", False),
+        (b'"{"', False),
+        (b'{"a":"\\ud800"}', False),
+        (b'{"a":"\\ud83d\\ude00"}', True),  # an escaped pair is one character
+        (b'\xef\xbb\xbf{"a":1}', False),  # a byte-order mark is not JSON
+    ],
+)
+def test_examples(raw: bytes, accepted: bool) -> None:
+    assert (parsed(raw) is not None) is accepted
+    assert parsed(raw) == reference(raw)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), inner), max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _render(value: Any) -> str:
+    """JSON text where lists of pairs become objects, so member names may repeat."""
+    if isinstance(value, list) and value and all(isinstance(item, tuple) for item in value):
+        return "{" + ",".join(f"{json.dumps(k)}:{_render(v)}" for k, v in value) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_render(item) for item in value) + "]"
+    return json.dumps(value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    members=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d"]), _json_values), max_size=5),
+    before=st.sampled_from(["", " ", "\n\t", "x"]),
+    after=st.sampled_from(["", " ", "\r\n", "x", "}", ",{}"]),
+)
+def test_agrees_with_the_reference(members: list[tuple[str, Any]], before: str, after: str) -> None:
+    body = "{" + ",".join(f"{json.dumps(k)}:{_render(v)}" for k, v in members) + "}"
+    raw = (before + body + after).encode()
+    assert parsed(raw) == reference(raw)
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=st.binary(max_size=40).map(lambda tail: b"{" + tail))
+def test_agrees_on_arbitrary_bytes(raw: bytes) -> None:
+    assert parsed(raw) == reference(raw)
