@@ -23,7 +23,7 @@ from spoa.verifier import (
     hmac_key,
     key_from_public,
 )
-from spoa.verifier.keys import KeySet
+from spoa.verifier.keys import KeySet, VerificationKey
 
 ISSUER = "https://id.bench.jwtgate.test/"
 AUDIENCE = "https://api.bench.jwtgate.test"
@@ -94,6 +94,16 @@ def build_verifier(
             verification_keys.append(hmac_key(key.private_key, alg=alg, kid=key.kid))
         else:
             verification_keys.append(key_from_public(key.public().public_key, kid=key.kid, alg=alg))
+    return issuer_verifier(verification_keys, cache_size=cache_size, now=now)
+
+
+def issuer_verifier(
+    verification_keys: Sequence[VerificationKey],
+    *,
+    cache_size: int = CACHE_SIZE,
+    now: float | None = None,
+) -> Verifier:
+    """The shipped issuer rules over these keys; each key's `alg` is allowed."""
     store = MemoryKeyStore()
     store.replace(
         ISSUER_NAME, KeySet(tuple(verification_keys)), time.time() if now is None else now
@@ -101,7 +111,7 @@ def build_verifier(
     rules = IssuerRules(
         name=ISSUER_NAME,
         issuer=ISSUER,
-        algorithms=frozenset(keys),
+        algorithms=frozenset(key.alg for key in verification_keys if key.alg is not None),
         audiences=frozenset({AUDIENCE}),
         leeway=30.0,
         required_claims=("sub",),
