@@ -2,7 +2,8 @@
 
 Standard library only: no sockets, no asyncio, no clock reads. The NOTIFY decoder
 has a C twin (`_speedups.c`, used when it was built; `SPEEDUPS` says whether it is), as
-has the scanner that replays remembered answers (`AnswerMemo`, memo.py).
+have the scanner that replays remembered answers (`AnswerMemo`, memo.py) and the set-var
+encoder of an answer (`encode_set_vars`).
 """
 
 from .actions import (

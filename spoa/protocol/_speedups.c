@@ -1,11 +1,11 @@
 /*
- * The NOTIFY payload decoder of spoa/protocol/payloads.py, in C.
+ * Hot paths of spoa/protocol in C: the NOTIFY payload decoder (payloads.py), the answer
+ * memo's scanner (memo.py) and the set-var encoder of an answer (actions.py).
  *
- * It runs once per request, and in Python it was the agent's largest single cost.
- * Same input, same output, same exceptions and messages as the Python version, which
- * stays the reference: tests/protocol/test_speedups.py checks the two against each other
- * on generated and mutated frames. Nothing here keeps state between calls except the
- * classes handed over by bind().
+ * Each runs once per request. Same input, same output, same exceptions and messages as
+ * the Python version, which stays the reference: tests/protocol/test_speedups.py and
+ * test_memo.py check the two against each other on generated and mutated input. Nothing
+ * here keeps state between calls except the classes handed over by bind().
  *
  * Every read of buf is preceded by a bounds check against `end` (which the caller
  * keeps within the buffer, and which is clamped to it here as well).
@@ -617,6 +617,184 @@ error:
     return NULL;
 }
 
+/*
+ * actions.encode_set_vars for the values an answer holds: str, int, bool and None, under
+ * valid variable names. Anything else (another type or a subclass, an invalid name or
+ * scope, a string that is not plain UTF-8, an int outside 64 bits, an item that is not a
+ * pair) returns None, not an error: the Python version then encodes it or raises its own
+ * error, so the two never differ. encode_set_vars_python is the reference.
+ */
+#define MAX_SCOPE 4
+#define MAX_VAR_NAME 63
+#define SET_VAR_ACTION 1
+#define SET_VAR_ARGS 3
+
+static int
+is_var_name(const char *name, Py_ssize_t len)
+{
+    if (len < 1 || len > MAX_VAR_NAME)
+        return 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        char c = name[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_'))
+            return 0;
+    }
+    return 1;
+}
+
+typedef struct {
+    const char *name;
+    Py_ssize_t name_len;
+    unsigned char type_byte;
+    const char *text; /* STRING: the UTF-8 bytes */
+    uint64_t number;  /* STRING: the length; INT64/UINT64: the varint */
+} set_var;
+
+static Py_ssize_t
+varint_size(uint64_t value)
+{
+    unsigned char scratch[MAX_VARINT_BYTES];
+    return write_varint(scratch, value);
+}
+
+/* 1 when `item` is a pair this encoder takes (filled in), 0 when Python must, -1 on error. */
+static int
+read_set_var(PyObject *item, set_var *out)
+{
+    if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2)
+        return 0;
+    PyObject *name = PyTuple_GET_ITEM(item, 0);
+    PyObject *value = PyTuple_GET_ITEM(item, 1);
+    if (!PyUnicode_CheckExact(name) || !PyUnicode_IS_ASCII(name))
+        return 0;
+    out->name = (const char *)PyUnicode_DATA(name);
+    out->name_len = PyUnicode_GET_LENGTH(name);
+    if (!is_var_name(out->name, out->name_len))
+        return 0;
+    if (value == Py_None) {
+        out->type_byte = 0x00;
+    }
+    else if (value == Py_True) {
+        out->type_byte = 0x11;
+    }
+    else if (value == Py_False) {
+        out->type_byte = 0x01;
+    }
+    else if (PyUnicode_CheckExact(value)) {
+        Py_ssize_t size;
+        out->text = PyUnicode_AsUTF8AndSize(value, &size);
+        if (out->text == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+                return -1;
+            PyErr_Clear(); /* surrogates: Python's own rule applies */
+            return 0;
+        }
+        out->type_byte = 0x08;
+        out->number = (uint64_t)size;
+    }
+    else if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long number = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (number == -1 && PyErr_Occurred())
+            return -1;
+        if (overflow == 0) {
+            out->type_byte = 0x04; /* negative: the two's complement, as Python adds 2**64 */
+            out->number = (uint64_t)number;
+        }
+        else if (overflow > 0) {
+            unsigned long long big = PyLong_AsUnsignedLongLong(value);
+            if (big == (unsigned long long)-1 && PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                    return -1;
+                PyErr_Clear();
+                return 0;
+            }
+            out->type_byte = 0x05;
+            out->number = (uint64_t)big;
+        }
+        else {
+            return 0;
+        }
+    }
+    else {
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+encode_set_vars(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2 || !PyLong_CheckExact(args[0]) ||
+        !(PyList_CheckExact(args[1]) || PyTuple_CheckExact(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "encode_set_vars(scope: int, variables: list | tuple)");
+        return NULL;
+    }
+    long scope = PyLong_AsLong(args[0]);
+    if (scope == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    if (scope < 0 || scope > MAX_SCOPE)
+        Py_RETURN_NONE;
+    PyObject *variables = args[1];
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(variables);
+    PyObject **items = PySequence_Fast_ITEMS(variables);
+    set_var stack_vars[16];
+    set_var *vars = stack_vars;
+    if (count > 16) {
+        vars = PyMem_New(set_var, count);
+        if (vars == NULL)
+            return PyErr_NoMemory();
+    }
+    PyObject *result = NULL;
+    Py_ssize_t size = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int taken = read_set_var(items[i], &vars[i]);
+        if (taken <= 0) {
+            if (taken == 0)
+                result = Py_NewRef(Py_None);
+            goto done;
+        }
+        size += 3 + varint_size((uint64_t)vars[i].name_len) + vars[i].name_len + 1;
+        if (vars[i].type_byte == 0x08)
+            size += varint_size(vars[i].number) + (Py_ssize_t)vars[i].number;
+        else if (vars[i].type_byte == 0x04 || vars[i].type_byte == 0x05)
+            size += varint_size(vars[i].number);
+    }
+    result = PyBytes_FromStringAndSize(NULL, size);
+    if (result == NULL)
+        goto done;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        set_var *var = &vars[i];
+        *out++ = SET_VAR_ACTION;
+        *out++ = SET_VAR_ARGS;
+        *out++ = (unsigned char)scope;
+        out += write_varint(out, (uint64_t)var->name_len);
+        memcpy(out, var->name, (size_t)var->name_len);
+        out += var->name_len;
+        *out++ = var->type_byte;
+        if (var->type_byte == 0x08) {
+            out += write_varint(out, var->number);
+            memcpy(out, var->text, (size_t)var->number);
+            out += var->number;
+        }
+        else if (var->type_byte == 0x04 || var->type_byte == 0x05) {
+            out += write_varint(out, var->number);
+        }
+    }
+    assert(out == (unsigned char *)PyBytes_AS_STRING(result) + size);
+done:
+    if (vars != stack_vars)
+        PyMem_Free(vars);
+    return result;
+}
+
 static PyObject *
 bind(PyObject *module, PyObject *args)
 {
@@ -637,6 +815,8 @@ static PyMethodDef methods[] = {
      "Decode the LIST-OF-MESSAGES payload of a NOTIFY (see payloads.decode_messages)."},
     {"answer_frames", (PyCFunction)(void (*)(void))answer_frames, METH_FASTCALL,
      "Replay remembered answers for the NOTIFYs at the start of buf (see memo.py)."},
+    {"encode_set_vars", (PyCFunction)(void (*)(void))encode_set_vars, METH_FASTCALL,
+     "Encode set-var actions of common values, or None (see actions.encode_set_vars)."},
     {"bind", bind, METH_VARARGS,
      "Hand over Message, InvalidFrame, ResourceLimit, IPv4Address and IPv6Address."},
     {NULL, NULL, 0, NULL},
@@ -645,7 +825,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "_speedups",
-    .m_doc = "The NOTIFY decoder of spoa.protocol, in C.",
+    .m_doc = "The hot paths of spoa.protocol, in C.",
     .m_size = -1,
     .m_methods = methods,
 };

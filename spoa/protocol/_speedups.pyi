@@ -4,6 +4,7 @@ from typing import Any
 
 from .errors import InvalidFrame, ResourceLimit
 from .payloads import Message
+from .types import Value
 
 def bind(
     message: type[Message],
@@ -28,3 +29,6 @@ def answer_frames(
     countdown_head: bytes,
     inflight: dict[tuple[int, int], bytes],
 ) -> tuple[int, bytes, list[Hashable]]: ...
+def encode_set_vars(
+    scope: int, variables: list[tuple[str, Value]] | tuple[tuple[str, Value], ...]
+) -> bytes | None: ...

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 from .errors import InvalidFrame, InvalidValue, ResourceLimit
+from .payloads import SPEEDUPS
 from .types import (
     SHORT_STRING_HEADS,
     Value,
@@ -98,15 +99,39 @@ def _append_set_var(append: Callable[[bytes], None], code: int, name: str, value
         append(encode_value(value))
 
 
-def encode_set_vars(scope: Scope, variables: Iterable[tuple[str, Value]]) -> bytes:
+def encode_set_vars(scope: Scope, variables: Sequence[tuple[str, Value]]) -> bytes:
     """set-var actions for (name, value) pairs in one scope, encoded as the SetVar
     actions would be, without building them (an answer's variables on a cache miss)."""
+    if _encode_set_vars_c is not None and (type(variables) is list or type(variables) is tuple):
+        encoded = _encode_set_vars_c(int(scope), variables)
+        if encoded is not None:  # None: a value the C encoder leaves to this one
+            return encoded
+    return encode_set_vars_python(scope, variables)
+
+
+def encode_set_vars_python(scope: Scope, variables: Iterable[tuple[str, Value]]) -> bytes:
+    """The reference for the C encoder, and what encodes the values it leaves alone."""
     code = int(scope)
     parts: list[bytes] = []
     append = parts.append
     for name, value in variables:
         _append_set_var(append, code, name, value)
     return b"".join(parts)
+
+
+SetVars = list[tuple[str, Value]] | tuple[tuple[str, Value], ...]
+
+
+def _c_encoder() -> Callable[[int, SetVars], bytes | None] | None:
+    """The C encoder, when payloads found the extension built and allowed (SPEEDUPS)."""
+    if not SPEEDUPS:
+        return None
+    from ._speedups import encode_set_vars as encoder
+
+    return encoder
+
+
+_encode_set_vars_c = _c_encoder()
 
 
 def encode_actions(actions: Iterable[Action]) -> bytes:

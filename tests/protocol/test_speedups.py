@@ -1,17 +1,30 @@
 """The C NOTIFY decoder against the pure-Python reference: same messages out of the same
-bytes, and the same exception (type and message) out of broken ones."""
+bytes, and the same exception (type and message) out of broken ones. Also the C set-var
+encoder: the reference's bytes, or it declines and the reference encodes or raises."""
 
 from __future__ import annotations
 
+import enum
 import os
 import subprocess
 import sys
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoa.protocol import Message, SpopError, encode_messages, encode_value, encode_varint, payloads
+from spoa.protocol import (
+    Message,
+    Scope,
+    SpopError,
+    actions,
+    encode_messages,
+    encode_value,
+    encode_varint,
+    payloads,
+)
 from tests.protocol.strategies import messages as message_strategy
 from tests.protocol.strategies import mutate, names
 
@@ -126,3 +139,87 @@ def test_an_end_past_the_buffer_is_clamped_not_read() -> None:
     raw = encode_messages([Message("check-jwt", (("authorization", "x" * 300),))])
     kind, *_ = outcome(payloads.decode_messages, raw[:-5], 0, len(raw), 256)  # type: ignore[misc]
     assert kind == "error"
+
+
+# --- the set-var encoder ------------------------------------------------------------------
+
+
+class _Level(enum.IntEnum):
+    HIGH = 7
+
+
+class _Word(enum.StrEnum):
+    OK = "ok"
+
+
+valid_var_names = st.from_regex(r"[A-Za-z0-9._]{1,63}", fullmatch=True)
+# What an answer holds, all of which the C encoder takes.
+answer_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, -(2**63), -1, 0, 239, 240, 2**32]),
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=300),
+)
+var_names = st.one_of(valid_var_names, st.sampled_from(["", "a" * 64, "a b", "é", "a-b"]))
+var_values = st.one_of(
+    answer_values,
+    st.sampled_from([2**64, -(2**63) - 1, 2**70, -(2**70)]),
+    st.text(max_size=300),
+    st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=3),
+    st.binary(max_size=8),
+    st.builds(IPv4Address, st.integers(0, 2**32 - 1)),
+    st.builds(IPv6Address, st.integers(0, 2**128 - 1)),
+    st.sampled_from([_Level.HIGH, _Word.OK, 1.5]),
+)
+var_items = st.one_of(
+    st.tuples(var_names, var_values),
+    st.tuples(var_names, var_values).map(list),  # not a pair: the C encoder declines
+    st.tuples(var_names, var_values, var_values),
+)
+
+
+def encoded(encode: object, scope: object, variables: object) -> object:
+    try:
+        return ("ok", encode(scope, variables))  # type: ignore[operator]
+    except (SpopError, TypeError, ValueError) as error:
+        return ("error", type(error), str(error))
+
+
+def test_the_c_encoder_is_in_use_for_an_answer() -> None:
+    assert actions._encode_set_vars_c is not None
+    variables = [("sub", "user-1"), ("exp", 1764373600), ("valid", True), ("aud", "a" * 300)]
+    assert actions._encode_set_vars_c(2, variables) == actions.encode_set_vars_python(
+        Scope.TXN, variables
+    )
+
+
+@given(st.sampled_from(Scope), st.lists(st.tuples(valid_var_names, answer_values), max_size=20))
+@settings(max_examples=500)
+def test_the_c_encoder_takes_every_answer_value(
+    scope: Scope, variables: list[tuple[str, Any]]
+) -> None:
+    assert actions._encode_set_vars_c is not None
+    direct = actions._encode_set_vars_c(int(scope), variables)
+    assert direct == actions.encode_set_vars_python(scope, variables)
+
+
+@given(st.one_of(st.sampled_from(Scope), st.integers(-2, 6)), st.lists(var_items, max_size=6))
+@settings(max_examples=500)
+def test_the_c_encoder_gives_the_reference_bytes_or_declines(
+    scope: int, variables: list[Any]
+) -> None:
+    expected = encoded(actions.encode_set_vars_python, scope, variables)
+    assert encoded(actions.encode_set_vars, scope, variables) == expected
+    assert actions._encode_set_vars_c is not None
+    direct = actions._encode_set_vars_c(int(scope), variables)
+    if direct is not None:
+        assert expected == ("ok", direct)
+
+
+@pytest.mark.parametrize("scope", [-1, 5, 2**40])
+def test_the_c_encoder_declines_an_unknown_scope(scope: int) -> None:
+    assert actions._encode_set_vars_c is not None
+    assert actions._encode_set_vars_c(scope, [("a", 1)]) is None
+    with pytest.raises(SpopError, match="unknown variable scope"):
+        actions.encode_set_vars(scope, [("a", 1)])  # type: ignore[arg-type]

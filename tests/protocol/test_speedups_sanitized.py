@@ -1,4 +1,4 @@
-"""The C NOTIFY decoder and replay scanner under AddressSanitizer and UndefinedBehaviorSanitizer.
+"""The C NOTIFY decoder, replay scanner and set-var encoder under ASan and UBSan.
 
 It reads bytes that come, through HAProxy, from the network. This builds a sanitized copy
 of the extension in a scratch directory and runs the differential and fuzz tests against
