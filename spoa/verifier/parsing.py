@@ -9,7 +9,8 @@ from __future__ import annotations
 import binascii
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from spoa.verifier.errors import TokenRejected
@@ -24,20 +25,25 @@ _TAIL_MASK = {2: 0x0F, 3: 0x03}
 
 
 class ParsedToken(NamedTuple):
-    header: dict[str, Any]
+    header: Mapping[str, Any]  # read-only: shared by the tokens that carry the same header
     payload: dict[str, Any]
     signing_input: bytes
     signature: bytes
+    alg: str
+    kid: str | None
 
-    @property
-    def alg(self) -> str:
-        value = self.header.get("alg")
-        return value if isinstance(value, str) else ""
 
-    @property
-    def kid(self) -> str | None:
-        value = self.header.get("kid")
-        return value if isinstance(value, str) else None
+class _Header(NamedTuple):
+    fields: Mapping[str, Any]
+    alg: str
+    kid: str | None
+
+
+# The tokens of one issuer key carry the same header segment, so its checked parse is
+# kept: a pure function of those bytes. Only headers that passed every check get here;
+# bounded, and emptied when full.
+_HEADERS: dict[bytes, _Header] = {}
+_HEADERS_MAX = 256
 
 
 def _reject(message: str) -> TokenRejected:
@@ -149,13 +155,36 @@ def parse_compact(token: str | bytes, max_bytes: int) -> ParsedToken:
     if len(parts) != 3:
         raise _reject("token is not a compact JWS")
     header_b64, payload_b64, signature_b64 = parts
-    header = parse_json_object(b64url_decode(header_b64), "header")
+    header = _HEADERS.get(header_b64)
+    if header is None:
+        header = _parse_header(header_b64)
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        _HEADERS[header_b64] = header
+    payload = parse_json_object(b64url_decode(payload_b64), "payload")
+    signature = b64url_decode(signature_b64)
+    if not signature:
+        raise _reject("empty signature")
+    return ParsedToken(
+        header.fields,
+        payload,
+        header_b64 + b"." + payload_b64,
+        signature,
+        header.alg,
+        header.kid,
+    )
+
+
+def _parse_header(segment: bytes) -> _Header:
+    """Decode and check a JOSE header segment."""
+    header = parse_json_object(b64url_decode(segment), "header")
     alg = header.get("alg")
     if not isinstance(alg, str) or not alg:
         raise _reject("header has no alg")
     if alg.lower() == "none":
         raise TokenRejected("unsecured tokens are not accepted", reason=Reason.UNSUPPORTED_ALG)
-    if "kid" in header and not isinstance(header["kid"], str):
+    kid = header.get("kid")
+    if "kid" in header and not isinstance(kid, str):
         raise _reject("kid is not a string")
     if "b64" in header:
         # RFC 7797 unencoded payloads are not supported; refuse rather than misread them.
@@ -169,13 +198,4 @@ def parse_compact(token: str | bytes, max_bytes: int) -> ParsedToken:
             or any(name not in UNDERSTOOD_CRITICAL for name in crit)
         ):
             raise _reject("unsupported critical header parameter")
-    payload = parse_json_object(b64url_decode(payload_b64), "payload")
-    signature = b64url_decode(signature_b64)
-    if not signature:
-        raise _reject("empty signature")
-    return ParsedToken(
-        header=header,
-        payload=payload,
-        signing_input=header_b64 + b"." + payload_b64,
-        signature=signature,
-    )
+    return _Header(MappingProxyType(header), alg, kid)

@@ -1,9 +1,10 @@
-"""parse_json_object against a plain reference: the fast path (the C scanner called
-directly, duplicates found by counting) must accept and refuse exactly what json.loads
-with a member-by-member duplicate check does."""
+"""Compact JWS parsing. parse_json_object against a plain reference: its fast path (the C
+scanner called directly, duplicates found by counting) must accept and refuse exactly what
+json.loads with a member-by-member duplicate check does. And the kept header parses."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -11,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spoa.verifier import parsing
 from spoa.verifier.errors import TokenRejected
-from spoa.verifier.parsing import parse_json_object
+from spoa.verifier.parsing import parse_compact, parse_json_object
 from spoa.verifier.reasons import Reason
 
 
@@ -116,3 +118,33 @@ def test_agrees_with_the_reference(members: list[tuple[str, Any]], before: str, 
 @given(raw=st.binary(max_size=40).map(lambda tail: b"{" + tail))
 def test_agrees_on_arbitrary_bytes(raw: bytes) -> None:
     assert parsed(raw) == reference(raw)
+
+
+def _token(header: dict[str, Any], payload: dict[str, Any]) -> str:
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{part(header)}.{part(payload)}.c2ln"
+
+
+def test_a_header_segment_is_parsed_once_and_shared_read_only() -> None:
+    header = {"alg": "RS256", "kid": "k-shared", "typ": "at+jwt"}
+    first = parse_compact(_token(header, {"sub": "a"}), 8192)
+    second = parse_compact(_token(header, {"sub": "b"}), 8192)
+    assert first.header is second.header
+    assert (first.alg, first.kid) == ("RS256", "k-shared")
+    assert first.payload != second.payload
+    with pytest.raises(TypeError):
+        first.header["alg"] = "none"  # type: ignore[index]
+
+
+def test_the_kept_headers_are_bounded_and_refusals_are_not_kept() -> None:
+    for index in range(parsing._HEADERS_MAX + 50):
+        parse_compact(_token({"alg": "ES256", "kid": f"k{index}"}, {}), 8192)
+    assert len(parsing._HEADERS) <= parsing._HEADERS_MAX
+    refused = _token({"alg": "none"}, {})
+    for _ in range(2):
+        with pytest.raises(TokenRejected) as caught:
+            parse_compact(refused, 8192)
+        assert caught.value.reason is Reason.UNSUPPORTED_ALG
+    assert refused.split(".")[0].encode() not in parsing._HEADERS
