@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/fuzz.py --minutes 10
 
-Runs the suite's hypothesis properties (tests/protocol/test_fuzz_connection.py, the replay
-scanner's differential tests in tests/protocol/test_memo.py,
-tests/verifier/test_fuzz_tokens.py and the glue's any-signed-claims property) in rounds with
+Runs the suite's hypothesis properties (tests/protocol/test_fuzz_connection.py, the C
+decoder's, replay scanner's and set-var encoder's differential tests in
+tests/protocol/test_speedups.py and test_memo.py, tests/verifier/test_fuzz_tokens.py, the JSON
+parser's reference test in tests/verifier/test_parsing.py and the glue's any-signed-claims
+property) in rounds with
 many examples and fresh seeds until the time is up. A failure stops the run with
 hypothesis's minimised example printed: save it under tests/protocol/crashers/ (raw bytes,
 *.bin) or tests/verifier/crashers/ (*.txt) so the suite replays it for ever, or add it to
@@ -25,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     "tests/protocol/test_fuzz_connection.py",
     "tests/protocol/test_memo.py",
+    "tests/protocol/test_speedups.py",
     "tests/verifier/test_fuzz_tokens.py",
+    "tests/verifier/test_parsing.py",
     "tests/test_glue.py::test_any_signed_claims_get_a_verdict",
 ]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from typing import Any
 
 import pytest
@@ -16,6 +17,9 @@ from spoa.verifier import parsing
 from spoa.verifier.errors import TokenRejected
 from spoa.verifier.parsing import parse_compact, parse_json_object
 from spoa.verifier.reasons import Reason
+
+# bench/fuzz.py raises the example counts through this variable.
+FUZZ_EXAMPLES = int(os.environ.get("JWTGATE_FUZZ_EXAMPLES", "0"))
 
 
 class _Refused(Exception):
@@ -102,7 +106,7 @@ def _render(value: Any) -> str:
     return json.dumps(value)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES or 400, deadline=None)
 @given(
     members=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d"]), _json_values), max_size=5),
     before=st.sampled_from(["", " ", "\n\t", "x"]),
@@ -114,7 +118,7 @@ def test_agrees_with_the_reference(members: list[tuple[str, Any]], before: str, 
     assert parsed(raw) == reference(raw)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES or 400, deadline=None)
 @given(raw=st.binary(max_size=40).map(lambda tail: b"{" + tail))
 def test_agrees_on_arbitrary_bytes(raw: bytes) -> None:
     assert parsed(raw) == reference(raw)
