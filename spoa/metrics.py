@@ -61,6 +61,7 @@ VERIFY_BUCKETS: Final = (
 )  # fmt: skip
 
 OUTCOMES: Final = frozenset({"accept", "reject", "report_only_reject"})
+_REPLAY_KEYS_MAX: Final = 4096  # replay tags whose labels are kept, per label set
 JWKS_FETCH_RESULTS: Final = frozenset(
     {"ok", "not_modified", "error", "timeout", "http_error", "invalid", "rate_limited"}
 )
@@ -342,16 +343,22 @@ class Metrics:
         cache_hit: bool,
     ) -> None:
         """Count one verdict and observe how long the verification took."""
-        key = (
+        key = self._verdict_key(outcome, reason, issuer, policy)
+        totals = self._verdict_totals
+        totals[key] = totals.get(key, 0) + 1
+        self._bucket_totals[cache_hit][bisect_left(self._bounds, seconds)] += 1
+        self._seconds_totals[cache_hit] += seconds
+
+    def _verdict_key(
+        self, outcome: str, reason: str, issuer: str | None, policy: str | None
+    ) -> tuple[str, str, str, str]:
+        """The verdict counter's labels, each bounded to the configured values."""
+        return (
             outcome if outcome in OUTCOMES else OTHER,
             self._reasons.get(reason, OTHER),
             UNKNOWN if issuer is None else self._issuers.get(issuer, OTHER),
             UNKNOWN if policy is None else self._policies.get(policy, OTHER),
         )
-        totals = self._verdict_totals
-        totals[key] = totals.get(key, 0) + 1
-        self._bucket_totals[cache_hit][bisect_left(self._bounds, seconds)] += 1
-        self._seconds_totals[cache_hit] += seconds
 
     def record_replayed(self, tags: list[Hashable]) -> None:
         """Count accepted answers the SPOP layer replayed; each tag is (issuer, policy)."""
@@ -361,13 +368,8 @@ class Metrics:
             key = keys.get(tag)
             if key is None:
                 issuer, policy = cast(tuple[str, str], tag)
-                key = (
-                    "accept",
-                    self._reasons.get("ok", OTHER),
-                    self._issuers.get(issuer, OTHER),
-                    self._policies.get(policy, OTHER),
-                )
-                if len(keys) < 4096:
+                key = self._verdict_key("accept", "ok", issuer, policy)
+                if len(keys) < _REPLAY_KEYS_MAX:
                     keys[tag] = key
             totals[key] = totals.get(key, 0) + 1
         self._replayed_total += len(tags)
