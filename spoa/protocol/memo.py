@@ -181,11 +181,6 @@ def _c_scanner() -> AnswerFrames | None:
 answer_frames: AnswerFrames = _c_scanner() or answer_frames_python
 
 
-def _check_key_args(key_args: Sequence[str]) -> None:
-    if not 1 <= len(key_args) <= MAX_KEY_ARGS:
-        raise ValueError(f"an answer memo is keyed by 1 to {MAX_KEY_ARGS} arguments")
-
-
 class AnswerMemo:
     """Answers remembered for one message name, keyed by some of its arguments.
 
@@ -207,11 +202,10 @@ class AnswerMemo:
         countdown_var: tuple[Scope, str] | None = None,
         max_entries: int = DEFAULT_MEMO_ENTRIES,
     ) -> None:
-        _check_key_args(key_args)
         if max_entries < 1:
             raise ValueError("max_entries must be positive")
+        self._use_key_args(key_args)
         self.message_name = message_name
-        self.key_args = tuple(key_args)
         self.clock = clock
         self.max_entries = max_entries
         self.enabled = True
@@ -225,7 +219,6 @@ class AnswerMemo:
         self._window_kept = 0
         self._window_start = 0  # `replayed` when the window began
         self._name = message_name.encode("utf-8", "surrogateescape")
-        self._key_names = tuple(key.encode("utf-8", "surrogateescape") for key in key_args)
         self._countdown_head = b""
         if countdown_var is not None:
             scope, name = countdown_var
@@ -283,10 +276,14 @@ class AnswerMemo:
 
     def rekey(self, key_args: Sequence[str]) -> None:
         """Key by other arguments from now on (a reload); forgets every answer."""
-        _check_key_args(key_args)
+        self._use_key_args(key_args)
+        self.clear()
+
+    def _use_key_args(self, key_args: Sequence[str]) -> None:
+        if not 1 <= len(key_args) <= MAX_KEY_ARGS:
+            raise ValueError(f"an answer memo is keyed by 1 to {MAX_KEY_ARGS} arguments")
         self.key_args = tuple(key_args)
         self._key_names = tuple(key.encode("utf-8", "surrogateescape") for key in key_args)
-        self.clear()
 
     def clear(self) -> None:
         """Forget every answer; answers computed before now will not be remembered."""
