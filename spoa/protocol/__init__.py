@@ -1,9 +1,10 @@
 """SPOP v2.0, HAProxy's Stream Processing Offload Protocol, as a sans-I/O core.
 
-Standard library only: no sockets, no asyncio, no clock reads. The NOTIFY decoder
-has a C twin (`_speedups.c`, used when it was built; `SPEEDUPS` says whether it is), as
-have the scanner that replays remembered answers (`AnswerMemo`, memo.py) and the set-var
-encoder of an answer (`encode_set_vars`).
+Standard library only: no sockets, no asyncio, no clock reads of its own (the answer memo
+is handed the wall clock its windows are on). The NOTIFY decoder has a C twin
+(`_speedups.c`, used when it was built; `SPEEDUPS` says whether it is), as have the
+scanner that replays remembered answers (`AnswerMemo`, memo.py) and the set-var encoder
+of an answer (`encode_set_vars`).
 """
 
 from .actions import (
