@@ -64,6 +64,9 @@ class Scenario:
     unique: bool = False
     workers: int = 1
     pool: int = 0  # > 0: this many tokens, taken in turn (many users, each repeating)
+    # JWTGATE_MAX_WAITING_FRAMES for the shipped spoe-jwt.conf; None keeps its default
+    # (20). Several workers run with the value docs/operations.md gives for them.
+    max_waiting_frames: int | None = None
 
 
 NATIVE_RS256 = Scenario("native jwt_verify RS256", "native", "RS256")
@@ -81,8 +84,17 @@ SCENARIOS = (
     Scenario("jwtgate ES256 unique", "jwtgate", "ES256", unique=True),
     Scenario("jwtgate RS256, 2 000 tokens in turn", "jwtgate", "RS256", pool=2_000),
     Scenario("jwtgate RS256, 20 000 tokens in turn", "jwtgate", "RS256", pool=20_000),
-    Scenario("jwtgate RS256 cache hits, 2 workers", "jwtgate", "RS256", workers=2),
-    Scenario("jwtgate RS256 unique, 2 workers", "jwtgate", "RS256", unique=True, workers=2),
+    Scenario(
+        "jwtgate RS256 cache hits, 2 workers", "jwtgate", "RS256", workers=2, max_waiting_frames=4
+    ),
+    Scenario(
+        "jwtgate RS256 unique, 2 workers",
+        "jwtgate",
+        "RS256",
+        unique=True,
+        workers=2,
+        max_waiting_frames=4,
+    ),
 )
 
 
@@ -349,6 +361,11 @@ class Bench:
                 agents=1,
                 workers=scenario.workers,
                 backends=1,
+                haproxy_env=(
+                    {}
+                    if scenario.max_waiting_frames is None
+                    else {"JWTGATE_MAX_WAITING_FRAMES": str(scenario.max_waiting_frames)}
+                ),
                 workdir=self.workdir / f"stack-{scenario.alg}-{scenario.workers}",
             )
             options.workdir.mkdir(exist_ok=True)  # type: ignore[union-attr]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from spoa.devkit.issuer import LocalIssuer
-from spoa.devkit.stack import Stack, StackOptions
+from spoa.devkit.stack import Stack, StackOptions, haproxy_binary, haproxy_config_dir
 from spoa.devkit.tokens import alg_none_token, expired_token, forge_signature
 from tests.support.gateway import AUD, agent_config, mint, request
 from tests.support.haproxy import haproxy_binaries
@@ -271,6 +271,31 @@ def test_a_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
         assert 'issuers[0].leeway: expected a duration like "30s"' in result.stderr
         assert "got 30x" in result.stderr
         assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_the_shipped_spoe_config_takes_max_waiting_frames_from_the_environment() -> None:
+    # docs/operations.md tells several-worker deployments to lower it through this variable.
+    config_dir = haproxy_config_dir()
+
+    def check(value: str) -> subprocess.CompletedProcess[str]:
+        env = dict(
+            os.environ,
+            JWTGATE_SPOE_CONF=str(config_dir / "spoe-jwt.conf"),
+            JWTGATE_MAX_WAITING_FRAMES=value,
+        )
+        return subprocess.run(
+            [haproxy_binary(), "-c", "-f", str(config_dir / "haproxy.cfg")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    assert check("4").returncode == 0
+    refused = check("0")
+    assert refused.returncode != 0
+    assert "max-waiting-frames" in refused.stderr
 
 
 def test_the_demo_runs_in_short_mode(tmp_path: Path) -> None:
