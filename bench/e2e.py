@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ class Scenario:
     alg: str = "RS256"
     unique: bool = False
     workers: int = 1
+    agents: int = 1  # separate agent processes, each a server line in the agent backend
     pool: int = 0  # > 0: this many tokens, taken in turn (many users, each repeating)
     # JWTGATE_MAX_WAITING_FRAMES for the shipped spoe-jwt.conf; None keeps its default
     # (20). Several workers run with the value docs/operations.md gives for them.
@@ -93,6 +94,14 @@ SCENARIOS = (
         "RS256",
         unique=True,
         workers=2,
+        max_waiting_frames=4,
+    ),
+    Scenario(
+        "jwtgate RS256 unique, 2 agents",
+        "jwtgate",
+        "RS256",
+        unique=True,
+        agents=2,
         max_waiting_frames=4,
     ),
 )
@@ -230,11 +239,11 @@ def measured(
     url: str,
     seconds: float,
     haproxy_pid: int,
-    agent_pid: int | None,
+    agent_roots: Sequence[int],
     **wrk_args: Any,
 ) -> WrkRun:
     haproxy_pids = [haproxy_pid]
-    agent_pids = process_tree(agent_pid) if agent_pid else []
+    agent_pids = [pid for root in agent_roots for pid in process_tree(root)]
     before = cpu_seconds(haproxy_pids), cpu_seconds(agent_pids)
     run = run_wrk(url, seconds, **wrk_args)
     after = cpu_seconds(haproxy_pids), cpu_seconds(agent_pids)
@@ -269,7 +278,7 @@ def wait_accepting(url: str, token: str | None, timeout: float = 20.0) -> None:
 class Target:
     url: str
     haproxy_pid: int
-    agent_pid: int | None
+    agent_pids: tuple[int, ...]  # every agent's main process; their workers are added
 
 
 @contextlib.contextmanager
@@ -329,7 +338,7 @@ class Bench:
             config = bench_config(template, self.workdir)
             with _haproxy(config, env, self.workdir, f"haproxy-{scenario.kind}") as haproxy:
                 wait_for_port(port, timeout=10, process=haproxy)
-                yield Target(url, haproxy.pid, None)
+                yield Target(url, haproxy.pid, ())
         elif scenario.kind in ("ackmin", "ackonly"):
             agent_port = free_port()
             minimal = ["--minimal"] if scenario.kind == "ackmin" else []
@@ -351,14 +360,14 @@ class Bench:
                 config = self.haproxy_dir / "haproxy.cfg"
                 with _haproxy(config, env, self.workdir, f"haproxy-{scenario.kind}") as haproxy:
                     wait_for_port(port, timeout=10, process=haproxy)
-                    yield Target(url, haproxy.pid, agent.pid)
+                    yield Target(url, haproxy.pid, (agent.pid,))
             finally:
                 agent.stop()
         else:
             os.environ["JWTGATE_HAPROXY_DIR"] = str(self.haproxy_dir)
             options = StackOptions(
                 agent_config=agent_config(self.key_files),
-                agents=1,
+                agents=scenario.agents,
                 workers=scenario.workers,
                 backends=1,
                 haproxy_env=(
@@ -372,7 +381,8 @@ class Bench:
             with Stack(options) as stack:
                 assert stack.haproxy is not None
                 pin_haproxy(stack.haproxy.pid)
-                yield Target(stack.url, stack.haproxy.pid, stack.agents[0].process.pid)
+                agent_pids = tuple(agent.process.pid for agent in stack.agents)
+                yield Target(stack.url, stack.haproxy.pid, agent_pids)
 
     def run(self, scenario: Scenario, rate_guess: float, *, paced: bool = True) -> ScenarioResult:
         token = None if scenario.kind in ("noauth",) else self.tokens[scenario.alg]
@@ -398,7 +408,7 @@ class Bench:
                 target.url,
                 self.seconds,
                 target.haproxy_pid,
-                target.agent_pid,
+                target.agent_pids,
                 token=wrk_token,
                 token_file=token_file,
                 cycle=cycle,
@@ -411,7 +421,7 @@ class Bench:
                 target.url,
                 self.seconds,
                 target.haproxy_pid,
-                target.agent_pid,
+                target.agent_pids,
                 token=wrk_token,
                 token_file=paced_file,
                 delay_ms=PACED_DELAY_MS,
@@ -423,6 +433,7 @@ class Bench:
 
 # Rough upper bounds of the unique-token rates, to size the supply (RS256 signing costs
 # ~1 ms per token). Too small a supply only ends that run early: wrk stops at the end.
+# Closed-loop rates to mint unique tokens for, by (alg, agent processes).
 RATE_GUESS = {("RS256", 1): 5000.0, ("ES256", 1): 5000.0, ("RS256", 2): 7000.0}
 
 
@@ -443,7 +454,8 @@ def run_all(
         bench = Bench(Path(tmp), seconds, log)
         for index, scenario in enumerate(scenarios, 1):
             log(f"  [{index}/{len(scenarios)}] {scenario.name}")
-            guess = RATE_GUESS.get((scenario.alg, scenario.workers), 9000.0)
+            processes = scenario.workers * scenario.agents
+            guess = RATE_GUESS.get((scenario.alg, processes), 9000.0)
             if max_supply_rate is not None:
                 guess = min(guess, max_supply_rate)
             try:
