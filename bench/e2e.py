@@ -4,9 +4,10 @@ Layout (as in issue 6): HAProxy `nbthread 1` pinned to CPU 0 (`sched_setaffinity
 runs), `wrk -t1 -c32` pinned to CPU 1 with `taskset`, `http-request return` in place of a
 backend. The agents are not pinned (two cores are all there is). The jwtgate scenarios run
 the shipped haproxy/haproxy.cfg and spoe-jwt.conf through `spoa.devkit.stack.Stack`; the
-only edits are `nbthread 1` and the final `default_backend` turned into `http-request return`. The
-no-auth and native `jwt_verify` configs (bench/haproxy/) take their global, defaults and
-log-format from that same file.
+only edits are `nbthread 1`, the final `default_backend` turned into `http-request return`,
+and JWTGATE_MAX_WAITING_FRAMES=4 where two agent processes run (as docs/operations.md
+advises). The no-auth and native `jwt_verify` configs (bench/haproxy/) take their global,
+defaults and log-format from that same file.
 
 Each scenario gets a closed-loop saturation run (rps, p50/p99, CPU per request of HAProxy
 and of the agent from /proc utime+stime), then a paced run at half that rate (wrk's
@@ -66,7 +67,7 @@ class Scenario:
     agents: int = 1  # separate agent processes, each a server line in the agent backend
     pool: int = 0  # > 0: this many tokens, taken in turn (many users, each repeating)
     # JWTGATE_MAX_WAITING_FRAMES for the shipped spoe-jwt.conf; None keeps its default
-    # (20). Several workers run with the value docs/operations.md gives for them.
+    # (20). Two agent processes run with the value docs/operations.md gives for them.
     max_waiting_frames: int | None = None
 
 
@@ -282,7 +283,7 @@ class Target:
 
 
 @contextlib.contextmanager
-def _haproxy(
+def run_haproxy(
     config: Path, env: dict[str, str], workdir: Path, name: str
 ) -> Iterator[ManagedProcess]:
     check = subprocess.run(
@@ -336,7 +337,7 @@ class Bench:
                 BENCH_AUDIENCE=AUDIENCE,
             )
             config = bench_config(template, self.workdir)
-            with _haproxy(config, env, self.workdir, f"haproxy-{scenario.kind}") as haproxy:
+            with run_haproxy(config, env, self.workdir, f"haproxy-{scenario.kind}") as haproxy:
                 wait_for_port(port, timeout=10, process=haproxy)
                 yield Target(url, haproxy.pid, ())
         elif scenario.kind in ("ackmin", "ackonly"):
@@ -358,7 +359,7 @@ class Bench:
                     JWTGATE_AGENT2=f"127.0.0.1:{agent_port}",
                 )
                 config = self.haproxy_dir / "haproxy.cfg"
-                with _haproxy(config, env, self.workdir, f"haproxy-{scenario.kind}") as haproxy:
+                with run_haproxy(config, env, self.workdir, f"haproxy-{scenario.kind}") as haproxy:
                     wait_for_port(port, timeout=10, process=haproxy)
                     yield Target(url, haproxy.pid, (agent.pid,))
             finally:
@@ -375,7 +376,7 @@ class Bench:
                     if scenario.max_waiting_frames is None
                     else {"JWTGATE_MAX_WAITING_FRAMES": str(scenario.max_waiting_frames)}
                 ),
-                workdir=self.workdir / f"stack-{scenario.alg}-{scenario.workers}",
+                workdir=self.workdir / f"stack-{scenario.alg}-{scenario.agents}x{scenario.workers}",
             )
             options.workdir.mkdir(exist_ok=True)  # type: ignore[union-attr]
             with Stack(options) as stack:
@@ -431,9 +432,9 @@ class Bench:
         return ScenarioResult(scenario, saturated, paced_run, rate)
 
 
-# Rough upper bounds of the unique-token rates, to size the supply (RS256 signing costs
-# ~1 ms per token). Too small a supply only ends that run early: wrk stops at the end.
-# Closed-loop rates to mint unique tokens for, by (alg, agent processes).
+# Rough upper bounds of the unique-token rates by (alg, agent processes), to size the
+# supply (RS256 signing costs ~1 ms per token). Too small a supply only ends that run
+# early: wrk stops at the end.
 RATE_GUESS = {("RS256", 1): 5000.0, ("ES256", 1): 5000.0, ("RS256", 2): 7000.0}
 
 

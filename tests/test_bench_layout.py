@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.e2e import _haproxy, bench_config
+from bench.e2e import bench_config, run_haproxy
 from spoa.devkit.stack import free_port, wait_for_port
 
 
@@ -20,7 +20,7 @@ def test_the_benchmark_pins_haproxy_to_cpu_0(tmp_path: Path) -> None:
     port = free_port()
     config = bench_config("noauth.cfg", tmp_path)
     env = dict(os.environ, BENCH_LISTEN=f"127.0.0.1:{port}")
-    with _haproxy(config, env, tmp_path, "haproxy-layout") as haproxy:
+    with run_haproxy(config, env, tmp_path, "haproxy-layout") as haproxy:
         wait_for_port(port, timeout=10, process=haproxy)
         threads = os.listdir(f"/proc/{haproxy.pid}/task")
         assert len(threads) == 1
