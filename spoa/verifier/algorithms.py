@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -87,6 +88,32 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | Ed25519PublicKey | Ed
 KeyMaterial = PublicKey | bytes
 
 
+# Key material kind by concrete class: isinstance on cryptography's abstract key classes
+# goes through ABCMeta in Python, once per token otherwise. A handful of classes at most.
+_KIND_BY_CLASS: dict[type, KeyKind | None] = {}
+
+
+def material_kind(material: object) -> KeyKind | None:
+    """The key kind `material` can serve, or None when it is no key we verify with."""
+    cls = type(material)
+    try:
+        return _KIND_BY_CLASS[cls]
+    except KeyError:
+        pass
+    kind: KeyKind | None = None
+    if isinstance(material, bytes):
+        kind = KeyKind.OCT
+    elif isinstance(material, rsa.RSAPublicKey):
+        kind = KeyKind.RSA
+    elif isinstance(material, ec.EllipticCurvePublicKey):
+        kind = KeyKind.EC
+    elif isinstance(material, Ed25519PublicKey | Ed448PublicKey):
+        kind = KeyKind.OKP
+    if len(_KIND_BY_CLASS) < 64:
+        _KIND_BY_CLASS[cls] = kind
+    return kind
+
+
 def raw_ecdsa_to_der(signature: bytes, algorithm: Algorithm, curve: str) -> bytes | None:
     """Turn a JWS r||s signature into DER, or None when it cannot be valid.
 
@@ -111,32 +138,33 @@ def verify_signature(
     signature: bytes,
 ) -> bool:
     """True when `signature` is valid for `signing_input` under this key; never raises."""
+    kind = algorithm.kind
+    if material_kind(material) is not kind:  # an RSA key never serves as an HMAC secret
+        return False
     try:
-        if algorithm.kind is KeyKind.OCT:
-            if not isinstance(material, bytes):
-                return False
-            # The one-shot form runs in C; hmac.new builds Python objects per call.
-            expected = hmac.digest(material, signing_input, algorithm.hash_name)
-            return hmac.compare_digest(expected, signature)
-        if algorithm.kind is KeyKind.RSA:
-            if not isinstance(material, rsa.RSAPublicKey):
-                return False
-            if len(signature) != (material.key_size + 7) // 8:
+        if kind is KeyKind.RSA:
+            # material_kind vouched for the types below; cast, as isinstance would cost.
+            rsa_key = cast(rsa.RSAPublicKey, material)
+            if len(signature) != (rsa_key.key_size + 7) // 8:
                 return False
             pad = _PSS[algorithm.hash_name] if algorithm.pss else _PKCS1
-            material.verify(signature, signing_input, pad, _HASHES[algorithm.hash_name])
+            rsa_key.verify(signature, signing_input, pad, _HASHES[algorithm.hash_name])
             return True
-        if algorithm.kind is KeyKind.EC:
-            if not isinstance(material, ec.EllipticCurvePublicKey) or curve is None:
+        if kind is KeyKind.EC:
+            if curve is None:
                 return False
             der = raw_ecdsa_to_der(signature, algorithm, curve)
             if der is None:
                 return False
-            material.verify(der, signing_input, _ECDSA[algorithm.hash_name])
+            cast(ec.EllipticCurvePublicKey, material).verify(
+                der, signing_input, _ECDSA[algorithm.hash_name]
+            )
             return True
-        if isinstance(material, Ed25519PublicKey | Ed448PublicKey):
-            material.verify(signature, signing_input)
-            return True
-        return False
+        if kind is KeyKind.OCT:
+            # The one-shot form runs in C; hmac.new builds Python objects per call.
+            expected = hmac.digest(cast(bytes, material), signing_input, algorithm.hash_name)
+            return hmac.compare_digest(expected, signature)
+        cast(Ed25519PublicKey | Ed448PublicKey, material).verify(signature, signing_input)
+        return True
     except InvalidSignature:
         return False

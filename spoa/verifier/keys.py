@@ -19,7 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from jwcrypto import jwk as jwcrypto_jwk
 
-from spoa.verifier.algorithms import ALGORITHMS, HMAC_ALGORITHMS, KeyKind, KeyMaterial
+from spoa.verifier.algorithms import (
+    ALGORITHMS,
+    HMAC_ALGORITHMS,
+    KeyKind,
+    KeyMaterial,
+    material_kind,
+)
 from spoa.verifier.errors import KeyLoadError, TokenRejected
 from spoa.verifier.parsing import parse_json_object
 from spoa.verifier.reasons import Reason
@@ -28,6 +34,7 @@ MIN_RSA_BITS = 2048
 # A token without kid may be tried against this many keys at most; beyond that it must name
 # its key, so one forged token cannot cost a hundred signature checks.
 MAX_KIDLESS_CANDIDATES = 4
+_OTHER_KID = object()  # stands for every kid a key set does not hold
 DEFAULT_MAX_KEYS = 100
 _EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
@@ -42,6 +49,11 @@ class VerificationKey:
     material: KeyMaterial = field(repr=False)
     curve: str | None = None
     alg: str | None = None  # pinned by the JWK or the configuration
+
+    def __post_init__(self) -> None:
+        # A key that could never verify anything is a loading bug: say so at load time.
+        if material_kind(self.material) is not self.kind:
+            raise KeyLoadError(f"key material does not fit key type {self.kind}")
 
     def fits(self, alg: str) -> bool:
         algorithm = ALGORITHMS.get(alg)
@@ -69,6 +81,11 @@ class KeySet:
     _by_kid: Mapping[str, tuple[VerificationKey, ...]] = field(init=False, repr=False)
     _unnamed: tuple[VerificationKey, ...] = field(init=False, repr=False)
     key_ids: frozenset[str] = field(init=False, repr=False)
+    # candidates() answers by (kid class, alg): bounded by kids x algorithms, since a kid
+    # this set does not hold is looked up as one, whatever the token says.
+    _chosen: dict[tuple[object, str], tuple[VerificationKey, ...]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         by_kid: dict[str, list[VerificationKey]] = {}
@@ -78,6 +95,7 @@ class KeySet:
         object.__setattr__(self, "_by_kid", {kid: tuple(ks) for kid, ks in by_kid.items()})
         object.__setattr__(self, "_unnamed", tuple(k for k in self.keys if k.kid is None))
         object.__setattr__(self, "key_ids", frozenset(k.key_id for k in self.keys))
+        object.__setattr__(self, "_chosen", {})
 
     @property
     def kids(self) -> frozenset[str]:
@@ -90,6 +108,10 @@ class KeySet:
         without kid may try the keys that fit, when there are few of them.
         Raises UNKNOWN_KID or UNSUPPORTED_ALG.
         """
+        slot: object = kid if kid is None or kid in self._by_kid else _OTHER_KID
+        chosen = self._chosen.get((slot, alg))
+        if chosen is not None:
+            return chosen
         if kid is None:
             named: tuple[VerificationKey, ...] = self.keys
         else:
@@ -101,6 +123,8 @@ class KeySet:
             raise TokenRejected("no key for this alg", reason=Reason.UNSUPPORTED_ALG)
         if kid is None and len(fitting) > MAX_KIDLESS_CANDIDATES:
             raise TokenRejected("token must name its key", reason=Reason.UNKNOWN_KID)
+        if alg in ALGORITHMS:
+            self._chosen[slot, alg] = fitting
         return fitting
 
     def merged(self, other: KeySet) -> KeySet:

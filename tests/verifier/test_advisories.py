@@ -7,6 +7,7 @@ several libraries, and the HAProxy `alg=none` pitfall noted in our anchors.
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
@@ -59,6 +60,20 @@ def test_rsa_public_key_as_hmac_secret_is_refused(
         verdict = _verify_with([rsa_key.verification_key()], allowed, token)
         assert verdict.reason is Reason.UNSUPPORTED_ALG, verdict
         assert dict(verdict.claims) == {}
+
+
+def test_signature_check_refuses_key_material_of_another_kind(rsa_key: KeyPair) -> None:
+    # Below key selection as well: the check itself never treats a public key as a secret.
+    from spoa.verifier.algorithms import ALGORITHMS, verify_signature
+
+    public = rsa_key.private.public_key()
+    pem = rsa_key.public_pem()
+    signing_input = b"head.payload"
+    forged = hmac.digest(pem, signing_input, "sha256")
+    assert not verify_signature(ALGORITHMS["HS256"], public, None, signing_input, forged)
+    assert not verify_signature(ALGORITHMS["HS256"], pem.decode(), None, signing_input, forged)  # type: ignore[arg-type]
+    assert not verify_signature(ALGORITHMS["RS256"], pem, None, signing_input, b"x" * 256)
+    assert not verify_signature(ALGORITHMS["ES256"], public, "P-256", signing_input, b"x" * 64)
 
 
 def test_key_pinned_to_one_alg_refuses_another(rsa_key: KeyPair) -> None:

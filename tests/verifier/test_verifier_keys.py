@@ -131,3 +131,34 @@ def test_a_token_without_kid_may_try_only_a_few_keys() -> None:
         many.candidates(None, "ES256")
     assert caught.value.reason is Reason.UNKNOWN_KID
     assert len(many.candidates("k3", "ES256")) == 1
+
+
+def test_candidates_answer_the_same_when_asked_again(rsa_key: KeyPair, rsa_key_2: KeyPair) -> None:
+    unnamed = make_key("RS256").verification_key(kid=None)
+    key_set = KeySet((rsa_key.verification_key(), rsa_key_2.verification_key(), unnamed))
+    for _ in range(2):  # the second round is answered from the remembered choice
+        assert [k.kid for k in key_set.candidates("rsa-1", "RS256")] == ["rsa-1", None]
+        assert [k.kid for k in key_set.candidates("rsa-2", "RS256")] == ["rsa-2", None]
+        assert key_set.candidates("not-held", "RS256") == (unnamed,)
+        assert len(key_set.candidates(None, "RS256")) == 3
+        with pytest.raises(TokenRejected):
+            key_set.candidates("rsa-1", "ES256")
+
+
+def test_kids_a_key_set_does_not_hold_share_one_remembered_choice(rsa_key: KeyPair) -> None:
+    # The kid comes from the token: a flood of made-up kids must not grow the memory.
+    unnamed = make_key("RS256").verification_key(kid=None)
+    key_set = KeySet((rsa_key.verification_key(), unnamed))
+    for index in range(500):
+        assert key_set.candidates(f"made-up-{index}", "RS256") == (unnamed,)
+    assert len(key_set._chosen) == 1
+
+
+def test_a_key_whose_material_does_not_fit_its_kind_is_refused(rsa_key: KeyPair) -> None:
+    from spoa.verifier.keys import VerificationKey
+
+    public = rsa_key.private.public_key()
+    with pytest.raises(KeyLoadError, match="does not fit"):
+        VerificationKey(key_id="x", kid=None, kind=KeyKind.OCT, material=public)
+    with pytest.raises(KeyLoadError, match="does not fit"):
+        VerificationKey(key_id="x", kid=None, kind=KeyKind.RSA, material=b"0" * 32)
