@@ -317,10 +317,14 @@ def _identity_answer(
     expires_in: int,
 ) -> EncodedActions:
     """`head` (accepted, or a report-only rejection), token variables, then `expires_in`."""
+    if not verdict.cache_hit:
+        # A fresh check's Verdict is built for this request alone: keeping its answer
+        # would only push out the ones that cache hits reuse.
+        identity = encode_set_vars(TXN, identity_variables(verdict, selected, token))
+        return EncodedActions(head.payload + identity + _expires_in(expires_in))
     answer = _answer(verdict, selected, token)
     if answer.expires_in != expires_in:
-        tail = b"" if expires_in < 0 else _expires_in(expires_in)
-        answer.encoded = EncodedActions(head.payload + answer.identity + tail)
+        answer.encoded = EncodedActions(head.payload + answer.identity + _expires_in(expires_in))
         answer.expires_in = expires_in
     return answer.encoded
 
@@ -343,6 +347,9 @@ _EXPIRES_IN: dict[int, bytes] = {}
 
 
 def _expires_in(seconds: int) -> bytes:
+    """The `expires_in` variable; nothing for a token without exp (-1)."""
+    if seconds < 0:
+        return b""
     encoded = _EXPIRES_IN.get(seconds)
     if encoded is None:
         encoded = encode_set_vars(TXN, (("expires_in", seconds),))

@@ -141,6 +141,19 @@ def test_cached_answers_follow_the_clock_and_the_policy() -> None:
     assert run(handler, message(authorization=bearer))["reason"] == "expired"
 
 
+def test_fresh_checks_leave_the_answers_of_cache_hits_alone(handler: CheckJwtHandler) -> None:
+    # Every first sighting builds a Verdict used once; only hits keep an encoded answer.
+    from spoa import glue
+
+    glue._ANSWERS.clear()
+    bearers = [f"Bearer {token(jti=f'j{index}')}" for index in range(20)]
+    for bearer in bearers:
+        assert run(handler, message(authorization=bearer))["reason"] == "ok"
+    assert not glue._ANSWERS
+    assert run(handler, message(authorization=bearers[0]))["reason"] == "ok"
+    assert len(glue._ANSWERS) == 1
+
+
 def test_missing_token_has_no_error_code(handler: CheckJwtHandler) -> None:
     result = run(handler, message(authorization=None, method="GET"))
     assert result == {
