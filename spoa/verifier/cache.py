@@ -35,18 +35,19 @@ _T = TypeVar("_T")
 
 
 def shared(value: _T) -> _T:
-    found = _SHARED.get(value)
-    if found is not None:
-        return found  # type: ignore[no-any-return]
     if len(_SHARED) < _SHARED_MAX:
-        _SHARED[value] = value
-    return value
+        return _SHARED.setdefault(value, value)  # type: ignore[no-any-return]
+    return _SHARED.get(value, value)  # type: ignore[no-any-return]
 
 
 def compact_claims(payload: Mapping[str, Any]) -> dict[str, Any]:
     """The payload with its names and short string values shared with other entries."""
+    # One C call per value instead of a Python one: the room check is made once, for
+    # the most this payload could add (a name and a value per member).
+    room = len(_SHARED) + 2 * len(payload) <= _SHARED_MAX
+    share = _SHARED.setdefault if room else _SHARED.get  # get(x, x) is x when not kept
     return {
-        shared(name): shared(value)
+        share(name, name): share(value, value)
         if type(value) is str and len(value) <= _SHARED_STR_MAX
         else value
         for name, value in payload.items()

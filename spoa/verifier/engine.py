@@ -219,15 +219,18 @@ class Verifier:
                 raise TokenRejected("signature does not verify", reason=Reason.BAD_SIGNATURE)
             # From here on the payload is authentic and may be forwarded.
             claims = MappingProxyType(compact_claims(payload))
-            # For the verdict even when a later check fails; an invalid exp is left out
-            # here and reported by check_issuer_claims.
-            try:  # noqa: SIM105 (contextlib.suppress costs an object and two calls per miss)
-                expires_at = numeric_date(payload, "exp")
+            try:
+                check_type(parsed.header, rules)
+                times = check_issuer_claims(payload, rules, now)
             except TokenRejected:
-                pass
-            check_type(parsed.header, rules)
-            times = check_issuer_claims(payload, rules, now)
+                # The refusal still says when the token expires, if its exp is valid.
+                try:  # noqa: SIM105 (contextlib.suppress costs an object and two calls)
+                    expires_at = numeric_date(payload, "exp")
+                except TokenRejected:
+                    pass
+                raise
             exp, nbf = times.exp, times.nbf
+            expires_at = exp
             audiences = shared(token_audiences(payload))
             scopes = shared(token_scopes(payload))
             check_times(exp, nbf, rules.leeway, now)

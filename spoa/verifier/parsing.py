@@ -20,8 +20,19 @@ from spoa.verifier.reasons import Reason
 UNDERSTOOD_CRITICAL: frozenset[str] = frozenset()
 
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-# For the last character of a segment: which bits would be dropped when decoding.
-_TAIL_MASK = {2: 0x0F, 3: 0x03}
+_STANDARD_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# One translation does both jobs: base64url to standard base64, and every other byte
+# (`+`, `/`, `=`, whitespace, ...) to `*`, which a2b_base64's strict mode refuses.
+_TO_STANDARD = bytes(
+    _STANDARD_ALPHABET[_B64_ALPHABET.index(byte)] if byte in _B64_ALPHABET else ord("*")
+    for byte in range(256)
+)
+# A character's 6-bit value (0 outside the alphabet: strict decoding refuses those anyway).
+_SEXTET = bytes(_B64_ALPHABET.index(byte) if byte in _B64_ALPHABET else 0 for byte in range(256))
+# By length mod 4: the low bits the last character carries that decoding drops, which
+# must be zero (otherwise two encodings map to one value), and the padding to add.
+_TAIL_MASK = (0, 0, 0x0F, 0x03)
+_PADDING = (b"", b"", b"==", b"=")
 
 
 class ParsedToken(NamedTuple):
@@ -50,25 +61,16 @@ def _reject(message: str) -> TokenRejected:
     return TokenRejected(message, reason=Reason.MALFORMED)
 
 
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-
-
 def b64url_decode(segment: bytes) -> bytes:
     """Decode unpadded base64url, refusing padding, whitespace, `+`, `/` and non-canonical tails."""
-    if segment.translate(None, _B64_ALPHABET):  # what is left is outside the alphabet
-        raise _reject("segment is not base64url")
     remainder = len(segment) % 4
     if remainder == 1:
         raise _reject("segment has an impossible base64url length")
-    if remainder:
-        # Unused low bits must be zero, otherwise two encodings map to one value.
-        last = _B64_ALPHABET.index(segment[-1])
-        if last & _TAIL_MASK[remainder]:
-            raise _reject("segment is not canonical base64url")
+    if remainder and _SEXTET[segment[-1]] & _TAIL_MASK[remainder]:
+        raise _reject("segment is not canonical base64url")
     try:
-        # The alphabet was checked above, so a plain translate-and-decode is exact.
         return binascii.a2b_base64(
-            segment.translate(_FROM_URLSAFE) + b"=" * (-len(segment) % 4), strict_mode=True
+            segment.translate(_TO_STANDARD) + _PADDING[remainder], strict_mode=True
         )
     except (binascii.Error, ValueError) as exc:
         raise _reject("segment is not base64url") from exc

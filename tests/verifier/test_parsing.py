@@ -152,3 +152,42 @@ def test_the_kept_headers_are_bounded_and_refusals_are_not_kept() -> None:
             parse_compact(refused, 8192)
         assert caught.value.reason is Reason.UNSUPPORTED_ALG
     assert refused.split(".")[0].encode() not in parsing._HEADERS
+
+
+def _reference_b64url(segment: bytes) -> bytes | None:
+    """Strict base64url by the definition: the alphabet only, no padding, and the bytes
+    must encode back to exactly this text (which refuses non-canonical tails)."""
+    alphabet = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    if any(byte not in alphabet for byte in segment) or len(segment) % 4 == 1:
+        return None
+    decoded = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    return decoded if base64.urlsafe_b64encode(decoded).rstrip(b"=") == segment else None
+
+
+def _ours_b64url(segment: bytes) -> bytes | None:
+    try:
+        return parsing.b64url_decode(segment)
+    except TokenRejected as exc:
+        if exc.reason is not Reason.MALFORMED:
+            raise
+        return None
+
+
+_B64URL_ISH = st.binary(max_size=12) | st.text(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/= \n\t*.", max_size=24
+).map(str.encode)
+
+
+@settings(max_examples=FUZZ_EXAMPLES or 600, deadline=None)
+@given(_B64URL_ISH)
+def test_base64url_agrees_with_its_definition(segment: bytes) -> None:
+    assert _ours_b64url(segment) == _reference_b64url(segment)
+
+
+def test_base64url_every_single_byte_after_a_valid_prefix() -> None:
+    for byte in range(256):
+        for prefix in (b"", b"QU", b"QUJD", b"QUJDRA"):
+            segment = prefix + bytes([byte])
+            assert _ours_b64url(segment) == _reference_b64url(segment), segment
+            segment = prefix + bytes([byte]) + b"A"
+            assert _ours_b64url(segment) == _reference_b64url(segment), segment

@@ -186,6 +186,25 @@ def test_entries_share_repeated_values(key: KeyPair) -> None:
     assert first.claims["sub"] != second.claims["sub"]
 
 
+def test_the_table_of_shared_values_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spoa.verifier import cache
+
+    monkeypatch.setattr(cache, "_SHARED", {})
+    monkeypatch.setattr(cache, "_SHARED_MAX", 50)
+    for index in range(40):
+        payload = {"iss": "https://issuer.test/", "sub": f"user-{index}", "n": index, "t": True}
+        compacted = cache.compact_claims(payload)
+        assert compacted == payload
+        assert [type(value) for value in compacted.values()] == [str, str, int, bool]
+        assert len(cache._SHARED) <= 50
+    assert len(cache._SHARED) > 40  # it filled up, and then stopped
+    for index in range(100):
+        late = cache.compact_claims({"iss": "https://issuer.test/", "sub": f"late-{index}"})
+        assert late["iss"] is cache._SHARED["https://issuer.test/"]
+        assert cache.shared(frozenset({f"scope-{index}"})) == {f"scope-{index}"}
+        assert len(cache._SHARED) <= 50
+
+
 # --- replay_window: how long an accepted verdict stays exactly the same ---------------------
 
 

@@ -99,6 +99,32 @@ def test_reason_is_produced(reason: Reason, es_key: KeyPair) -> None:
     assert verdict.status == http_status(reason)
 
 
+@pytest.mark.parametrize(
+    "reason",
+    [
+        Reason.EXPIRED,
+        Reason.IAT_IN_FUTURE,
+        Reason.LIFETIME_TOO_LONG,
+        Reason.BAD_AUDIENCE,
+        Reason.BAD_TYPE,
+        Reason.INSUFFICIENT_SCOPE,
+    ],
+)
+def test_a_refusal_after_the_signature_still_says_when_the_token_expires(
+    reason: Reason, es_key: KeyPair
+) -> None:
+    verdict = CASES[reason](es_key)
+    assert verdict.reason is reason
+    assert verdict.expires_at == int(NOW) + 600
+
+
+def test_a_refusal_for_an_invalid_exp_carries_no_expiry(es_key: KeyPair) -> None:
+    verdict = _verify(es_key, mint(es_key, default_claims(exp="soon")))
+    assert verdict.reason is Reason.MALFORMED
+    assert verdict.expires_at is None
+    assert verdict.claims["exp"] == "soon"
+
+
 def test_statuses_follow_rfc6750() -> None:
     assert http_status(Reason.OK) == 200
     assert http_status(Reason.INSUFFICIENT_SCOPE) == 403
