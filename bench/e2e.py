@@ -72,18 +72,21 @@ class Scenario:
 
 
 NATIVE_RS256 = Scenario("native jwt_verify RS256", "native", "RS256")
+NATIVE_ES256 = Scenario("native jwt_verify ES256", "native", "ES256")
 MINIMAL_AGENT = Scenario("minimal ACK-only agent (hand-written)", "ackmin")
 JWTGATE_HITS = Scenario("jwtgate RS256 cache hits", "jwtgate", "RS256")
+JWTGATE_RS256_UNIQUE = Scenario("jwtgate RS256 unique", "jwtgate", "RS256", unique=True)
+JWTGATE_ES256_UNIQUE = Scenario("jwtgate ES256 unique", "jwtgate", "ES256", unique=True)
 
 SCENARIOS = (
     Scenario("no auth", "noauth"),
     NATIVE_RS256,
-    Scenario("native jwt_verify ES256", "native", "ES256"),
+    NATIVE_ES256,
     MINIMAL_AGENT,
     Scenario("ACK-only agent (jwtgate server, no JWT)", "ackonly"),
     JWTGATE_HITS,
-    Scenario("jwtgate RS256 unique", "jwtgate", "RS256", unique=True),
-    Scenario("jwtgate ES256 unique", "jwtgate", "ES256", unique=True),
+    JWTGATE_RS256_UNIQUE,
+    JWTGATE_ES256_UNIQUE,
     Scenario("jwtgate RS256, 2 000 tokens in turn", "jwtgate", "RS256", pool=2_000),
     Scenario("jwtgate RS256, 20 000 tokens in turn", "jwtgate", "RS256", pool=20_000),
     Scenario(
@@ -316,10 +319,13 @@ class Bench:
         self.haproxy_dir = jwtgate_haproxy_dir(workdir)
 
     def token_file(self, alg: str, count: int, tag: str) -> Path:
-        tokens = mint_many(self.keys[alg], count, start=self._offset)
-        self._offset += count
-        path = self.workdir / f"tokens-{alg}-{tag}.txt"
-        path.write_text("\n".join(tokens) + "\n")
+        """A file of `count` tokens no agent has seen before it starts. Every scenario
+        starts its own agents with empty caches, so a file is minted once and reused."""
+        path = self.workdir / f"tokens-{alg}-{tag}-{count}.txt"
+        if not path.exists():
+            tokens = mint_many(self.keys[alg], count, start=self._offset)
+            self._offset += count
+            path.write_text("\n".join(tokens) + "\n")
         return path
 
     @contextlib.contextmanager
@@ -394,9 +400,10 @@ class Bench:
             token_file = paced_file = self.token_file(scenario.alg, scenario.pool, "pool")
         if scenario.unique:
             supply = int(rate_guess * self.seconds * 1.3) + 200
-            self.log(f"    minting {supply + supply // 2} unique {scenario.alg} tokens")
+            self.log(f"    unique {scenario.alg} tokens: {supply + supply // 2 * paced}")
             token_file = self.token_file(scenario.alg, supply, "closed")
-            paced_file = self.token_file(scenario.alg, supply // 2, "paced")
+            if paced:
+                paced_file = self.token_file(scenario.alg, supply // 2, "paced")
         with self.target(scenario) as target:
             wait_accepting(target.url, token if token else None)
             # A short warm-up: connections up, caches filled for the hit scenarios (a
@@ -479,20 +486,41 @@ def run_all(
 # The headline comparison, run again in interleaved rounds: on a shared machine the speed
 # drifts over a 10-minute pass, and scenarios run minutes apart see different machines.
 HEADLINE = (NATIVE_RS256, MINIMAL_AGENT, JWTGATE_HITS)
+# The full pass also puts the unique-token targets back to back with their native
+# baselines; each native run comes right after its jwtgate run, with no minting between.
+ROUNDS_FULL = (
+    JWTGATE_ES256_UNIQUE,
+    NATIVE_ES256,
+    JWTGATE_RS256_UNIQUE,
+    NATIVE_RS256,
+    MINIMAL_AGENT,
+    JWTGATE_HITS,
+)
+# (name of the ratio, numerator, denominator) for the rounds table.
+ROUND_RATIOS = (
+    ("hits vs native RS256", JWTGATE_HITS, NATIVE_RS256),
+    ("hits vs minimal", JWTGATE_HITS, MINIMAL_AGENT),
+    ("unique RS256 vs native RS256", JWTGATE_RS256_UNIQUE, NATIVE_RS256),
+    ("unique ES256 vs native ES256", JWTGATE_ES256_UNIQUE, NATIVE_ES256),
+)
 
 
 def run_rounds(
-    seconds: float, rounds: int, log: Callable[[str], None] = print
+    seconds: float,
+    rounds: int,
+    log: Callable[[str], None] = print,
+    scenarios: tuple[Scenario, ...] = HEADLINE,
 ) -> list[dict[str, float]]:
-    """Saturated rps of each HEADLINE scenario per round, the scenarios back to back."""
+    """Saturated rps of each scenario per round, the scenarios back to back."""
     _require_wrk()
     results = []
     with tempfile.TemporaryDirectory(prefix="jwtgate-rounds-") as tmp:
         bench = Bench(Path(tmp), seconds, log)
         for index in range(rounds):
             row: dict[str, float] = {}
-            for scenario in HEADLINE:
-                row[scenario.name] = bench.run(scenario, 9000.0, paced=False).saturated.rps
+            for scenario in scenarios:
+                guess = RATE_GUESS.get((scenario.alg, scenario.workers * scenario.agents), 9000.0)
+                row[scenario.name] = bench.run(scenario, guess, paced=False).saturated.rps
             log(f"  round {index + 1}/{rounds}: " + ", ".join(f"{v:.0f}" for v in row.values()))
             results.append(row)
     return results
