@@ -323,6 +323,7 @@ class Bench:
         starts its own agents with empty caches, so a file is minted once and reused."""
         path = self.workdir / f"tokens-{alg}-{tag}-{count}.txt"
         if not path.exists():
+            self.log(f"    minting {count} {alg} tokens ({tag})")
             tokens = mint_many(self.keys[alg], count, start=self._offset)
             self._offset += count
             path.write_text("\n".join(tokens) + "\n")
@@ -396,11 +397,9 @@ class Bench:
         token_file = paced_file = None
         cycle = scenario.pool > 0
         if cycle:
-            self.log(f"    minting a pool of {scenario.pool} {scenario.alg} tokens")
             token_file = paced_file = self.token_file(scenario.alg, scenario.pool, "pool")
         if scenario.unique:
             supply = int(rate_guess * self.seconds * 1.3) + 200
-            self.log(f"    unique {scenario.alg} tokens: {supply + supply // 2 * paced}")
             token_file = self.token_file(scenario.alg, supply, "closed")
             if paced:
                 paced_file = self.token_file(scenario.alg, supply // 2, "paced")
