@@ -320,7 +320,7 @@ def _identity_answer(
     if not verdict.cache_hit:
         # A fresh check's Verdict is built for this request alone: keeping its answer
         # would only push out the ones that cache hits reuse.
-        identity = encode_set_vars(TXN, identity_variables(verdict, selected, token))
+        identity = _identity(verdict, selected, token)
         return EncodedActions(head.payload + identity + _expires_in(expires_in))
     answer = _answer(verdict, selected, token)
     if answer.expires_in != expires_in:
@@ -334,13 +334,16 @@ def _answer(verdict: Verdict, selected: PolicyRuntime | None, token: str) -> _An
     key = (id(verdict), selected.policy.name if selected is not None else "")
     answer = _ANSWERS.get(key)
     if answer is None or answer.verdict is not verdict:  # an id can be reused after collection
-        answer = _Answer(
-            verdict, encode_set_vars(TXN, identity_variables(verdict, selected, token))
-        )
+        answer = _Answer(verdict, _identity(verdict, selected, token))
         if len(_ANSWERS) >= _MEMO_MAX:
             _ANSWERS.clear()
         _ANSWERS[key] = answer
     return answer
+
+
+def _identity(verdict: Verdict, selected: PolicyRuntime | None, token: str) -> bytes:
+    """The encoded variables that depend only on the verified token and the policy."""
+    return encode_set_vars(TXN, identity_variables(verdict, selected, token))
 
 
 _EXPIRES_IN: dict[int, bytes] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,18 +34,21 @@ _SHARED_STR_MAX = 256
 _T = TypeVar("_T")
 
 
+def _sharer(adding: int) -> Callable[[Any, Any], Any]:
+    """`share(x, x)`: the kept value equal to x, keeping x when the table has room for
+    `adding` more (`get(x, x)` is x itself when it is not kept)."""
+    return _SHARED.setdefault if len(_SHARED) + adding <= _SHARED_MAX else _SHARED.get
+
+
 def shared(value: _T) -> _T:
-    if len(_SHARED) < _SHARED_MAX:
-        return _SHARED.setdefault(value, value)  # type: ignore[no-any-return]
-    return _SHARED.get(value, value)  # type: ignore[no-any-return]
+    return _sharer(1)(value, value)  # type: ignore[no-any-return]
 
 
 def compact_claims(payload: Mapping[str, Any]) -> dict[str, Any]:
     """The payload with its names and short string values shared with other entries."""
-    # One C call per value instead of a Python one: the room check is made once, for
-    # the most this payload could add (a name and a value per member).
-    room = len(_SHARED) + 2 * len(payload) <= _SHARED_MAX
-    share = _SHARED.setdefault if room else _SHARED.get  # get(x, x) is x when not kept
+    # One C call per value instead of a Python one; room for a name and a value per
+    # member is checked once.
+    share = _sharer(2 * len(payload))
     return {
         share(name, name): share(value, value)
         if type(value) is str and len(value) <= _SHARED_STR_MAX

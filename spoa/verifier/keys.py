@@ -82,7 +82,8 @@ class KeySet:
     _unnamed: tuple[VerificationKey, ...] = field(init=False, repr=False)
     key_ids: frozenset[str] = field(init=False, repr=False)
     # candidates() answers by (kid class, alg): bounded by kids x algorithms, since a kid
-    # this set does not hold is looked up as one, whatever the token says.
+    # this set does not hold is looked up as one, whatever the token says, and only an
+    # alg some key fits (so one of ALGORITHMS) gets an answer to keep.
     _chosen: dict[tuple[object, str], tuple[VerificationKey, ...]] = field(
         init=False, repr=False, compare=False
     )
@@ -123,8 +124,7 @@ class KeySet:
             raise TokenRejected("no key for this alg", reason=Reason.UNSUPPORTED_ALG)
         if kid is None and len(fitting) > MAX_KIDLESS_CANDIDATES:
             raise TokenRejected("token must name its key", reason=Reason.UNKNOWN_KID)
-        if alg in ALGORITHMS:
-            self._chosen[slot, alg] = fitting
+        self._chosen[slot, alg] = fitting
         return fitting
 
     def merged(self, other: KeySet) -> KeySet:
