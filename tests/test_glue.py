@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import time
 from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from spoa.verifier import (
     Verifier,
     load_jwks,
 )
+from tests.support.fuzz import fuzz_examples
 
 ISS = "https://issuer.test"
 AUD = "api"
@@ -490,7 +490,7 @@ _REASONS = {reason.value for reason in Reason} - {"internal_error"}
 
 
 @settings(
-    max_examples=int(os.environ.get("JWTGATE_FUZZ_EXAMPLES", "150")),
+    max_examples=fuzz_examples(150),
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(

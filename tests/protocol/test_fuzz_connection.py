@@ -13,7 +13,6 @@ drives the same checks for minutes. Minimised crashers live in `crashers/` and a
 from __future__ import annotations
 
 import gc
-import os
 import tracemalloc
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -41,8 +40,9 @@ from spoa.protocol import (
     split_frames,
 )
 from spoa.protocol import build_frame as _build_frame
+from tests.support.fuzz import fuzz_examples
 
-EXAMPLES = int(os.environ.get("JWTGATE_FUZZ_EXAMPLES", "150"))
+EXAMPLES = fuzz_examples(150)
 CRASHERS = Path(__file__).parent / "crashers"
 MAX_FRAME_SIZE = 1024
 MAX_INFLIGHT = 4

@@ -10,7 +10,6 @@ the reference would not, nor answer it differently.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Hashable
 from ipaddress import IPv4Address, IPv6Address
 
@@ -50,9 +49,9 @@ from spoa.protocol.types import encode_string
 from spoa.protocol.varint import decode_varint
 from tests.protocol.strategies import messages as any_message
 from tests.protocol.strategies import mutate, names, uint64, values
+from tests.support.fuzz import fuzz_examples
 
 # bench/fuzz.py raises the differential tests' example counts through this variable.
-FUZZ_EXAMPLES = int(os.environ.get("JWTGATE_FUZZ_EXAMPLES", "0"))
 
 Scan = Callable[..., tuple[int, bytes, list[Hashable]]]
 
@@ -320,7 +319,7 @@ def test_the_c_scanner_is_in_use() -> None:
 
 @requires_c
 @given(scenarios())
-@settings(max_examples=FUZZ_EXAMPLES or 200)
+@settings(max_examples=fuzz_examples(200))
 def test_same_answers_as_the_reference_on_canonical_input(
     scenario: tuple[AnswerMemo, bytes, int, int],
 ) -> None:
@@ -334,7 +333,7 @@ def test_same_answers_as_the_reference_on_canonical_input(
 
 @requires_c
 @given(scenarios(), st.data())
-@settings(max_examples=FUZZ_EXAMPLES or 200)
+@settings(max_examples=fuzz_examples(200))
 def test_c_answers_a_prefix_of_the_reference_on_mutated_input(
     scenario: tuple[AnswerMemo, bytes, int, int], data: st.DataObject
 ) -> None:
@@ -361,7 +360,7 @@ RANDOM_MEMO = random_memo()
 
 @requires_c
 @given(st.binary(max_size=300))
-@settings(max_examples=FUZZ_EXAMPLES or 300)
+@settings(max_examples=fuzz_examples(300))
 def test_c_answers_a_prefix_of_the_reference_on_random_bytes(raw: bytes) -> None:
     check_consistent(raw, *both(RANDOM_MEMO, raw, 1024, 8))
 
@@ -371,7 +370,7 @@ def test_c_answers_a_prefix_of_the_reference_on_random_bytes(raw: bytes) -> None
     st.lists(st.tuples(frame_ids, st.binary(max_size=40)), min_size=1, max_size=4),
     st.sampled_from([1, 2, 3, 8]),
 )
-@settings(max_examples=FUZZ_EXAMPLES or 200)
+@settings(max_examples=fuzz_examples(200))
 def test_c_answers_a_prefix_of_the_reference_on_random_message_bodies(
     bodies: list[tuple[int, bytes]], max_items: int
 ) -> None:
@@ -440,7 +439,7 @@ def test_non_canonical_key_values_never_get_a_different_answer(raw: bytes, value
     ),
     st.lists(st.sampled_from([b"\x02\x05", b"\x11", b"\x0c", b"\x06\x01", b"\x04\xff"])),
 )
-@settings(max_examples=FUZZ_EXAMPLES or 100)
+@settings(max_examples=fuzz_examples(100))
 def test_c_answers_a_prefix_of_the_reference_on_hand_made_typed_data(
     keys: list[bytes], junk: list[bytes]
 ) -> None:
@@ -742,7 +741,7 @@ def test_the_countdown_is_the_whole_seconds_left(
     st.floats(min_value=-1e12, max_value=1e12),
     st.floats(min_value=-1e12, max_value=1e12),
 )
-@settings(max_examples=FUZZ_EXAMPLES or 200)
+@settings(max_examples=fuzz_examples(200))
 def test_both_count_down_alike(countdown_to: float, now: float) -> None:
     memo = new_memo()
     remember(memo, REQUEST, countdown_to=countdown_to)

@@ -27,9 +27,8 @@ from spoa.protocol import (
 )
 from tests.protocol.strategies import messages as message_strategy
 from tests.protocol.strategies import mutate, names
+from tests.support.fuzz import fuzz_examples
 
-# bench/fuzz.py raises the example counts through this variable.
-FUZZ_EXAMPLES = int(os.environ.get("JWTGATE_FUZZ_EXAMPLES", "0"))
 messages = st.lists(message_strategy, max_size=4)
 # Hand-made typed data the encoder never produces: INT32/UINT32, flags on NULL and
 # STRING, truncations, reserved types, over-long varints.
@@ -90,7 +89,7 @@ def test_the_python_decoder_can_be_forced() -> None:
 
 
 @given(messages)
-@settings(max_examples=FUZZ_EXAMPLES or 400)
+@settings(max_examples=fuzz_examples(400))
 def test_same_messages_as_the_reference(decoded: list[Message]) -> None:
     raw = encode_messages(decoded)
     kind, result = assert_same(raw)  # type: ignore[misc]
@@ -100,7 +99,7 @@ def test_same_messages_as_the_reference(decoded: list[Message]) -> None:
 
 
 @given(messages, st.data())
-@settings(max_examples=FUZZ_EXAMPLES or 400)
+@settings(max_examples=fuzz_examples(400))
 def test_same_outcome_on_mutated_input(decoded: list[Message], data: st.DataObject) -> None:
     raw = mutate(data, encode_messages(decoded) or b"\x00")
     assert_same(bytes(raw))
@@ -108,13 +107,13 @@ def test_same_outcome_on_mutated_input(decoded: list[Message], data: st.DataObje
 
 
 @given(st.binary(max_size=300))
-@settings(max_examples=FUZZ_EXAMPLES or 500)
+@settings(max_examples=fuzz_examples(500))
 def test_same_outcome_on_random_bytes(raw: bytes) -> None:
     assert_same(raw)
 
 
 @given(names, st.lists(odd_values, min_size=1, max_size=4))
-@settings(max_examples=FUZZ_EXAMPLES or 300)
+@settings(max_examples=fuzz_examples(300))
 def test_same_outcome_on_hand_made_typed_data(name: str, raw_values: list[bytes]) -> None:
     body = b"".join(b"\x01a" + value for value in raw_values)
     raw = encode_value(name)[1:] + bytes((len(raw_values),)) + body
@@ -197,7 +196,7 @@ def test_the_c_encoder_is_in_use_for_an_answer() -> None:
 
 
 @given(st.sampled_from(Scope), st.lists(st.tuples(valid_var_names, answer_values), max_size=20))
-@settings(max_examples=FUZZ_EXAMPLES or 500)
+@settings(max_examples=fuzz_examples(500))
 def test_the_c_encoder_takes_every_answer_value(
     scope: Scope, variables: list[tuple[str, Any]]
 ) -> None:
@@ -207,7 +206,7 @@ def test_the_c_encoder_takes_every_answer_value(
 
 
 @given(st.one_of(st.sampled_from(Scope), st.integers(-2, 6)), st.lists(var_items, max_size=6))
-@settings(max_examples=FUZZ_EXAMPLES or 500)
+@settings(max_examples=fuzz_examples(500))
 def test_the_c_encoder_gives_the_reference_bytes_or_declines(
     scope: int, variables: list[Any]
 ) -> None:

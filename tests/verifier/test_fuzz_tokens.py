@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,9 @@ from spoa.verifier import (
     Verifier,
     parse_compact,
 )
+from tests.support.fuzz import fuzz_examples
 
-EXAMPLES = int(os.environ.get("JWTGATE_FUZZ_EXAMPLES", "150"))
+EXAMPLES = fuzz_examples(150)
 CRASHERS = Path(__file__).parent / "crashers"
 MAX_TOKEN_BYTES = 4096
 LEEWAY = 30.0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from typing import Any
 
 import pytest
@@ -17,9 +16,7 @@ from spoa.verifier import parsing
 from spoa.verifier.errors import TokenRejected
 from spoa.verifier.parsing import parse_compact, parse_json_object
 from spoa.verifier.reasons import Reason
-
-# bench/fuzz.py raises the example counts through this variable.
-FUZZ_EXAMPLES = int(os.environ.get("JWTGATE_FUZZ_EXAMPLES", "0"))
+from tests.support.fuzz import fuzz_examples
 
 
 class _Refused(Exception):
@@ -106,7 +103,7 @@ def _render(value: Any) -> str:
     return json.dumps(value)
 
 
-@settings(max_examples=FUZZ_EXAMPLES or 400, deadline=None)
+@settings(max_examples=fuzz_examples(400), deadline=None)
 @given(
     members=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d"]), _json_values), max_size=5),
     before=st.sampled_from(["", " ", "\n\t", "x"]),
@@ -118,7 +115,7 @@ def test_agrees_with_the_reference(members: list[tuple[str, Any]], before: str, 
     assert parsed(raw) == reference(raw)
 
 
-@settings(max_examples=FUZZ_EXAMPLES or 400, deadline=None)
+@settings(max_examples=fuzz_examples(400), deadline=None)
 @given(raw=st.binary(max_size=40).map(lambda tail: b"{" + tail))
 def test_agrees_on_arbitrary_bytes(raw: bytes) -> None:
     assert parsed(raw) == reference(raw)
@@ -178,7 +175,7 @@ _B64URL_ISH = st.binary(max_size=12) | st.text(
 ).map(str.encode)
 
 
-@settings(max_examples=FUZZ_EXAMPLES or 600, deadline=None)
+@settings(max_examples=fuzz_examples(600), deadline=None)
 @given(_B64URL_ISH)
 def test_base64url_agrees_with_its_definition(segment: bytes) -> None:
     assert _ours_b64url(segment) == _reference_b64url(segment)
