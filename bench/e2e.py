@@ -444,6 +444,10 @@ class Bench:
 RATE_GUESS = {("RS256", 1): 5000.0, ("ES256", 1): 5000.0, ("RS256", 2): 7000.0}
 
 
+def rate_guess(scenario: Scenario) -> float:
+    return RATE_GUESS.get((scenario.alg, scenario.workers * scenario.agents), 9000.0)
+
+
 def _require_wrk() -> None:
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
@@ -461,8 +465,7 @@ def run_all(
         bench = Bench(Path(tmp), seconds, log)
         for index, scenario in enumerate(scenarios, 1):
             log(f"  [{index}/{len(scenarios)}] {scenario.name}")
-            processes = scenario.workers * scenario.agents
-            guess = RATE_GUESS.get((scenario.alg, processes), 9000.0)
+            guess = rate_guess(scenario)
             if max_supply_rate is not None:
                 guess = min(guess, max_supply_rate)
             try:
@@ -518,8 +521,9 @@ def run_rounds(
         for index in range(rounds):
             row: dict[str, float] = {}
             for scenario in scenarios:
-                guess = RATE_GUESS.get((scenario.alg, scenario.workers * scenario.agents), 9000.0)
-                row[scenario.name] = bench.run(scenario, guess, paced=False).saturated.rps
+                row[scenario.name] = bench.run(
+                    scenario, rate_guess(scenario), paced=False
+                ).saturated.rps
             log(f"  round {index + 1}/{rounds}: " + ", ".join(f"{v:.0f}" for v in row.values()))
             results.append(row)
     return results
