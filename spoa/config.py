@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from spoa.verifier.claims import SCOPE_TOKEN
+
 DEFAULT_POLICY = "default"
 # HAProxy drops (2.6: truncates) variables whose full name "txn.jwt.<name>" exceeds 63 chars.
 VAR_PREFIX = "jwt"
@@ -597,7 +599,7 @@ class _Reader:
             name=name,
             issuers=issuers,
             audiences=audiences,
-            require_scopes=self.get(table, "require_scopes", _string_list, ()),
+            require_scopes=self.get(table, "require_scopes", _scope_list, ()),
             claims=self.get(table, "claims", self.claim_rules, ()),
             forward_claims=self.get(table, "forward_claims", self.forward_claims, ()),
             report_only=self.get(table, "report_only", _bool, False),
@@ -767,6 +769,14 @@ def _string_list(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise _Expected("an array of non-empty strings")
     return tuple(value)
+
+
+def _scope_list(value: Any) -> tuple[str, ...]:
+    scopes = _string_list(value)
+    if not all(SCOPE_TOKEN.fullmatch(scope) for scope in scopes):
+        # A token's scopes are matched as RFC 6749 scope-tokens; no other name could match.
+        raise _Expected('scope names: printable ASCII without spaces, " or \\')
+    return scopes
 
 
 def _algorithm(value: Any) -> str:

@@ -8,7 +8,6 @@ the message's named arguments are read here, and every variable jwtgate sets is
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,15 @@ from spoa.protocol import (
     Value,
     encode_set_vars,
 )
-from spoa.verifier import Policy, Reason, RequestContext, Verdict, Verifier, bearer_error
+from spoa.verifier import (
+    Policy,
+    Reason,
+    RequestContext,
+    Verdict,
+    Verifier,
+    bearer_error,
+    scope_tokens,
+)
 
 MESSAGE_NAME = "check-jwt"
 ARG_AUTHORIZATION = "authorization"
@@ -40,8 +47,6 @@ DEFAULT_POLICY = "default"
 _INT64_LIMIT = 2**63  # HAProxy integers are signed 64-bit
 MAX_VAR_BYTES = 1024  # per forwarded value; HAProxy puts these into request headers
 MAX_CLAIMS_BYTES = 6144  # the base64url payload; keeps every ACK well inside 16 KiB frames
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Verdicts the glue itself reaches (no token to verify); shared, as they are immutable.
 _MISSING_TOKEN = Verdict.rejected(Reason.MISSING_TOKEN)
@@ -373,10 +378,7 @@ def identity_variables(
         value = claim_text(claims.get(name))
         if value:
             append((name, value))
-    scope = claims.get("scope")
-    if scope is None and isinstance(claims.get("scp"), list):
-        scope = " ".join(str(s) for s in claims["scp"])
-    scope_text = claim_text(scope)
+    scope_text = claim_text(" ".join(scope_tokens(claims)))
     if scope_text:
         append(("scope", scope_text))
     exp = claims.get("exp")
@@ -406,23 +408,34 @@ def payload_segment(token: str) -> str | None:
 
 
 def claim_text(value: Any) -> str:
-    """A claim as a header-safe string: lists joined with ',', control characters
-    removed, capped in size. Objects are not forwarded as text."""
-    if type(value) is str and value.isascii() and value.isprintable():
-        # The common case: no control character, one byte per character.
-        return value if len(value) <= MAX_VAR_BYTES else value[:MAX_VAR_BYTES]
-    if value is None or isinstance(value, dict):
-        return ""
+    """A claim as a header value, exactly as signed, or "" when it cannot be one.
+
+    Never altered, so two different claims never forward the same text: a string with a
+    character that is not printable (controls, U+2028, bidi marks, ...), with white space
+    at either end (HTTP trims it) or over MAX_VAR_BYTES is not forwarded; nor is an
+    object, or a list unless every item is a scalar that forwards and holds no `,` (the
+    list is joined with `,`). The exact payload is always in `claims`.
+    """
+    if type(value) is str:
+        if value.isascii():
+            # The common case: one byte per character.
+            if len(value) > MAX_VAR_BYTES or not value.isprintable():
+                return ""
+        elif not value.isprintable() or len(value.encode()) > MAX_VAR_BYTES:
+            return ""
+        if value[:1] == " " or value[-1:] == " ":
+            return ""
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return claim_text(str(value))
     if isinstance(value, list):
-        text = ",".join(claim_text(item) for item in value if not isinstance(item, list | dict))
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    else:
-        text = str(value)
-    text = _CONTROL.sub("", text)
-    if len(text.encode()) > MAX_VAR_BYTES:
-        text = text.encode()[:MAX_VAR_BYTES].decode("utf-8", "ignore")
-    return text
+        items = [claim_text(item) for item in value if not isinstance(item, list | dict)]
+        if len(items) != len(value) or not all(items) or any("," in item for item in items):
+            return ""
+        return claim_text(",".join(items))
+    return ""
 
 
 def www_authenticate(verdict: Verdict, realm: str) -> str:

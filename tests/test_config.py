@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -139,6 +140,15 @@ def test_forward_claims_names_are_checked() -> None:
     long_name = "x" * 60
     found = problems(MINIMAL + f'forward_claims = {{ {long_name} = "email" }}\n')
     assert any("at most 55 characters" in p for p in found)
+
+
+@pytest.mark.parametrize("scope", ["read write", 'a"b', "a\\b", "caf\u00e9", "a\tb"])
+def test_required_scopes_must_be_scope_tokens(scope: str) -> None:
+    """A name no token scope could ever match (RFC 6749 section 3.3) is a config error; it
+    would also break the `scope="..."` of the 403 challenge."""
+    found = problems(MINIMAL + f'require_scopes = ["ok", {json.dumps(scope)}]\n')
+    key = "policies.default.require_scopes"
+    assert any(p.startswith(key) and "scope names" in p for p in found), found
 
 
 def test_claim_rules() -> None:

@@ -4,6 +4,7 @@ Standard library, `cryptography` and `jwcrypto` only; no I/O and no clock reads.
 """
 
 from spoa.verifier.algorithms import SUPPORTED_ALGORITHMS, KeyKind
+from spoa.verifier.claims import SCOPE_TOKEN, scope_tokens
 from spoa.verifier.engine import DEFAULT_CACHE_SIZE, DEFAULT_MAX_TOKEN_BYTES, Verifier
 from spoa.verifier.errors import KeyLoadError, PolicyError, TokenRejected, VerifierError
 from spoa.verifier.keys import (
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_KEYS",
     "DEFAULT_MAX_TOKEN_BYTES",
     "MIN_RSA_BITS",
+    "SCOPE_TOKEN",
     "SUPPORTED_ALGORITHMS",
     "ClaimMatcher",
     "IssuerKeys",
@@ -64,4 +66,5 @@ __all__ = [
     "load_pem",
     "parse_compact",
     "parse_max_age",
+    "scope_tokens",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -95,16 +96,27 @@ def token_audiences(payload: Mapping[str, Any]) -> frozenset[str]:
     raise TokenRejected("aud is neither a string nor an array of strings", reason=Reason.MALFORMED)
 
 
-def token_scopes(payload: Mapping[str, Any]) -> frozenset[str]:
-    """Scopes from a space-separated `scope` (RFC 9068) and/or an `scp` array or string."""
-    scopes: set[str] = set()
-    for name in ("scope", "scp"):
-        value = payload.get(name)
-        if isinstance(value, str):
-            scopes.update(value.split())
-        elif isinstance(value, list):
-            scopes.update(item for item in value if isinstance(item, str))
-    return frozenset(scopes)
+# RFC 6749 section 3.3 (used by RFC 9068): scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+def scope_tokens(payload: Mapping[str, Any]) -> tuple[str, ...]:
+    """The token's scopes, in order, from one claim: `scope` (RFC 9068, a string of
+    scope-tokens separated by single spaces) or, only when there is no `scope`, `scp`
+    (a string or an array, as some IdPs send). Strings split on SP alone, and items that
+    are not scope-tokens are dropped: no other separator (tab, U+3000, ...) can make
+    `"read\u3000admin"` grant `admin`, and the forwarded `scope` is what was checked."""
+    value = payload.get("scope")
+    if value is None:
+        value = payload.get("scp")
+    if isinstance(value, str):
+        items: list[Any] = value.split(" ")
+    elif isinstance(value, list):
+        items = value
+    else:
+        return ()
+    fullmatch = SCOPE_TOKEN.fullmatch
+    return tuple(item for item in items if type(item) is str and fullmatch(item))
 
 
 def check_audience(token_aud: frozenset[str], accepted: frozenset[str]) -> None:

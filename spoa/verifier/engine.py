@@ -22,8 +22,8 @@ from spoa.verifier.claims import (
     check_times,
     check_type,
     numeric_date,
+    scope_tokens,
     token_audiences,
-    token_scopes,
 )
 from spoa.verifier.errors import PolicyError, TokenRejected
 from spoa.verifier.keystore import KeyStore
@@ -232,7 +232,7 @@ class Verifier:
             exp, nbf = times.exp, times.nbf
             expires_at = exp
             audiences = shared(token_audiences(payload))
-            scopes = shared(token_scopes(payload))
+            scopes = shared(frozenset(scope_tokens(payload)))
             check_times(exp, nbf, rules.leeway, now)
             ok_verdict = Verdict.accepted(claims, exp, rules.name, kid, alg, cache_hit=True)
             self.cache.put(

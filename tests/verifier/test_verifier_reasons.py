@@ -263,7 +263,8 @@ def test_required_claims(es_key: KeyPair) -> None:
         {"scope": "a b  c"},
         {"scp": ["a", "b", "c"]},
         {"scp": "a b c"},
-        {"scope": "a", "scp": ["b", "c"]},
+        {"scope": "a c", "scp": ["b"]},
+        {"scp": ["a", "c", "b d", 'x"']},
     ],
 )
 def test_scopes_from_scope_or_scp(claims: dict[str, Any], es_key: KeyPair) -> None:
@@ -273,6 +274,13 @@ def test_scopes_from_scope_or_scp(claims: dict[str, Any], es_key: KeyPair) -> No
     ).ok
     short = Policy("p", ("main",), require_scopes=frozenset({"a", "d"}))
     assert _verify(es_key, token, policy=short).reason is Reason.INSUFFICIENT_SCOPE
+
+
+def test_scope_wins_over_scp(es_key: KeyPair) -> None:
+    """One claim is read, never the union: `scp` cannot add to a token's `scope`."""
+    token = mint(es_key, {**default_claims(scope=None), "scope": "a", "scp": ["b", "c"]})
+    policy = Policy("p", ("main",), require_scopes=frozenset({"a", "c"}))
+    assert _verify(es_key, token, policy=policy).reason is Reason.INSUFFICIENT_SCOPE
 
 
 def test_claim_matchers(es_key: KeyPair) -> None:
