@@ -412,9 +412,12 @@ class _AgentProtocol(asyncio.Protocol):
         if should_pause and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
+            conn.pause_input(True, self._loop.time())
         elif not should_pause and self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
+            conn.pause_input(False, self._loop.time())
+            self._arm_timer()
 
     def _arm_timer(self) -> None:
         conn = self._conn

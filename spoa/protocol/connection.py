@@ -100,9 +100,11 @@ def _split_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in text.replace(" ", "").split(",") if item)
 
 
-def _is_version_2_0(text: str) -> bool:
+def _offers_version_2_0(text: str) -> bool:
+    """True for "2.N": announcing a minor version of major 2 means every earlier one of it
+    too (SPOE.txt 3.2.4), so "2.1" offers the 2.0 we speak."""
     major, _, minor = text.partition(".")
-    return major.isdigit() and minor.isdigit() and int(major) == 2 and int(minor) == 0
+    return major.isdigit() and minor.isdigit() and int(major) == 2
 
 
 class AgentConnection:
@@ -152,6 +154,7 @@ class AgentConnection:
         self._idle_timeout = idle_timeout
         self._frame_timeout = frame_timeout
         self._partial_since: float | None = None  # when the incomplete frame started
+        self._input_paused = False  # the caller stopped reading: the frame clock stops
         self._state = _State.AWAIT_HELLO
         self._frame_limit = max_frame_size
         self._negotiated_max_frame_size: int | None = None
@@ -311,7 +314,7 @@ class AgentConnection:
         if not isinstance(versions_text, str):
             raise VersionMissing("HELLO without supported-versions")
         versions = _split_list(versions_text)
-        if not any(_is_version_2_0(version) for version in versions):
+        if not any(_offers_version_2_0(version) for version in versions):
             raise UnsupportedVersion("HAProxy does not offer SPOP 2.0")
         their_max = items.get("max-frame-size")
         if not isinstance(their_max, int) or isinstance(their_max, bool):
@@ -412,8 +415,16 @@ class AgentConnection:
             return frame if idle is None else idle
         return min(frame, idle)
 
+    def pause_input(self, paused: bool, now: float) -> None:
+        """Say that the caller stopped (or resumed) reading, e.g. under write backpressure.
+        A frame left incomplete by our own pause is not the peer trickling bytes: its
+        clock stops while paused and starts again, in full, on resume."""
+        self._input_paused = paused
+        if not paused and self._partial_since is not None:
+            self._partial_since = now
+
     def _frame_deadline(self) -> float | None:
-        if self._partial_since is None:
+        if self._partial_since is None or self._input_paused:
             return None
         return self._partial_since + self._frame_timeout
 

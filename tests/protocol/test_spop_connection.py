@@ -117,6 +117,17 @@ def test_version_list_ignores_spaces() -> None:
     assert event.supported_versions == ("1.0", "2.0")
 
 
+@pytest.mark.parametrize("offered", ["2.1", "2.5, 1.0", "3.0,2.9"])
+def test_a_later_minor_version_offers_2_0(offered: str) -> None:
+    """Regression: "2.1" was refused with status 8, but announcing a minor version means
+    every earlier one of that major too (SPOE.txt 3.2.4)."""
+    conn = AgentConnection(now=0.0)
+    (event,) = conn.receive_data(hello(supported_versions=offered), 0.0)
+    assert isinstance(event, HelloReceived)
+    (frame,) = split_frames(conn.data_to_send())
+    assert dict(decode_kv_list(frame.payload, 0, len(frame.payload), 8))["version"] == "2.0"
+
+
 def test_healthcheck_hello_gets_hello_then_closes() -> None:
     conn = AgentConnection(now=0.0)
     events = conn.receive_data(hello(capabilities="", healthcheck=True), 0.0)
@@ -426,6 +437,22 @@ def test_the_frame_clock_restarts_with_each_new_frame() -> None:
     conn.send_ack(1, 1, [SetVar(Scope.TXN, "v", True)])
     conn.send_ack(2, 1, [SetVar(Scope.TXN, "v", True)])
     assert conn.next_deadline() == 8.0 + 300.0  # only the idle timeout is left
+
+
+def test_the_frame_clock_stops_while_the_caller_is_not_reading() -> None:
+    """Regression: under write backpressure the server pauses reading with a frame half
+    in; the frame timeout then fired on the agent's own pause and reset the peer."""
+    conn = AgentConnection(frame_timeout=5.0, now=0.0)
+    conn.receive_data(hello(), 0.0)
+    frame = notify(1, 1)
+    conn.receive_data(frame[:3], 1.0)
+    conn.pause_input(True, 2.0)
+    assert conn.next_deadline() == 1.0 + 300.0  # only the idle timeout is left
+    assert conn.handle_timeout(60.0) == []
+    conn.pause_input(False, 60.0)
+    assert conn.next_deadline() == 65.0  # a full frame timeout from the resume
+    events = conn.receive_data(frame[3:], 61.0)
+    assert [type(e).__name__ for e in events] == ["NotifyReceived"]
 
 
 # -- chunking and fuzzing ------------------------------------------------------
