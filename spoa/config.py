@@ -254,9 +254,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML file. Raises ConfigError listing every problem."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            [f"{file}: line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); TOML files are UTF-8"]
+        ) from None
     return parse_config(text, source=str(file), base_dir=file.parent)
 
 

@@ -174,6 +174,18 @@ def test_invalid_toml_is_reported_with_its_position() -> None:
     assert "not valid TOML" in problems("[agent\n")[0]
 
 
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """Regression: a Latin-1 byte escaped as UnicodeDecodeError (a traceback, a silent
+    failed reload, a crashed supervisor)."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    result = check_config(path)
+    assert result.returncode == 1
+    line = MINIMAL.count("\n") + 1
+    assert f"line {line}: not UTF-8 (byte 0xe9)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("500ms", 0.5), ("30s", 30), ("10m", 600), ("1h", 3600), ("1d", 86400)]
 )

@@ -309,9 +309,12 @@ def test_a_rejected_reload_is_counted_with_several_workers(tmp_path: Path) -> No
                 "readiness",
             )
             config = tmp_path / "jwtgate.toml"
-            config.write_text(config.read_text().replace('leeway = "5s"', 'leeway = "soon"'))
+            # Regression: a file that is not UTF-8 made the supervisor exit with a traceback.
+            text = config.read_text().replace('leeway = "5s"', 'leeway = "5s"  # caf\xe9')
+            config.write_bytes(text.encode("latin-1"))
             process.send_signal(signal.SIGHUP)
             wait_until(lambda: "reload_rejected" in log.read_text(), 10, "the rejection")
+            assert "not UTF-8" in log.read_text()
 
             def errors() -> float:
                 _, body = http_get(f"{metrics_url}/metrics")
