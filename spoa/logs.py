@@ -122,6 +122,17 @@ def _leading_fields(_logger: WrappedLogger, _method: str, event_dict: EventDict)
 
 _LEADING: Final = ("timestamp", "level", "logger", "event")
 
+# C0 and C1 controls and DEL as visible escapes, e.g. ESC as "\\x1b".
+_CONTROL_ESCAPES: Final = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _escape_controls(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    for key, value in event_dict.items():
+        # A formatted traceback keeps its lines; it is our text, not a client's.
+        if isinstance(value, str) and key != "exception" and not value.isprintable():
+            event_dict[key] = value.translate(_CONTROL_ESCAPES)
+    return event_dict
+
 
 def _level_number(level: str) -> int:
     try:
@@ -158,6 +169,11 @@ def configure_logging(
         )
     else:
         raise ValueError(f"unknown log format {fmt!r}; use 'json' or 'console'")
+    # JSON escapes control characters; a console line must not carry a client's ESC
+    # (from an unverified `alg` or `kid`) to an operator's terminal.
+    finishing: list[Processor] = [redact_tokens, _leading_fields]
+    if fmt == "console":
+        finishing.append(_escape_controls)
 
     # The order matters: exceptions are formatted into text before the guard scans them.
     shared: list[Processor] = [
@@ -168,7 +184,7 @@ def configure_logging(
         structlog.processors.format_exc_info,
     ]
     structlog.configure(
-        processors=[*shared, redact_tokens, _leading_fields, renderer],
+        processors=[*shared, *finishing, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.WriteLoggerFactory(file=stream),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
@@ -177,11 +193,16 @@ def configure_logging(
     handler = _OurHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            # ExtraAdder: stdlib `extra={...}` fields (the SPOP status of a closed
+            # connection, an error's type) are the point of those lines.
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.stdlib.ExtraAdder(),
+                *shared,
+            ],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                redact_tokens,
-                _leading_fields,
+                *finishing,
                 renderer,
             ],
         )

@@ -124,6 +124,28 @@ def test_standard_library_records_share_the_format(stream: io.StringIO) -> None:
     assert (record["level"], record["logger"]) == ("warning", "asyncio")
 
 
+def test_standard_library_extra_fields_are_kept(stream: io.StringIO) -> None:
+    """Regression: `extra={...}` was dropped, so "spoe connection closed on error"
+    lines said neither the SPOP status nor the reason."""
+    configure_logging("info", "json", stream)
+    logging.getLogger("spoa.server").info(
+        "spoe connection closed on error", extra={"spop_status": 4, "reason": "bad frame"}
+    )
+    (record,) = lines(stream)
+    assert (record["spop_status"], record["reason"]) == (4, "bad frame")
+
+
+def test_console_lines_escape_control_characters(stream: io.StringIO) -> None:
+    """Regression: a client's `alg` of "RS256\\x1b[31m" reached the terminal as a raw ESC."""
+    configure_logging("info", "console", stream)
+    structlog.get_logger().info("token_rejected", alg="RS256\x1b[31m", kid="a\nforged line")
+    output = stream.getvalue()
+    assert "\x1b" not in output
+    assert output.count("\n") == 1
+    assert "alg=RS256\\x1b[31m" in output
+    assert "x0aforged line" in output
+
+
 def test_configure_replaces_its_own_root_handler(stream: io.StringIO) -> None:
     before = len(logging.getLogger().handlers)
     configure_logging("info", "json", stream)
