@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,8 @@ from types import TracebackType
 from typing import Any
 
 from spoa.devkit.errors import DevkitError
+
+_JWT_HEADER = re.compile(r"x[-_]jwt[-_]")
 
 
 class StackError(DevkitError):
@@ -185,7 +188,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
             self._reply(200, {"ok": True})
             return
         self.server.requests += 1
-        headers = {k.lower(): v for k, v in self.headers.items() if k.lower().startswith("x-jwt-")}
+        # x_jwt_ too: CGI-style servers read X_JWT_Sub as X-JWT-Sub.
+        headers = {k.lower(): v for k, v in self.headers.items() if _JWT_HEADER.match(k.lower())}
         self._reply(
             200,
             {

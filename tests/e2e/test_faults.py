@@ -209,6 +209,36 @@ def test_agent_sigkill_under_load_fails_closed_and_recovers() -> None:
         report("agent_sigkill", counts)
 
 
+def test_a_hung_agent_of_two_is_taken_out_for_good() -> None:
+    """Regression: one of two agents stopped (SIGSTOP: hung, not dead) went DOWN in
+    HAProxy, yet 15-20% of checks kept going to it, each a 503 after `timeout
+    processing`: the SPOE keeps its connections to a DOWN server unless
+    `on-marked-down shutdown-sessions` closes them."""
+    with (
+        LocalIssuer(alg="ES256") as issuer,
+        Stack(fast_stack_options(agent_config(issuer), agents=2)) as stack,
+    ):
+        load = Load(stack.frontend_port, tokens_for(issuer))
+        hung = stack.agents[0].process.pid
+        with load.running():
+            assert load.wait_for(lambda o: o.kind == "valid" and o.status == 200, 10)
+            os.kill(hung, signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 20
+                while not stack.server_states()[("jwtgate-agents", "agent1")].startswith("DOWN"):
+                    assert time.monotonic() < deadline, "agent1 was never marked DOWN"
+                    time.sleep(0.1)
+                # Checks already waiting on agent1 end within `timeout processing` (500ms).
+                settled = time.monotonic() + 1.0
+                assert load.wait_for(lambda o: o.at > settled + 3.0, 15)
+            finally:
+                os.kill(hung, signal.SIGCONT)
+        counts = assert_perimeter_held(load, stack)
+        after = [o for o in load.outcomes if o.at > settled]
+        assert len(after) > 20
+        assert [o for o in after if o.status == 503] == [], counts
+
+
 # --- one worker of two crashes --------------------------------------------------------------
 
 

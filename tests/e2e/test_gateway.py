@@ -147,6 +147,57 @@ def test_spoofed_identity_headers_never_reach_a_backend(gateway: tuple[Stack, Lo
     assert "x-jwt-email" not in seen
 
 
+def test_underscore_spellings_of_identity_headers_are_removed(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    """Regression: `^x-jwt-` left X_JWT_Email in place, which CGI-style servers read as
+    X-JWT-Email: an identity the agent never set."""
+    stack, issuer = gateway
+    spoofed = [("X_JWT_Email", "ceo@corp"), ("X_JWT_Sub", "root"), ("x-jwt_scope", "admin")]
+    reply = request(stack, token=mint(issuer), headers=spoofed)
+    assert reply.status == 200
+    seen = reply.json["jwt_headers"]
+    assert isinstance(seen, dict)
+    assert {name for name in seen if "_" in name} == set()
+    assert seen["x-jwt-sub"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/shadow/../admin/users",
+        "/shadow/..%2fadmin",
+        "/%61dmin/users",
+        "//admin/users",
+        "/./admin/users",
+        "/api/../admin",
+        "/%2e/admin",
+        "/admin\\users",
+        "/api/%7Eme",
+        "/api/..",
+    ],
+)
+def test_ambiguous_paths_are_refused_before_any_policy(
+    gateway: tuple[Stack, LocalIssuer], path: str
+) -> None:
+    """Regression: policies matched raw path prefixes, so `/shadow/../admin` (report-only)
+    reached a backend that resolves dot-segments with no token at all, and `/%61dmin`
+    ran under the default policy."""
+    stack, _ = gateway
+    before = sum(backend.requests for backend in stack.backends)
+    assert request(stack, path).status == 400
+    assert sum(backend.requests for backend in stack.backends) == before
+
+
+def test_policy_paths_match_whole_segments_in_any_case(gateway: tuple[Stack, LocalIssuer]) -> None:
+    stack, issuer = gateway
+    reader = mint(issuer)
+    assert request(stack, "/ADMIN/users", reader).status == 403
+    assert request(stack, "/Admin", reader).status == 403
+    assert request(stack, "/adminx", reader).status == 200  # not under /admin
+    assert request(stack, "/shadowx").status == 401  # not under the report-only /shadow
+
+
 def test_policy_is_chosen_by_path(gateway: tuple[Stack, LocalIssuer]) -> None:
     stack, issuer = gateway
     admin = mint(issuer, scope="read admin", email="alice@example.com")
