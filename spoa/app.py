@@ -138,6 +138,11 @@ def jwks_timing(issuer: IssuerSettings) -> JwksTiming:
         refresh_max=issuer.refresh_max,
         default_max_age=min(max(issuer.default_refresh, issuer.refresh_min), issuer.refresh_max),
         refetch_interval=issuer.refetch_interval,
+        # A kid missing from a fetch may be published a moment later (IdP or CDN lag):
+        # ask again after one refetch interval, which already bounds the fetch rate.
+        negative_ttl=issuer.refetch_interval,
+        # After an outage, keys come back within refresh_min (at most 5 min).
+        backoff_max=min(JwksTiming().backoff_max, issuer.refresh_min),
         max_stale=issuer.max_stale,
         fetch_timeout=issuer.fetch_timeout,
         max_response_bytes=issuer.max_jwks_bytes,

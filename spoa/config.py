@@ -492,6 +492,13 @@ class _Reader:
                 )
         if values["refresh_min"] > values["refresh_max"]:
             self.fail("refresh_min", "must not be greater than refresh_max")
+        if values["max_stale"] < 2 * values["refresh_min"]:
+            # Keys are refreshed halfway to max_stale at the latest, never below refresh_min.
+            self.fail(
+                "max_stale",
+                "must be at least twice refresh_min, so that keys are refreshed (and a"
+                " failed refresh retried) before they go stale",
+            )
         if algorithms:
             hmac = set(algorithms) & HMAC_ALGORITHMS
             if hmac and "keys" not in table:

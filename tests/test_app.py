@@ -40,6 +40,10 @@ def test_issuer_settings_become_rules_and_timing() -> None:
     timing = jwks_timing(issuer)
     assert (timing.refresh_min, timing.refresh_max, timing.max_stale) == (120.0, 3600.0, 21600.0)
     assert timing.default_max_age == 120.0  # clamped into [refresh_min, refresh_max]
+    # Regression: after an outage keys came back only after up to 300s of backoff, and a
+    # kid missing from a fetch (IdP or CDN lag) was not asked for again for 300s.
+    assert timing.backoff_max == 120.0
+    assert timing.negative_ttl == timing.refetch_interval == 30.0
     assert isinstance(key_source(issuer), JwksUrlSource)
 
 

@@ -151,6 +151,18 @@ def test_required_scopes_must_be_scope_tokens(scope: str) -> None:
     assert any(p.startswith(key) and "scope names" in p for p in found), found
 
 
+def test_max_stale_leaves_room_for_refreshes() -> None:
+    found = problems(
+        MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["RS256"]\nmax_stale = "90s"')
+    )
+    assert any(
+        p.startswith("issuers[0].max_stale: must be at least twice refresh_min") for p in found
+    )
+    parse_config(
+        MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["RS256"]\nmax_stale = "2m"')
+    )
+
+
 def test_claim_rules() -> None:
     text = MINIMAL + (
         'claims = [ { claim = "tenant", equals = "acme" },'

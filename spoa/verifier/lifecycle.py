@@ -107,13 +107,17 @@ class JwksSchedule:
         self.fetch_in_flight = True
 
     def record_success(self, now: float, max_age: float | None) -> float:
-        """Returns the clamped lifetime; the next refresh is due a little before it ends."""
+        """Returns the clamped lifetime. The next refresh is due a little before it ends,
+        and at the latest a third of the way to max_stale (below the alert at half): keys
+        the IdP says are good for a day must not go unusable under a shorter max_stale
+        while the IdP is healthy."""
         lifetime = self.timing.clamp_max_age(max_age)
         self.fetch_in_flight = False
         self.last_success = now
         self.expires_at = now + lifetime
         self.failures = 0
-        self.next_attempt_at = now + lifetime * (1 - self.timing.refresh_ahead)
+        refresh_in = lifetime * (1 - self.timing.refresh_ahead)
+        self.next_attempt_at = now + min(refresh_in, self.timing.max_stale / 3)
         return lifetime
 
     def record_failure(self, now: float) -> float:

@@ -50,9 +50,20 @@ def test_lifetime_is_clamped_and_refresh_comes_before_expiry(
     assert schedule.due(0.0)
     assert schedule.record_success(1000.0, max_age) == lifetime
     assert schedule.expires_at == 1000.0 + lifetime
-    refresh_at = 1000.0 + lifetime * 0.9
+    refresh_at = 1000.0 + min(lifetime * 0.9, TIMING.max_stale / 3)
     assert not schedule.due(refresh_at - 0.001)
     assert schedule.due(refresh_at)
+
+
+def test_refresh_comes_a_third_of_the_way_to_max_stale_at_the_latest() -> None:
+    """Regression: the refresh followed max-age alone, so a day-long max-age with a 12h
+    max_stale left the keys unusable (401 keys_unavailable) for hours of every day with
+    the IdP healthy."""
+    schedule = JwksSchedule(JwksTiming(refresh_max=86_400.0, max_stale=43_200.0))
+    schedule.record_success(0.0, 86_400.0)
+    assert not schedule.due(14_399.0)
+    assert schedule.due(14_400.0)
+    assert schedule.usable(43_200.0)  # a failed refresh leaves two thirds for retries
 
 
 def test_failures_back_off_exponentially_up_to_the_cap() -> None:
