@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ from spoa.protocol import SPEEDUPS, AnswerMemo
 from spoa.server import ServerLimits, SpoaServer, install_uvloop
 from spoa.verifier import (
     ClaimMatcher,
+    IssuerKeys,
     IssuerRules,
     JwksTiming,
     KeyLoadError,
@@ -184,10 +185,29 @@ class Engine:
         await self.keys.aclose()
 
 
-async def build_engine(config: Config, on_key_event: Callable[[KeyEvent], None]) -> Engine:
-    """Build and fetch keys; raises StartupError when the keys cannot be had in time."""
+def carried_keys(previous: Engine, sources: Mapping[str, KeySource]) -> dict[str, IssuerKeys]:
+    """The previous engine's keys for every remote issuer whose key source is unchanged."""
+    before = {issuer.name: issuer for issuer in previous.config.issuers}
+    carried = {}
+    for name, source in sources.items():
+        old = before.get(name)
+        entry = previous.store.get(name)
+        if old is None or entry is None or not (old.jwks_uri or old.discovery):
+            continue
+        # A remote issuer's source is its URL: key_source() reads no file for it.
+        if key_source(old) == source:
+            carried[name] = entry
+    return carried
+
+
+async def build_engine(
+    config: Config, on_key_event: Callable[[KeyEvent], None], previous: Engine | None = None
+) -> Engine:
+    """Build and fetch keys; raises StartupError when the keys cannot be had in time.
+    With `previous` (a reload), keys of unchanged remote sources carry over."""
     store = MemoryKeyStore()
     sources = {issuer.name: key_source(issuer) for issuer in config.issuers}
+
     timing = {issuer.name: jwks_timing(issuer) for issuer in config.issuers}
     keys = KeyManager(sources, timing, store, on_event=on_key_event)
     verifier = Verifier(
@@ -197,7 +217,8 @@ async def build_engine(config: Config, on_key_event: Callable[[KeyEvent], None])
         cache_size=config.cache.max_entries,
     )
     try:
-        ready = await keys.start(config.agent.ready_timeout)
+        carried = carried_keys(previous, sources) if previous is not None else None
+        ready = await keys.start(config.agent.ready_timeout, carried)
     except (KeySourceError, KeyLoadError) as exc:
         await keys.aclose()
         raise StartupError(f"cannot load keys: {exc}") from None
@@ -501,7 +522,7 @@ class Worker:
             try:
                 config = load_config(self.config_path)
                 _check_restart_only(self.config, config)
-                engine = await build_engine(config, key_event_logger(self.metrics))
+                engine = await build_engine(config, key_event_logger(self.metrics), self.engine)
             except ConfigError as exc:
                 self.metrics.config_reload("error")
                 log.error("reload_rejected", problems=exc.problems)

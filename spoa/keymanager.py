@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from spoa.verifier import (
+    IssuerKeys,
     JwksSchedule,
     JwksTiming,
     KeyLoadError,
@@ -328,23 +329,42 @@ class KeyManager:
         if self._on_event is not None:
             self._on_event(event)
 
-    async def start(self, timeout: float) -> bool:
-        """Load static keys and fetch every remote set once; True when all issuers have keys.
+    async def start(self, timeout: float, carried: Mapping[str, IssuerKeys] | None = None) -> bool:
+        """Load static keys and fetch every remote set, retrying failures after their
+        backoff, for up to `timeout`; True when all issuers have keys.
 
-        Static key errors are configuration errors and raise; remote failures are retried.
+        `carried`: the keys a previous configuration held for the same remote sources (a
+        reload). They serve at once, still aging from their own fetch, and are refreshed
+        in the background, so a reload works while an IdP is down.
+        Static key errors are configuration errors and raise.
         """
         now = self._clock()
         remote: list[_IssuerState] = []
         for state in self._issuers.values():
             if isinstance(state.source, StaticKeySource):
                 self._store.replace(state.name, load_static_keys(state.source), now)
-            else:
+                continue
+            kept = carried.get(state.name) if carried else None
+            if kept is not None:
+                self._store.replace(
+                    state.name, kept.key_set, kept.refreshed_at, max_stale=state.timing.max_stale
+                )
+                state.schedule.last_success = kept.refreshed_at
+            if self._store.generation(state.name, now) is None:
                 remote.append(state)
         if remote:
-            waits = [asyncio.shield(self._fetch_task(state)) for state in remote]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waits), timeout)
+                await asyncio.wait_for(self._until_keyed(remote), timeout)
         return self.ready(self._clock())
+
+    async def _until_keyed(self, pending: list[_IssuerState]) -> None:
+        while pending:
+            # Shielded: a start-up that gives up must not cancel a fetch half done.
+            done = await asyncio.gather(*(asyncio.shield(self._fetch_task(s)) for s in pending))
+            pending = [state for state, ok in zip(pending, done, strict=True) if not ok]
+            if pending:
+                retry_at = min(state.schedule.next_attempt_at for state in pending)
+                await asyncio.sleep(max(retry_at - self._clock(), 0.0))
 
     def ready(self, now: float) -> bool:
         return all(self._store.generation(name, now) is not None for name in self._issuers)

@@ -180,6 +180,33 @@ def test_a_bad_reload_keeps_the_old_config(single_agent: tuple[Stack, LocalIssue
     assert request(stack, token=mint(issuer)).status == 403
 
 
+def test_a_reload_during_an_idp_outage_keeps_the_keys() -> None:
+    """Regression: a reload refetched every JWKS, so during an IdP outage it was rejected
+    ("no keys ... after 15s") and the documented remedy, raise max_stale and reload, could
+    not work. Keys of an unchanged source now carry over."""
+    with (
+        LocalIssuer() as issuer,
+        Stack(StackOptions(agent_config=agent_config(issuer), agents=1)) as stack,
+    ):
+        agent = stack.agents[0]
+        assert request(stack, token=mint(issuer)).status == 200
+        issuer.mode = "down"
+        agent.config_path.write_text(
+            agent.config_path.read_text().replace('leeway = "5s"', 'leeway = "6s"')
+        )
+        agent.process.signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                '"event": "reloaded"' in agent.process.log_text()
+                or "reload_rejected" in agent.process.log_text()
+            ),
+            20,
+            "the reload",
+        )
+        assert "reload_rejected" not in agent.process.log_text()
+        assert request(stack, token=mint(issuer, jti="after-reload")).status == 200
+
+
 def test_readiness_flips_when_keys_go_stale_and_recovers() -> None:
     with LocalIssuer(max_age=1) as issuer:
         config = agent_config(issuer).replace(

@@ -46,7 +46,7 @@ from spoa.keymanager import (
     StaleServingStarted,
     StaticKeySource,
 )
-from spoa.verifier import JwksTiming, MemoryKeyStore, Reason, Verifier
+from spoa.verifier import JwksTiming, MemoryKeyStore, Reason, Verifier, load_jwks
 from tests.support.jwks_server import JwksServer
 
 T = TypeVar("T")
@@ -129,12 +129,13 @@ class Harness:
     def of_type(self, kind: type[T]) -> list[T]:
         return [e for e in self.events if isinstance(e, kind)]
 
-    def start_once(self) -> bool:
-        """The manager's first fetch (start), then close it: whether it became ready."""
+    def start_once(self, timeout: float = 5.0) -> bool:
+        """The manager's start (fetches retried for up to `timeout`; a test expecting a
+        failure keeps it short), then close it: whether it became ready."""
 
         async def scenario() -> bool:
             try:
-                return await self.manager.start(timeout=5.0)
+                return await self.manager.start(timeout=timeout)
             finally:
                 await self.manager.aclose()
 
@@ -169,6 +170,49 @@ def test_oidc_discovery(server: JwksServer, key_a: KeyPair) -> None:
     assert harness.verify(key_a) is Reason.OK
 
 
+def test_start_retries_until_the_idp_answers(server: JwksServer, key_a: KeyPair) -> None:
+    """Regression: start waited for one attempt only, so an IdP that came up 2s after
+    the agent (or one 500) failed the start at once, whatever ready_timeout said."""
+    server.set("/jwks", "down", status=500)
+    timing = JwksTiming(backoff_initial=0.05, backoff_max=0.05)
+    harness = Harness(JwksUrlSource(server.url("/jwks")), timing)
+
+    async def scenario() -> bool:
+        try:
+            starting = asyncio.ensure_future(harness.manager.start(timeout=10.0))
+            while server.requests("/jwks") < 3:
+                await asyncio.sleep(0.01)
+            server.set("/jwks", jwks(key_a))
+            return await starting
+        finally:
+            await harness.manager.aclose()
+
+    assert run(scenario)
+    assert harness.verify(key_a) is Reason.OK
+    assert len(harness.of_type(FetchFailed)) >= 2
+
+
+def test_carried_keys_serve_at_once_and_keep_their_age(server: JwksServer, key_a: KeyPair) -> None:
+    """A reload during an IdP outage: the previous keys of the same source serve at once,
+    aging from their own fetch (so max_stale still counts from it)."""
+    server.set("/jwks", "down", status=500)
+    first = MemoryKeyStore()
+    first.replace("main", load_jwks(json.dumps(jwks(key_a)).encode())[0], NOW - 100.0)
+    carried = {"main": first.get("main")}
+    harness = Harness(JwksUrlSource(server.url("/jwks")))
+
+    async def scenario() -> bool:
+        try:
+            return await harness.manager.start(timeout=0.3, carried=carried)  # type: ignore[arg-type]
+        finally:
+            await harness.manager.aclose()
+
+    assert run(scenario)
+    assert server.requests("/jwks") == 0  # ready without waiting for the IdP
+    assert harness.verify(key_a) is Reason.OK
+    assert harness.store.usable_until("main") == NOW - 100.0 + TIMING.max_stale
+
+
 def test_oidc_discovery_refuses_a_different_issuer(server: JwksServer, key_a: KeyPair) -> None:
     issuer = server.url("")
     server.set(
@@ -177,7 +221,7 @@ def test_oidc_discovery_refuses_a_different_issuer(server: JwksServer, key_a: Ke
     )
     server.set("/k", jwks(key_a))
     harness = Harness(OidcDiscoverySource(issuer))
-    assert not harness.start_once()
+    assert not harness.start_once(timeout=0.3)
     assert server.requests("/k") == 0
     failures = harness.of_type(FetchFailed)
     assert len(failures) == 1
@@ -261,7 +305,7 @@ def test_slow_server_never_holds_a_request_past_the_fetch_timeout(
     async def scenario() -> tuple[bool, float, bool, float]:
         try:
             started = time.monotonic()
-            ready = await harness.manager.start(timeout=5.0)
+            ready = await harness.manager.start(timeout=0.3)
             start_took = time.monotonic() - started
             started = time.monotonic()
             found = await harness.manager.refetch_unknown_kid("main", "a")
@@ -390,7 +434,7 @@ def test_redirects_stay_on_http(
     server.set("/jwks", b"", status=302, headers={"Location": location})
     server.set("/real", jwks(key_a))
     harness = Harness(JwksUrlSource(server.url("/jwks")))
-    assert harness.start_once() is follows
+    assert harness.start_once(timeout=5.0 if follows else 0.3) is follows
     if not follows:
         # urllib itself refuses file: (leaving the 302); our handler refuses ftp:.
         cause = harness.of_type(FetchFailed)[0].cause
@@ -462,7 +506,7 @@ def test_https_keys_come_only_from_a_trusted_certificate(
         assert url.startswith("https://127.0.0.1:")
 
         untrusted = Harness(JwksUrlSource(url))  # the system store does not know our CA
-        assert untrusted.start_once() is False
+        assert untrusted.start_once(timeout=0.3) is False
         assert "SSLCertVerificationError" in untrusted.of_type(FetchFailed)[0].cause
 
         monkeypatch.setenv("SSL_CERT_FILE", str(ca_pem))
