@@ -8,18 +8,17 @@ weaken a check. The reference for every key is docs/configuration.md.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
 import tomllib
-import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from spoa.keymanager import trusted_transport
 from spoa.verifier.claims import SCOPE_TOKEN
 
 DEFAULT_POLICY = "default"
@@ -484,7 +483,7 @@ class _Reader:
             values["discovery"] = self.get(table, "discovery", _discovery(issuer), None)
         for source in ("jwks_uri", "discovery"):
             url = values.get(source)
-            if url and not values["allow_plain_http"] and not _trusted_transport(url):
+            if url and not values["allow_plain_http"] and not trusted_transport(url):
                 self.fail(
                     source,
                     "plain http:// to a non-loopback host lets anyone on the path replace the"
@@ -493,7 +492,7 @@ class _Reader:
         if values["refresh_min"] > values["refresh_max"]:
             self.fail("refresh_min", "must not be greater than refresh_max")
         if values["max_stale"] < 2 * values["refresh_min"]:
-            # Keys are refreshed halfway to max_stale at the latest, never below refresh_min.
+            # Keys are refreshed a third of the way to max_stale at the latest.
             self.fail(
                 "max_stale",
                 "must be at least twice refresh_min, so that keys are refreshed (and a"
@@ -813,20 +812,6 @@ def _url(value: Any) -> str:
     if not text.startswith(("https://", "http://")):
         raise _Expected("an http:// or https:// URL")
     return text
-
-
-def _trusted_transport(url: str) -> bool:
-    """https, or plain http that never leaves the host."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https":
-        return True
-    host = parts.hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _discovery(issuer: str | None) -> Callable[[Any], str]:

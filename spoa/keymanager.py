@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import ssl
 import threading
 import time
@@ -174,6 +175,31 @@ class HttpFetch(Protocol):
     async def __call__(self, url: str, *, timeout: float, max_bytes: int) -> HttpResponse: ...
 
 
+def trusted_transport(url: str) -> bool:
+    """https, or plain http that never leaves the host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_step(old_url: str, new_url: str) -> None:
+    """A redirect, or a discovery document's jwks_uri, may not leave a trusted transport
+    (https, loopback http) for plain http to another host: that would undo the config's
+    rule and let anyone on the path serve keys."""
+    _check_url(new_url)
+    if trusted_transport(old_url) and not trusted_transport(new_url):
+        raise KeySourceError(
+            f"refusing a redirect or jwks_uri to plain http off this host: {new_url}"
+        )
+
+
 def _check_url(url: str) -> None:
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https"):
@@ -181,7 +207,8 @@ def _check_url(url: str) -> None:
 
 
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to http(s), and never from https down to http."""
+    """Follow redirects only to http(s), and never down from https or loopback to plain
+    http elsewhere."""
 
     def redirect_request(
         self,
@@ -196,6 +223,7 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
         new_scheme = urllib.parse.urlsplit(newurl).scheme
         if new_scheme not in ("http", "https") or (old_scheme == "https" and new_scheme != "https"):
             raise KeySourceError("refusing a redirect to another scheme")
+        _check_step(req.full_url, newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -498,13 +526,13 @@ class KeyManager:
         jwks_uri = document.get("jwks_uri")
         if not isinstance(jwks_uri, str):
             raise KeySourceError("discovery document has no jwks_uri")
-        _check_url(jwks_uri)
         # Never step down from https to plain http on the discovery document's say-so.
         if (
             urllib.parse.urlsplit(discovery_url).scheme == "https"
             and urllib.parse.urlsplit(jwks_uri).scheme != "https"
         ):
             raise KeySourceError("jwks_uri must use https")
+        _check_step(discovery_url, jwks_uri)
         state.jwks_url = jwks_uri
         return jwks_uri
 

@@ -213,6 +213,19 @@ def test_carried_keys_serve_at_once_and_keep_their_age(server: JwksServer, key_a
     assert harness.store.usable_until("main") == NOW - 100.0 + TIMING.max_stale
 
 
+def test_oidc_discovery_never_steps_down_to_plain_http_elsewhere(
+    server: JwksServer, key_a: KeyPair
+) -> None:
+    issuer = server.url("")
+    server.set(
+        "/.well-known/openid-configuration",
+        {"issuer": issuer, "jwks_uri": "http://192.0.2.1/jwks.json"},
+    )
+    harness = Harness(OidcDiscoverySource(issuer))
+    assert not harness.start_once(timeout=0.3)
+    assert "plain http off this host" in harness.of_type(FetchFailed)[0].cause
+
+
 def test_oidc_discovery_refuses_a_different_issuer(server: JwksServer, key_a: KeyPair) -> None:
     issuer = server.url("")
     server.set(
@@ -425,7 +438,13 @@ def test_static_source_errors_are_raised(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("target", "follows"),
-    [("/real", True), ("file:///etc/passwd", False), ("ftp://127.0.0.1/k", False)],
+    [
+        ("/real", True),
+        ("file:///etc/passwd", False),
+        ("ftp://127.0.0.1/k", False),
+        # Regression: loopback http redirected to plain http elsewhere was followed.
+        ("http://192.0.2.1/jwks.json", False),
+    ],
 )
 def test_redirects_stay_on_http(
     target: str, follows: bool, server: JwksServer, key_a: KeyPair
