@@ -48,6 +48,8 @@ _INT64_LIMIT = 2**63  # HAProxy integers are signed 64-bit
 MAX_VAR_BYTES = 1024  # per forwarded value; HAProxy puts these into request headers
 MAX_CLAIMS_BYTES = 6144  # the base64url payload; keeps every ACK well inside 16 KiB frames
 
+_NOT_A_POLICY_NAME = "\x00"  # no [policies.NAME] can be called this
+
 # Verdicts the glue itself reaches (no token to verify); shared, as they are immutable.
 _MISSING_TOKEN = Verdict.rejected(Reason.MISSING_TOKEN)
 _UNKNOWN_POLICY = Verdict.rejected(Reason.UNKNOWN_POLICY)
@@ -159,7 +161,12 @@ class CheckJwtHandler:
         args = dict(reversed(message.args))  # the first of a repeated name wins
         policy_name = args.get(ARG_POLICY)
         if type(policy_name) is not str or not policy_name:
-            policy_name = _text(policy_name) or DEFAULT_POLICY
+            # Unset (NULL) or empty: the default policy. Any type but text (a wrong fetch
+            # in haproxy.cfg) names no policy, never the default: unknown_policy, 500.
+            if policy_name is None or policy_name in ("", b""):
+                policy_name = DEFAULT_POLICY
+            else:
+                policy_name = _text(policy_name) or _NOT_A_POLICY_NAME
         selected = runtime.policies.get(policy_name)
         token, problem = _extract_token(args, runtime.token_query_param)
         now = self._clock()

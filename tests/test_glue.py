@@ -7,6 +7,7 @@ import base64
 import json
 import time
 from collections.abc import Awaitable, Iterator, Sequence
+from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
@@ -238,6 +239,23 @@ def test_insufficient_scope_is_403_with_scope(handler: CheckJwtHandler) -> None:
         'Bearer realm="corp", error="insufficient_scope", '
         'error_description="insufficient_scope", scope="admin"'
     )
+
+
+@pytest.mark.parametrize("policy", [3, True, b"nope", IPv4Address("10.0.0.1")])
+def test_a_policy_argument_that_is_no_name_fails_closed(
+    handler: CheckJwtHandler, policy: object
+) -> None:
+    """Regression: a policy argument of another type (an int from a wrong fetch) fell back
+    to the default policy and let a valid token through."""
+    msg = Message("check-jwt", (("authorization", f"Bearer {token()}"), ("policy", policy)))
+    result = run(handler, msg)
+    assert (result["valid"], result["status"], result["reason"]) == (False, 500, "unknown_policy")
+
+
+@pytest.mark.parametrize("policy", [None, "", b"", b"default"])
+def test_an_unset_policy_is_the_default(handler: CheckJwtHandler, policy: object) -> None:
+    msg = Message("check-jwt", (("authorization", f"Bearer {token()}"), ("policy", policy)))
+    assert run(handler, msg)["valid"] is True
 
 
 def test_unknown_policy_fails_closed(handler: CheckJwtHandler) -> None:
