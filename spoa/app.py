@@ -51,6 +51,7 @@ from spoa.keymanager import (
     StaleServingEnded,
     StaleServingStarted,
     StaticKeySource,
+    load_static_keys,
 )
 from spoa.logs import RejectionLogLimiter, configure_logging, mask_secrets, token_fingerprint
 from spoa.metrics import (
@@ -118,6 +119,29 @@ def key_source(issuer: IssuerSettings) -> KeySource:
         secret = _read_secret(key.secret_env, key.secret_file)
         secrets.append(HmacSecret(secret, key.alg, key.kid))
     return StaticKeySource(tuple(files), tuple(secrets))
+
+
+def static_key_problems(config: Config) -> list[str]:
+    """What `run` would refuse in the key files and secret files the configuration names
+    (check-config). Secrets from the environment are left to `run`: the shell that checks
+    a file is seldom the one that runs the agent."""
+    problems = []
+    for index, issuer in enumerate(config.issuers):
+        if issuer.jwks_uri or issuer.discovery:
+            continue
+        files: tuple[KeyFile, ...] = (KeyFile(issuer.jwks_file),) if issuer.jwks_file else ()
+        files += tuple(KeyFile(k.file, kid=k.kid, alg=k.alg) for k in issuer.keys if k.file)
+        try:
+            secrets = tuple(
+                HmacSecret(_read_secret(None, k.secret_file), k.alg, k.kid)
+                for k in issuer.keys
+                if k.secret_file and k.alg is not None
+            )
+            if files or secrets:
+                load_static_keys(StaticKeySource(files, secrets))
+        except (StartupError, KeyLoadError) as exc:
+            problems.append(f"issuers[{index}] ({issuer.name}): {exc}")
+    return problems
 
 
 def _read_secret(env: str | None, path: str | None) -> bytes:

@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config",
         help="validate a configuration file",
-        description="Validate FILE and print the effective configuration (defaults filled "
-        "in, secrets never shown) as JSON. Exits 1 and lists every problem when invalid.",
+        description="Validate FILE, and the key and secret files it names, and print the "
+        "effective configuration (defaults filled in, secrets never shown) as JSON. Exits 1 "
+        "and lists every problem when invalid. JWKS URLs are not fetched.",
     )
     check.add_argument("file", metavar="FILE")
     check.set_defaults(handler=cmd_check_config)
@@ -206,7 +207,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from spoa.app import static_key_problems
+
     config = load_config(args.file)
+    problems = static_key_problems(config)
+    if problems:
+        raise ConfigError(problems)
     print(json.dumps(describe(config), indent=2, sort_keys=True, default=str))
     print(f"jwtgate: {args.file}: configuration is valid", file=sys.stderr)
     return EXIT_OK

@@ -100,7 +100,13 @@ def load_static_keys(source: StaticKeySource) -> KeySet:
             data = Path(key_file.path).read_bytes()
         except OSError as exc:
             raise KeySourceError(f"cannot read key file {key_file.path}: {exc.strerror}") from exc
-        keys.extend(load_key_file_bytes(data, kid=key_file.kid, alg=key_file.alg).keys)
+        try:
+            loaded = load_key_file_bytes(data, kid=key_file.kid, alg=key_file.alg)
+        except KeyLoadError as exc:
+            raise KeySourceError(f"key file {key_file.path}: {exc}") from exc
+        if not loaded.keys:
+            raise KeySourceError(f"key file {key_file.path}: holds no usable keys")
+        keys.extend(loaded.keys)
     keys.extend(hmac_key(s.secret, alg=s.alg, kid=s.kid) for s in source.secrets)
     if not keys:
         raise KeySourceError("static key source holds no keys")
@@ -370,7 +376,11 @@ class KeyManager:
         remote: list[_IssuerState] = []
         for state in self._issuers.values():
             if isinstance(state.source, StaticKeySource):
-                self._store.replace(state.name, load_static_keys(state.source), now)
+                try:
+                    key_set = load_static_keys(state.source)
+                except KeyLoadError as exc:
+                    raise KeySourceError(f"issuer {state.name!r}: {exc}") from exc
+                self._store.replace(state.name, key_set, now)
                 continue
             kept = carried.get(state.name) if carried else None
             if kept is not None:

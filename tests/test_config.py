@@ -228,6 +228,43 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"not a key\n", "neither PEM nor a JSON object"),
+        (b'{"keys": []}', "holds no"),
+        ("rsa1024", "1024 bits"),
+    ],
+)
+def test_check_config_loads_the_key_files(
+    tmp_path: Path, content: bytes | str, expected: str
+) -> None:
+    """Regression: check-config said "valid" for key files `run` refuses."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    if content == "rsa1024":
+        weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+        weak = weak.public_key()
+        content = weak.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    assert isinstance(content, bytes)
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(content)
+    path = tmp_path / "jwtgate.toml"
+    path.write_text(
+        MINIMAL.replace(
+            'jwks_uri = "https://id.example.com/jwks.json"', f'jwks_file = "{key_file}"'
+        )
+    )
+    result = check_config(path)
+    assert result.returncode == 1
+    assert "issuers[0] (corp): key file" in result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_check_config_cli_prints_the_effective_config(tmp_path: Path) -> None:
     path = tmp_path / "ok.toml"
     path.write_text(MINIMAL)
