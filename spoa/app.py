@@ -367,11 +367,12 @@ def key_event_logger(metrics: Metrics) -> Callable[[KeyEvent], None]:
                 removed=list(event.removed),
             )
         elif isinstance(event, FetchFailed):
-            metrics.jwks_fetch(event.issuer, "error")
+            metrics.jwks_fetch(event.issuer, event.kind)
             log.warning(
                 "jwks_fetch_failed",
                 issuer=event.issuer,
                 cause=event.cause,
+                result=event.kind,
                 retry_in=round(event.retry_in, 1),
             )
         elif isinstance(event, StaleServingStarted):

@@ -46,6 +46,14 @@ class KeySourceError(KeyLoadError):
     """A key source could not be read, fetched or trusted."""
 
 
+class HttpStatusError(KeySourceError):
+    """The endpoint answered, with another status than 200."""
+
+
+class TransportError(KeySourceError):
+    """A URL, scheme or redirect the agent refuses to follow."""
+
+
 # --- Key sources -------------------------------------------------------------------------
 
 
@@ -136,6 +144,7 @@ class FetchFailed:
     issuer: str
     cause: str
     retry_in: float
+    kind: str = "error"  # timeout | http_error | invalid | error (metrics' `result`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +210,7 @@ def _check_step(old_url: str, new_url: str) -> None:
     rule and let anyone on the path serve keys."""
     _check_url(new_url)
     if trusted_transport(old_url) and not trusted_transport(new_url):
-        raise KeySourceError(
+        raise TransportError(
             f"refusing a redirect or jwks_uri to plain http off this host: {new_url}"
         )
 
@@ -209,7 +218,7 @@ def _check_step(old_url: str, new_url: str) -> None:
 def _check_url(url: str) -> None:
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https"):
-        raise KeySourceError(f"unsupported URL scheme {scheme!r}")
+        raise TransportError(f"unsupported URL scheme {scheme!r}")
 
 
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
@@ -228,7 +237,7 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
         old_scheme = urllib.parse.urlsplit(req.full_url).scheme
         new_scheme = urllib.parse.urlsplit(newurl).scheme
         if new_scheme not in ("http", "https") or (old_scheme == "https" and new_scheme != "https"):
-            raise KeySourceError("refusing a redirect to another scheme")
+            raise TransportError("refusing a redirect to another scheme")
         _check_step(req.full_url, newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -290,7 +299,7 @@ class UrllibFetch:
             size = 0
             while True:
                 if time.monotonic() > deadline:
-                    raise KeySourceError("response took longer than the fetch timeout")
+                    raise TimeoutError("response took longer than the fetch timeout")
                 chunk = response.read(_READ_CHUNK)
                 if not chunk:
                     break
@@ -303,6 +312,18 @@ class UrllibFetch:
                 body=b"".join(chunks),
                 cache_control=response.headers.get("Cache-Control"),
             )
+
+
+def _failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, HttpStatusError):
+        return "http_error"
+    if isinstance(exc, TransportError):
+        return "error"
+    if isinstance(exc, KeyLoadError):
+        return "invalid"  # an answer, but no usable key set in it
+    return "error"  # connection refused, TLS, ...
 
 
 def _describe(exc: BaseException) -> str:
@@ -477,7 +498,7 @@ class KeyManager:
                 timing.fetch_timeout,
             )
             if response.status != 200:
-                raise KeySourceError(f"JWKS answered HTTP {response.status}")
+                raise HttpStatusError(f"JWKS answered HTTP {response.status}")
             key_set, report = load_jwks(response.body, max_keys=timing.max_keys)
             if not key_set.keys:
                 raise KeySourceError("JWKS holds no usable signing keys")
@@ -485,7 +506,7 @@ class KeyManager:
             now = self._clock()
             state.jwks_url = None  # discover again next time
             delay = state.schedule.record_failure(now)
-            self._emit(FetchFailed(state.name, _describe(exc), delay))
+            self._emit(FetchFailed(state.name, _describe(exc), delay, _failure_kind(exc)))
             self._report_staleness(state, now)
             return False
         now = self._clock()
@@ -526,7 +547,7 @@ class KeyManager:
             timing.fetch_timeout,
         )
         if response.status != 200:
-            raise KeySourceError(f"discovery answered HTTP {response.status}")
+            raise HttpStatusError(f"discovery answered HTTP {response.status}")
         try:
             document = parse_json_object(response.body, "discovery document")
         except Exception as exc:

@@ -62,10 +62,9 @@ VERIFY_BUCKETS: Final = (
 
 OUTCOMES: Final = frozenset({"accept", "reject", "report_only_reject"})
 _REPLAY_KEYS_MAX: Final = 4096  # replay tags whose labels are kept, per label set
-JWKS_FETCH_RESULTS: Final = frozenset(
-    {"ok", "not_modified", "error", "timeout", "http_error", "invalid", "rate_limited"}
-)
-_JWKS_SUCCESS: Final = frozenset({"ok", "not_modified"})
+# What a fetch came to; the cause in words is in the `jwks_fetch_failed` log event.
+JWKS_FETCH_RESULTS: Final = frozenset({"ok", "timeout", "http_error", "invalid", "error"})
+_JWKS_SUCCESS: Final = frozenset({"ok"})
 RELOAD_RESULTS: Final = frozenset({"ok", "error", "unchanged"})
 # Frame types HAProxy sends (spop-notes §1) plus the agent's own, named as in SPOE.txt.
 FRAME_KINDS: Final = frozenset(
@@ -74,6 +73,8 @@ FRAME_KINDS: Final = frozenset(
 )  # fmt: skip
 # SPOP DISCONNECT status codes 0..13 and 99 (unknown error).
 _STATUS_LABELS: Final = {code: str(code) for code in (*range(14), 99)}
+# DISCONNECT statuses that count as protocol errors (0-2 are normal closes).
+_PROTOCOL_ERROR_STATUSES: Final = (*range(3, 14), 99)
 
 ReadinessCheck = Callable[[], tuple[bool, Any]]
 
@@ -270,6 +271,12 @@ class Metrics:
             ["result"],
             registry=reg,
         )
+        # Series present at 0 from the start: increase() in an alert cannot see the first
+        # increment of a series that did not exist before it.
+        for result in ("ok", "error"):
+            self._reloads.labels(result=result)
+        for status in _PROTOCOL_ERROR_STATUSES:
+            self._protocol_errors.labels(status=_status_label(status))
         self._build_info = Gauge(
             "jwtgate_build_info",
             "Always 1; the version label names the running build.",
@@ -323,7 +330,7 @@ class Metrics:
         for issuer in new_issuers:
             # Present from the start, so "not ready yet" is visible before the first fetch.
             self._issuer_ready.labels(issuer=issuer)
-            for result in ("ok", "error"):
+            for result in JWKS_FETCH_RESULTS:
                 self._jwks_fetches.labels(issuer=issuer, result=result)
 
     def _issuer_label(self, issuer: str | None) -> str:

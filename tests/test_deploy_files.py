@@ -382,7 +382,7 @@ def test_alerts_cover_rejections_stale_keys_fetch_errors_down_and_protocol_error
     assert find(r'outcome="reject"', r"offset")  # sudden increase against the past
     assert find(r"jwtgate_jwks_age_seconds")
     assert find(r"jwtgate_issuer_ready\) == 0")
-    assert find(r"jwtgate_jwks_fetches_total\{result!~")
+    assert find(r'jwtgate_jwks_fetches_total\{result!="ok"\}')
     assert find(r'^up\{job="jwtgate"\} == 0$')
     assert find(r"jwtgate_spop_protocol_errors_total")
     # The key-age thresholds are fractions of each issuer's own max_stale.

@@ -246,6 +246,19 @@ def test_cache_stats_turn_cumulative_totals_into_counter_increments(
     assert value(samples, "jwtgate_token_cache_entries") == 1
 
 
+def test_alerted_counters_exist_at_zero_from_the_start(
+    metrics: Metrics, server: MetricsServer
+) -> None:
+    """Regression: a series born at its first increment is invisible to increase(), so
+    the reload-failed and protocol-error alerts missed each process's first one."""
+    samples = scrape(server.port)
+    assert value(samples, "jwtgate_config_reloads_total", result="error") == 0
+    assert value(samples, "jwtgate_spop_protocol_errors_total", status="4") == 0
+    for result in ("ok", "timeout", "http_error", "invalid", "error"):
+        issuer = sorted(ISSUERS)[0]
+        assert value(samples, "jwtgate_jwks_fetches_total", issuer=issuer, result=result) == 0
+
+
 def test_config_reloads_and_build_info(metrics: Metrics, server: MetricsServer) -> None:
     metrics.config_reload("ok")
     metrics.config_reload("error")

@@ -284,6 +284,7 @@ def test_outage_serves_stale_keys_then_fails_closed(server: JwksServer, key_a: K
             clock.now = NOW + 540
             await harness.manager.run_due(clock.now)
             assert harness.of_type(FetchFailed)[-1].retry_in == 5.0
+            assert harness.of_type(FetchFailed)[-1].kind == "http_error"
             clock.now = NOW + 600
             await harness.manager.run_due(clock.now)  # retry after backoff; still failing
             assert harness.of_type(StaleServingStarted)
@@ -331,7 +332,7 @@ def test_slow_server_never_holds_a_request_past_the_fetch_timeout(
     assert not found
     assert start_took < 0.6
     assert refetch_took < 0.6
-    assert harness.of_type(FetchFailed)
+    assert harness.of_type(FetchFailed)[0].kind == "timeout"
 
 
 @pytest.mark.parametrize(
@@ -366,6 +367,7 @@ def test_garbage_and_huge_responses_keep_the_last_good_keys(
     run(scenario)
     failure = harness.of_type(FetchFailed)[-1]
     assert cause in failure.cause
+    assert failure.kind == "invalid"
     assert harness.verify(key_a, iat=int(NOW) + 500) is Reason.OK
 
 
@@ -456,8 +458,9 @@ def test_redirects_stay_on_http(
     assert harness.start_once(timeout=5.0 if follows else 0.3) is follows
     if not follows:
         # urllib itself refuses file: (leaving the 302); our handler refuses ftp:.
-        cause = harness.of_type(FetchFailed)[0].cause
-        assert "redirect" in cause or "302" in cause
+        failure = harness.of_type(FetchFailed)[0]
+        assert "redirect" in failure.cause or "302" in failure.cause
+        assert failure.kind in ("error", "http_error")
 
 
 # --- HTTPS: certificates are verified ----------------------------------------------------------
