@@ -420,6 +420,7 @@ class Worker:
         sock: socket.socket,
         on_serving: Callable[[], None] | None = None,
         reload_requested: Callable[[], bool] = lambda: False,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
         self._reloading = asyncio.Lock()
         self._reload_pending = reload_requested()
@@ -483,6 +484,8 @@ class Worker:
             asyncio.create_task(self._refresh_keys()),
             asyncio.create_task(self._metrics_tick()),
         ]
+        if heartbeat is not None:
+            self._tasks.append(asyncio.create_task(_beat_every(HEARTBEAT_EVERY, heartbeat)))
         if self._reload_pending:
             self._schedule_reload()
         await self._stop.wait()
@@ -640,6 +643,17 @@ def bind_listener(config: Config) -> socket.socket:
     return sock
 
 
+# A worker under a supervisor proves its event loop turns by writing to its pipe this
+# often; the supervisor kills one silent for Supervisor.STALL_AFTER and starts another.
+HEARTBEAT_EVERY = 1.0
+
+
+async def _beat_every(seconds: float, beat: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        beat()
+
+
 def _worker_main(
     config: Config,
     config_path: str | None,
@@ -648,13 +662,18 @@ def _worker_main(
     reload_requested: Callable[[], bool] = lambda: False,
 ) -> int:
     """Run one worker to completion in this process. With `ready_fd` (a supervisor's
-    pipe), one byte is written there once the worker serves."""
+    pipe), "R" is written there once the worker serves, then "." every HEARTBEAT_EVERY."""
 
     def report_serving() -> None:
         if ready_fd is not None:
             with contextlib.suppress(OSError):
+                os.set_blocking(ready_fd, False)
                 os.write(ready_fd, b"R")
-                os.close(ready_fd)
+
+    def heartbeat() -> None:
+        # Never blocks: a supervisor that stopped reading must not stall the worker.
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b".")  # type: ignore[arg-type]
 
     metrics = make_metrics(config)
     worker = Worker(config, config_path, metrics)
@@ -670,7 +689,14 @@ def _worker_main(
             ) from None
     install_uvloop()
     try:
-        asyncio.run(worker.run(sock, report_serving, reload_requested))
+        asyncio.run(
+            worker.run(
+                sock,
+                report_serving,
+                reload_requested,
+                heartbeat if ready_fd is not None else None,
+            )
+        )
     finally:
         if server is not None:
             server.stop()
@@ -732,6 +758,10 @@ class Supervisor:
     RESTART_FIRST = 0.5
     RESTART_MAX = 30.0
     HEALTHY_AFTER = 30.0  # a worker that lived this long resets its slot's back-off
+    # A serving worker whose heartbeat stopped this long is hung (a stuck event loop, a
+    # SIGSTOP): HAProxy's checks may land on a sibling and keep the agent UP, so only
+    # the supervisor can see it. It is killed, and restarted like a worker that died.
+    STALL_AFTER = 10.0
 
     def __init__(self, config: Config, config_path: str | None, sock: socket.socket) -> None:
         self.config = config
@@ -742,7 +772,8 @@ class Supervisor:
         self.started_at: dict[int, float] = {}  # pid -> monotonic start
         self.failures: dict[int, int] = {}  # slot -> deaths in a row
         self.restart_at: dict[int, float] = {}  # slot -> when to start it again
-        self.ready_pipes: dict[int, int] = {}  # pid -> read end, until the worker serves
+        self.ready_pipes: dict[int, int] = {}  # pid -> read end: "R" once serving, then beats
+        self.last_beat: dict[int, float] = {}  # pid -> monotonic time of its last sign of life
         self.serving: set[int] = set()  # pids of workers that reported serving
         self.reload_owed: set[int] = set()  # still starting when a reload came: HUP on serving
         self.stopping = False
@@ -816,19 +847,33 @@ class Supervisor:
         log.info("worker_started", pid=process.pid, slot=slot)
 
     def _collect_serving(self) -> None:
+        now = time.monotonic()
         for pid, fd in list(self.ready_pipes.items()):
             try:
-                data = os.read(fd, 1)
+                data = os.read(fd, 4096)
             except BlockingIOError:
                 continue
-            os.close(fd)
-            del self.ready_pipes[pid]
-            if data:  # empty: the worker died before serving
+            if not data:  # the worker died (or closed its end)
+                os.close(fd)
+                del self.ready_pipes[pid]
+                continue
+            self.last_beat[pid] = now
+            if pid not in self.serving and b"R" in data:
                 self.serving.add(pid)
                 if pid in self.reload_owed:  # it may have read the file before the change
                     self.reload_owed.discard(pid)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGHUP)
+
+    def _kill_hung(self) -> None:
+        now = time.monotonic()
+        for pid in list(self.serving):
+            silent = now - self.last_beat.get(pid, now)
+            if silent >= self.STALL_AFTER:
+                log.error("worker_hung", pid=pid, silent_for=round(silent, 1))
+                self.serving.discard(pid)  # killed once; the reaper restarts its slot
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -837,7 +882,14 @@ class Supervisor:
         self.reload_requested = True
 
     def _watch(self) -> None:
+        looped_at = time.monotonic()
         while self.children or self.restart_at:
+            now = time.monotonic()
+            if now - looped_at > self.STALL_AFTER / 2:
+                # The supervisor itself was not running (the host paused): the workers'
+                # silence is not theirs. Count their heartbeats from now.
+                self.last_beat = dict.fromkeys(self.last_beat, now)
+            looped_at = now
             if self.stopping:
                 self.restart_at.clear()
                 for pid in list(self.children):
@@ -850,6 +902,7 @@ class Supervisor:
                 self._reload()
             self._reap(block=False)
             self._collect_serving()
+            self._kill_hung()
             now = time.monotonic()
             for slot, due in list(self.restart_at.items()):
                 if now >= due:
@@ -870,6 +923,7 @@ class Supervisor:
             self.processes.pop(pid, None)
             self.serving.discard(pid)
             self.reload_owed.discard(pid)
+            self.last_beat.pop(pid, None)
             fd = self.ready_pipes.pop(pid, None)
             if fd is not None:
                 os.close(fd)

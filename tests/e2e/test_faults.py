@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from spoa.app import Supervisor
 from spoa.devkit.issuer import LocalIssuer
 from spoa.devkit.stack import ManagedProcess, Stack, StackOptions, free_port, haproxy_binary
 from spoa.devkit.stack import haproxy_config_dir as shipped_haproxy_dir
@@ -278,6 +279,36 @@ def test_one_worker_killed_the_other_serves_and_it_is_restarted() -> None:
         # Only checks in flight on the dead worker's connections may fail (503, closed).
         assert unanswered <= max(3, len(after) // 10), counts
         report("worker_sigkill", counts)
+
+
+def test_a_hung_worker_is_killed_and_replaced() -> None:
+    """Regression: a worker stopped with SIGSTOP was never noticed. HAProxy's checks
+    landed on its sibling and kept the agent UP, /readyz stayed 200, and the checks sent
+    on the hung worker's connections got 503 for as long as it hung. The supervisor now
+    kills a worker whose heartbeat stopped for Supervisor.STALL_AFTER and restarts it."""
+    with (
+        LocalIssuer(alg="ES256") as issuer,
+        Stack(fast_stack_options(agent_config(issuer), workers=2)) as stack,
+    ):
+        supervisor = stack.agents[0].process.pid
+        victim = min(children_of(supervisor))
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + Supervisor.STALL_AFTER + 15
+            while time.monotonic() < deadline:
+                children = children_of(supervisor)
+                if victim not in children and len(children) == 2:
+                    break
+                time.sleep(0.2)
+            assert victim not in children_of(supervisor), "the hung worker is still there"
+            assert len(children_of(supervisor)) == 2, "the hung worker was not replaced"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        assert '"event": "worker_hung"' in stack.agents[0].process.log_text()
+        load = Load(stack.frontend_port, tokens_for(issuer))
+        with load.running():
+            assert load.wait_for(lambda o: o.kind == "valid" and o.status == 200, 10)
 
 
 # --- header spoofing -------------------------------------------------------------------------
