@@ -295,6 +295,8 @@ class AgentConnection:
         elif frame_type == _HAPROXY_HELLO:
             if state is not _State.AWAIT_HELLO:
                 raise InvalidFrame("second HELLO")
+            if stream_id or frame_id:
+                raise InvalidFrame("HELLO with a stream-id or frame-id other than 0")
             self._handle_hello(buf, pos, end)
         elif frame_type == _HAPROXY_DISCONNECT:
             self._handle_disconnect(buf, pos, end)

@@ -234,6 +234,12 @@ INVALID_HELLO: list[tuple[str, bytes, Status]] = [
         Status.FRAGMENTATION_NOT_SUPPORTED,
     ),
     ("length over the pre-hello cap", b"\x7f\xff\xff\xff", Status.FRAME_TOO_BIG),
+    # SPOE.txt 3.2.4: STREAM-ID and FRAME-ID must be 0.
+    (
+        "hello with ids",
+        build_frame(FrameType.HAPROXY_HELLO, 1, 1, encode_kv_list(list(HELLO_ITEMS.items()))),
+        Status.INVALID_FRAME,
+    ),
 ]
 
 
