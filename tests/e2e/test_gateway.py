@@ -172,6 +172,14 @@ def test_spoofed_identity_headers_never_reach_a_backend(
         "/admin\\users",
         "/api/%7Eme",
         "/api/..",
+        # A second review: `;params` after a dot segment (servlet containers drop them),
+        # trailing dots, encoded controls and trailing spaces.
+        "/shadow/..;/admin",
+        "/x/.;/admin",
+        "/admin./users",
+        "/admin%20",
+        "/admin%00",
+        "/admin%09/users",
     ],
 )
 def test_ambiguous_paths_are_refused_before_any_policy(
@@ -191,8 +199,70 @@ def test_policy_paths_match_whole_segments_in_any_case(gateway: tuple[Stack, Loc
     reader = mint(issuer)
     assert request(stack, "/ADMIN/users", reader).status == 403
     assert request(stack, "/Admin", reader).status == 403
+    # Regression: Jetty and Tomcat serve /admin;x/users as /admin/users.
+    assert request(stack, "/admin;x/users", reader).status == 403
+    assert request(stack, "/admin;/users", reader).status == 403
     assert request(stack, "/adminx", reader).status == 200  # not under /admin
     assert request(stack, "/shadowx").status == 401  # not under the report-only /shadow
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/files/report.v2.pdf",
+        "/a-b_c~d",
+        "/.well-known/x",
+        "/a%20b",
+        "/caf%C3%A9",
+        "/p;jsessionid=1",
+    ],
+)
+def test_ordinary_paths_are_not_refused(gateway: tuple[Stack, LocalIssuer], path: str) -> None:
+    stack, issuer = gateway
+    assert request(stack, path, mint(issuer)).status == 200
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        'Digest username="u", realm="r", nonce="n", uri="/", response="x"',
+        "AWS4-HMAC-SHA256 Credential=a/b, SignedHeaders=host, Signature=abc",
+    ],
+)
+def test_one_authorization_header_with_commas_is_not_two(
+    gateway: tuple[Stack, LocalIssuer], scheme: str
+) -> None:
+    """Regression: req.hdr_cnt counted the commas of one Digest or AWS header as several
+    Authorization headers (400); it is one credential of another scheme (401, and let
+    through under report-only)."""
+    stack, _ = gateway
+    reply = request(stack, headers=[("Authorization", scheme)])
+    assert reply.status == 401
+    assert request(stack, "/shadow/x", headers=[("Authorization", scheme)]).status == 200
+
+
+def test_the_largest_identity_fits_beside_a_full_request(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    """Regression: a valid token within every limit, with 1 KiB sub, jti and email and a
+    6 KiB payload, plus a few KiB of cookies, overflowed HAProxy's 16 KiB buffer when the
+    X-JWT-* headers were added: 500. The shipped config now keeps 16 KiB for them."""
+    stack, issuer = gateway
+    big = mint(
+        issuer,
+        scope="read admin",
+        sub="u" * 1000,
+        jti="j" * 1000,
+        email="e" * 988 + "@example.com",
+        groups=[f"group-{i:04d}" for i in range(80)],
+    )
+    assert 6000 < len(big) < 8192
+    reply = request(stack, "/admin/x", big, headers=[("Cookie", "c=" + "x" * 7000)])
+    assert reply.status == 200
+    seen = reply.json["jwt_headers"]
+    assert isinstance(seen, dict)
+    assert seen["x-jwt-sub"] == "u" * 1000
+    assert len(seen["x-jwt-claims"]) == len(big.split(".")[1])
 
 
 def test_policy_is_chosen_by_path(gateway: tuple[Stack, LocalIssuer]) -> None:
