@@ -382,9 +382,12 @@ def identity_variables(
     variables: list[tuple[str, Value]] = []
     append = variables.append
     for name in ("sub", "iss", "jti", "aud"):
-        value = claim_text(claims.get(name))
-        if value:
-            append((name, value))
+        # Strings only (and aud's array of strings), as RFC 7519 defines them.
+        value = claims.get(name)
+        if type(value) is str or (name == "aud" and type(value) is list):
+            text = claim_text(value)
+            if text:
+                append((name, text))
     scope_text = claim_text(" ".join(scope_tokens(claims)))
     if scope_text:
         append(("scope", scope_text))

@@ -337,6 +337,7 @@ def test_scope_splits_on_space_only(handler: CheckJwtHandler, separator: str) ->
         ({"scp": "read admin"}, 200, "read admin"),
         # One source: `scope` when present, so what is checked is what is forwarded.
         ({"scope": "read", "scp": ["admin"]}, 403, None),
+        ({"scope": None, "scp": ["admin"]}, 403, None),  # a null scope is still the source
         ({"scope": ["read", "admin"]}, 200, "read admin"),
         # An item that is not a scope-token never counts, nor is it forwarded.
         ({"scp": ["read admin"]}, 403, None),

@@ -71,6 +71,12 @@ def check_issuer_claims(
             raise TokenRejected("token lifetime is too long", reason=Reason.LIFETIME_TOO_LONG)
         if iat is None:
             lifetime_floor = exp - rules.max_lifetime - rules.leeway
+    # RFC 7519 4.1.2 and 4.1.7: a subject or token id is a string; a number would forward
+    # as text no different from the string of its digits.
+    for claim in ("sub", "jti"):
+        value = payload.get(claim)
+        if value is not None and type(value) is not str:
+            raise TokenRejected(f"{claim} is not a string", reason=Reason.MALFORMED)
     for claim in rules.required_claims:
         if payload.get(claim) is None:
             raise TokenRejected("a required claim is missing", reason=Reason.MISSING_CLAIM)
@@ -106,9 +112,8 @@ def scope_tokens(payload: Mapping[str, Any]) -> tuple[str, ...]:
     (a string or an array, as some IdPs send). Strings split on SP alone, and items that
     are not scope-tokens are dropped: no other separator (tab, U+3000, ...) can make
     `"read\u3000admin"` grant `admin`, and the forwarded `scope` is what was checked."""
-    value = payload.get("scope")
-    if value is None:
-        value = payload.get("scp")
+    # A `scope` member, even null, is the source: `scp` never adds to it.
+    value = payload["scope"] if "scope" in payload else payload.get("scp")
     if isinstance(value, str):
         items: list[Any] = value.split(" ")
     elif isinstance(value, list):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -87,8 +88,20 @@ def _no_constants(_name: str) -> Any:
     raise _reject("non-standard JSON constant")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in _INFINITIES:  # 1e400: no IEEE double holds it (I-JSON, RFC 7493 2.2)
+        raise _reject("number out of range")
+    return value
+
+
+_INFINITIES = (math.inf, -math.inf)
+
+
 # One decoder for every call: json.loads with hooks builds a new one each time.
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float
+)
 # Its C scanner, called directly for text that starts with `{`: decode() would only add
 # the whitespace skips and the end check done below.
 _SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]

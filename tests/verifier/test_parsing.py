@@ -36,11 +36,21 @@ def _no_constant(_name: str) -> Any:
     raise _Refused
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _Refused
+    return value
+
+
 def reference(raw: bytes) -> dict[str, Any] | None:
     """The parsed object, or None where parse_json_object must refuse."""
     try:
         value = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_pairs_hook, parse_constant=_no_constant
+            raw.decode("utf-8"),
+            object_pairs_hook=_pairs_hook,
+            parse_constant=_no_constant,
+            parse_float=_finite,
         )
         # Every string must be text (no lone surrogate escape).
         json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -70,6 +80,11 @@ def parsed(raw: bytes) -> dict[str, Any] | None:
         (b'{"a":[{"b":1,"b":2}]}', False),
         (b'{"a":NaN}', False),
         (b'{"a":Infinity}', False),
+        # Regression: a number no double holds parsed as infinity and was forwarded "inf".
+        (b'{"a":1e400}', False),
+        (b'{"a":[-1e400]}', False),
+        (b'{"a":1e308}', True),
+        (b'{"a":1.5e-400}', True),  # underflows to 0.0: a finite value
         (b"[]", False),
         (b"", False),
         (b"{", False),
