@@ -671,9 +671,16 @@ def _worker_main(
                 os.write(ready_fd, b"R")
 
     def heartbeat() -> None:
-        # Never blocks: a supervisor that stopped reading must not stall the worker.
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, b".")  # type: ignore[arg-type]
+        assert ready_fd is not None
+        try:
+            os.write(ready_fd, b".")
+        except BlockingIOError:  # the supervisor is slow to read: never block the loop
+            pass
+        except OSError:
+            # The supervisor is gone (EPIPE): a worker must not outlive it, holding the
+            # port with no metrics, readiness or reloads. Drain and stop.
+            log.error("supervisor_gone", pid=os.getpid())
+            os.kill(os.getpid(), signal.SIGTERM)
 
     metrics = make_metrics(config)
     worker = Worker(config, config_path, metrics)
@@ -762,6 +769,9 @@ class Supervisor:
     # SIGSTOP): HAProxy's checks may land on a sibling and keep the agent UP, so only
     # the supervisor can see it. It is killed, and restarted like a worker that died.
     STALL_AFTER = 10.0
+    # With no worker ever serving, every slot failing this often in a row means the
+    # configuration cannot start (keys, IdP): exit 1, as one worker would, for systemd.
+    GIVE_UP_AFTER = 3
 
     def __init__(self, config: Config, config_path: str | None, sock: socket.socket) -> None:
         self.config = config
@@ -774,9 +784,12 @@ class Supervisor:
         self.restart_at: dict[int, float] = {}  # slot -> when to start it again
         self.ready_pipes: dict[int, int] = {}  # pid -> read end: "R" once serving, then beats
         self.last_beat: dict[int, float] = {}  # pid -> monotonic time of its last sign of life
+        self.killed: set[int] = set()  # pids killed as hung, not yet reaped
         self.serving: set[int] = set()  # pids of workers that reported serving
         self.reload_owed: set[int] = set()  # still starting when a reload came: HUP on serving
         self.stopping = False
+        self.exit_code = 0
+        self.ever_served = False
         self.reload_requested = False
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="jwtgate-metrics-"))
         self.metrics: Metrics | None = None
@@ -813,7 +826,7 @@ class Supervisor:
                 path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.metrics_dir.rmdir()
-        return 0
+        return self.exit_code
 
     def ready(self) -> tuple[bool, Any]:
         """Ready when every worker serves and none reports an issuer without usable keys."""
@@ -860,6 +873,7 @@ class Supervisor:
             self.last_beat[pid] = now
             if pid not in self.serving and b"R" in data:
                 self.serving.add(pid)
+                self.ever_served = True
                 if pid in self.reload_owed:  # it may have read the file before the change
                     self.reload_owed.discard(pid)
                     with contextlib.suppress(ProcessLookupError):
@@ -867,13 +881,25 @@ class Supervisor:
 
     def _kill_hung(self) -> None:
         now = time.monotonic()
-        for pid in list(self.serving):
-            silent = now - self.last_beat.get(pid, now)
-            if silent >= self.STALL_AFTER:
+        # A worker still starting has ready_timeout to load its keys, and a margin.
+        start_limit = self.config.agent.ready_timeout + self.STALL_AFTER
+        for pid in list(self.children):
+            if pid in self.killed:
+                continue
+            if pid in self.serving:
+                silent = now - self.last_beat.get(pid, now)
+                if silent < self.STALL_AFTER:
+                    continue
                 log.error("worker_hung", pid=pid, silent_for=round(silent, 1))
-                self.serving.discard(pid)  # killed once; the reaper restarts its slot
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            else:
+                starting = now - self.started_at.get(pid, now)
+                if starting < start_limit:
+                    continue
+                log.error("worker_hung", pid=pid, starting_for=round(starting, 1))
+            self.killed.add(pid)  # killed once; the reaper restarts its slot
+            self.serving.discard(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -924,6 +950,7 @@ class Supervisor:
             self.serving.discard(pid)
             self.reload_owed.discard(pid)
             self.last_beat.pop(pid, None)
+            self.killed.discard(pid)
             fd = self.ready_pipes.pop(pid, None)
             if fd is not None:
                 os.close(fd)
@@ -942,6 +969,15 @@ class Supervisor:
                 delay = 0.0
             log.error("worker_died", pid=pid, code=code, lived=round(lived, 1), restart_in=delay)
             self.restart_at[slot] = time.monotonic() + delay
+            workers = self.config.agent.workers
+            if (
+                not self.ever_served
+                and len(self.failures) == workers
+                and min(self.failures.values()) >= self.GIVE_UP_AFTER
+            ):
+                log.error("workers_cannot_start", attempts=self.GIVE_UP_AFTER * workers)
+                self.exit_code = 1
+                self.stopping = True
 
     def _reload(self) -> None:
         if self.config_path is None:

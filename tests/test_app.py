@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,6 +15,7 @@ from typing import Any
 import pytest
 
 from spoa.app import (
+    Supervisor,
     VerdictRecorder,
     _check_restart_only,
     configure_replay,
@@ -155,3 +162,35 @@ def test_unverified_kid_and_alg_are_clipped_in_rejection_logs() -> None:
     assert first["reason"] == "unknown_kid"
     assert (first["kid"], first["alg"]) == ("k" * 128 + "…", "A" * 128 + "…")
     assert (second["kid"], second["alg"]) == ("2024-rotation-b", "RS256")
+
+
+def test_the_supervisor_kills_silent_or_never_serving_workers() -> None:
+    """A serving worker silent for STALL_AFTER, or one that has not served within
+    ready_timeout plus that margin (regression: one stopped before it served stayed
+    forever, and the agent's /readyz with it), is killed; others are left alone."""
+    config = parse_config(MINIMAL)
+    supervisor = Supervisor(config, None, socket.socket())
+    sleepers = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(4)
+    ]
+    try:
+        now = time.monotonic()
+        long_ago = now - config.agent.ready_timeout - Supervisor.STALL_AFTER - 1
+        silent, starting_too_long, fresh, starting = (p.pid for p in sleepers)
+        for pid in (silent, starting_too_long, fresh, starting):
+            supervisor.children[pid] = 0
+        supervisor.started_at.update({silent: long_ago, fresh: long_ago})
+        supervisor.started_at.update({starting_too_long: long_ago, starting: now})
+        supervisor.serving.update({silent, fresh})
+        supervisor.last_beat.update({silent: now - Supervisor.STALL_AFTER - 1, fresh: now})
+        supervisor._kill_hung()
+        assert sleepers[0].wait(5) == -signal.SIGKILL
+        assert sleepers[1].wait(5) == -signal.SIGKILL
+        assert sleepers[2].poll() is None
+        assert sleepers[3].poll() is None
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait(5)
+        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
+        supervisor.sock.close()

@@ -3,7 +3,9 @@ tokens, reloads under traffic, and readiness following the keys' freshness."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -262,12 +264,12 @@ def test_two_workers_share_the_listener_metrics_and_reloads() -> None:
 
 
 def start_agent(
-    tmp_path: Path, issuer: LocalIssuer, workers: int
+    tmp_path: Path, issuer: LocalIssuer, workers: int, agent_extra: str = ""
 ) -> tuple[subprocess.Popen[bytes], Path, int]:
     agent_port, metrics_port = free_port(), free_port()
     config = tmp_path / "jwtgate.toml"
     config.write_text(
-        f'[agent]\nlisten = "127.0.0.1:{agent_port}"\nworkers = {workers}\n'
+        f'[agent]\nlisten = "127.0.0.1:{agent_port}"\nworkers = {workers}\n{agent_extra}'
         f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' + agent_config(issuer)
     )
     log = tmp_path / "agent.log"
@@ -364,3 +366,61 @@ def _listening(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.2)
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(child) for child in path.read_text().split()} if path.exists() else set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """Regression: after a SIGKILL of the supervisor its workers served on as orphans,
+    holding the port with no metrics, readiness or reloads, so a new agent could not
+    start. A worker whose heartbeat pipe breaks now drains and stops."""
+    with LocalIssuer() as issuer:
+        process, log, metrics_port = start_agent(tmp_path, issuer, 2)
+        workers: set[int] = set()
+        try:
+            wait_until(
+                lambda: (
+                    http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
+                    if _listening(metrics_port)
+                    else False
+                ),
+                20,
+                "readiness",
+            )
+            workers = _children(process.pid)
+            assert len(workers) == 2
+            process.kill()
+            process.wait(10)
+            wait_until(lambda: not any(_alive(pid) for pid in workers), 15, "the workers' exit")
+            assert "supervisor_gone" in log.read_text()
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_supervisor_whose_workers_cannot_start_exits_1(tmp_path: Path) -> None:
+    """Regression: with workers = 2 and keys that can never load, the supervisor
+    restarted its workers forever, where one worker exits 1 for systemd to act on."""
+    with LocalIssuer() as issuer:
+        issuer.mode = "down"
+        process, log, _ = start_agent(tmp_path, issuer, 2, 'ready_timeout = "1s"\n')
+        try:
+            assert process.wait(60) == 1
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        assert "workers_cannot_start" in log.read_text()
+        assert "Traceback" not in log.read_text()
