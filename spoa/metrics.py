@@ -65,7 +65,7 @@ _REPLAY_KEYS_MAX: Final = 4096  # replay tags whose labels are kept, per label s
 # What a fetch came to; the cause in words is in the `jwks_fetch_failed` log event.
 JWKS_FETCH_RESULTS: Final = frozenset({"ok", "timeout", "http_error", "invalid", "error"})
 _JWKS_SUCCESS: Final = frozenset({"ok"})
-RELOAD_RESULTS: Final = frozenset({"ok", "error", "unchanged"})
+RELOAD_RESULTS: Final = frozenset({"ok", "error"})
 # Frame types HAProxy sends (spop-notes §1) plus the agent's own, named as in SPOE.txt.
 FRAME_KINDS: Final = frozenset(
     {"unset", "haproxy_hello", "haproxy_disconnect", "notify", "agent_hello",
@@ -327,6 +327,12 @@ class Metrics:
                     self._issuer_ready,
                 ):
                     gauge.remove_by_labels({"issuer": issuer})
+        # The internal_error series at 0 from the start: its alert uses increase(), which
+        # cannot see the first increment of a series born with it. (The verifier's last
+        # resort answers with no issuer.)
+        for policy in [*self._policies.values(), UNKNOWN]:
+            key = self._verdict_key("reject", "internal_error", None, policy)
+            self._verdicts.labels(*key)
         for issuer in new_issuers:
             # Present from the start, so "not ready yet" is visible before the first fetch.
             self._issuer_ready.labels(issuer=issuer)

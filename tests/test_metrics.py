@@ -31,7 +31,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 ISSUERS = ["corp", "partner"]
 POLICIES = ["api", "admin"]
-REASONS = ["ok", "expired", "bad_signature"]
+REASONS = ["ok", "expired", "bad_signature", "internal_error"]
 
 
 class FakeClock:
@@ -254,6 +254,9 @@ def test_alerted_counters_exist_at_zero_from_the_start(
     samples = scrape(server.port)
     assert value(samples, "jwtgate_config_reloads_total", result="error") == 0
     assert value(samples, "jwtgate_spop_protocol_errors_total", status="4") == 0
+    for policy in POLICIES:
+        labels = {"outcome": "reject", "reason": "internal_error", "issuer": "unknown"}
+        assert value(samples, "jwtgate_verdicts_total", **labels, policy=policy) == 0
     for result in ("ok", "timeout", "http_error", "invalid", "error"):
         issuer = sorted(ISSUERS)[0]
         assert value(samples, "jwtgate_jwks_fetches_total", issuer=issuer, result=result) == 0
