@@ -250,8 +250,11 @@ async def build_engine(
         await keys.aclose()
         raise
     if not ready:
-        now = time.time()
-        missing = [i.name for i in config.issuers if store.generation(i.name, now) is None]
+        missing = []
+        for issuer in config.issuers:
+            if store.get(issuer.name) is None:
+                cause = keys.last_failure(issuer.name)
+                missing.append(issuer.name + (f" (last attempt: {cause})" if cause else ""))
         await keys.aclose()
         raise StartupError(
             f"no keys for issuer(s) {', '.join(missing)} after {config.agent.ready_timeout:g}s"

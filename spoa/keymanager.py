@@ -350,6 +350,7 @@ class _IssuerState:
     task: asyncio.Task[bool] | None = None
     stale_reported: bool = False
     unavailable_reported: bool = False
+    last_failure: str | None = None
 
 
 def _labels(key_set: KeySet | None) -> dict[str, str]:
@@ -386,11 +387,12 @@ class KeyManager:
 
     async def start(self, timeout: float, carried: Mapping[str, IssuerKeys] | None = None) -> bool:
         """Load static keys and fetch every remote set, retrying failures after their
-        backoff, for up to `timeout`; True when all issuers have keys.
+        backoff, for up to `timeout`; True when every issuer holds keys.
 
         `carried`: the keys a previous configuration held for the same remote sources (a
-        reload). They serve at once, still aging from their own fetch, and are refreshed
-        in the background, so a reload works while an IdP is down.
+        reload). They are not fetched first, and still age from their own fetch: a
+        reload works while an IdP is down, and a lower max_stale applies to them at once
+        (stale keys fail closed; they are refreshed in the background).
         Static key errors are configuration errors and raise.
         """
         now = self._clock()
@@ -409,12 +411,17 @@ class KeyManager:
                     state.name, kept.key_set, kept.refreshed_at, max_stale=state.timing.max_stale
                 )
                 state.schedule.last_success = kept.refreshed_at
-            if self._store.generation(state.name, now) is None:
+            else:
                 remote.append(state)
         if remote:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._until_keyed(remote), timeout)
-        return self.ready(self._clock())
+        return all(self._store.get(name) is not None for name in self._issuers)
+
+    def last_failure(self, issuer_name: str) -> str | None:
+        """Why the issuer's last fetch failed, if it did (for start-up messages)."""
+        state = self._issuers.get(issuer_name)
+        return state.last_failure if state is not None else None
 
     async def _until_keyed(self, pending: list[_IssuerState]) -> None:
         while pending:
@@ -506,7 +513,8 @@ class KeyManager:
             now = self._clock()
             state.jwks_url = None  # discover again next time
             delay = state.schedule.record_failure(now)
-            self._emit(FetchFailed(state.name, _describe(exc), delay, _failure_kind(exc)))
+            state.last_failure = _describe(exc)
+            self._emit(FetchFailed(state.name, state.last_failure, delay, _failure_kind(exc)))
             self._report_staleness(state, now)
             return False
         now = self._clock()

@@ -182,6 +182,7 @@ def test_start_retries_until_the_idp_answers(server: JwksServer, key_a: KeyPair)
             starting = asyncio.ensure_future(harness.manager.start(timeout=10.0))
             while server.requests("/jwks") < 3:
                 await asyncio.sleep(0.01)
+            assert harness.manager.last_failure("main") == "JWKS answered HTTP 500"
             server.set("/jwks", jwks(key_a))
             return await starting
         finally:
@@ -211,6 +212,29 @@ def test_carried_keys_serve_at_once_and_keep_their_age(server: JwksServer, key_a
     assert server.requests("/jwks") == 0  # ready without waiting for the IdP
     assert harness.verify(key_a) is Reason.OK
     assert harness.store.usable_until("main") == NOW - 100.0 + TIMING.max_stale
+
+
+def test_carried_keys_past_a_lower_max_stale_fail_closed_at_once(
+    server: JwksServer, key_a: KeyPair
+) -> None:
+    """Regression: lowering max_stale by a reload during an IdP outage was rejected (the
+    carried keys were too old to count, and no fetch could replace them), so the old,
+    looser limit went on serving. The reload now takes: the keys are stale, so closed."""
+    server.set("/jwks", "down", status=500)
+    first = MemoryKeyStore()
+    first.replace("main", load_jwks(json.dumps(jwks(key_a)).encode())[0], NOW - 100.0)
+    carried = {"main": first.get("main")}
+    harness = Harness(JwksUrlSource(server.url("/jwks")), JwksTiming(max_stale=60.0))
+
+    async def scenario() -> bool:
+        try:
+            return await harness.manager.start(timeout=5.0, carried=carried)  # type: ignore[arg-type]
+        finally:
+            await harness.manager.aclose()
+
+    assert run(scenario)  # holds keys: the reload is not refused
+    assert not harness.manager.ready(NOW)
+    assert harness.verify(key_a) is Reason.KEYS_UNAVAILABLE
 
 
 def test_oidc_discovery_never_steps_down_to_plain_http_elsewhere(
