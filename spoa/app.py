@@ -520,7 +520,7 @@ class Worker:
             engine = self.engine
             if engine is not None:
                 try:
-                    await engine.keys.run_due(time.time())
+                    await engine.keys.run_due(time.monotonic())
                 except Exception:  # a refresh bug must not stop future refreshes
                     log.exception("jwks_refresh_error")
                 self._publish_readiness()

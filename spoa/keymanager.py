@@ -2,6 +2,9 @@
 
 All scheduling decisions live in the pure `JwksSchedule`; this module does the I/O. The
 background loop only calls `run_due(now)` periodically, so tests drive it with a fake clock.
+The schedule (refreshes, backoff, refetch limits, max_stale) runs on the monotonic clock, so
+a wall clock stepped back can neither pause refreshes nor stretch max_stale; the key store's
+timestamps, which the verifier reads, are wall-clock times.
 Every fetch is single-flight per issuer and bounded by the issuer's fetch_timeout.
 """
 
@@ -367,11 +370,13 @@ class KeyManager:
         store: MemoryKeyStore,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         fetch: HttpFetch | None = None,
         on_event: Callable[[KeyEvent], None] | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
+        self._monotonic = monotonic
         self._fetch: HttpFetch = fetch if fetch is not None else UrllibFetch()
         self._on_event = on_event
         self._issuers: dict[str, _IssuerState] = {}
@@ -410,7 +415,8 @@ class KeyManager:
                 self._store.replace(
                     state.name, kept.key_set, kept.refreshed_at, max_stale=state.timing.max_stale
                 )
-                state.schedule.last_success = kept.refreshed_at
+                age = now - kept.refreshed_at
+                state.schedule.last_success = self._monotonic() - age
             else:
                 remote.append(state)
         if remote:
@@ -430,13 +436,14 @@ class KeyManager:
             pending = [state for state, ok in zip(pending, done, strict=True) if not ok]
             if pending:
                 retry_at = min(state.schedule.next_attempt_at for state in pending)
-                await asyncio.sleep(max(retry_at - self._clock(), 0.0))
+                await asyncio.sleep(max(retry_at - self._monotonic(), 0.0))
 
     def ready(self, now: float) -> bool:
         return all(self._store.generation(name, now) is not None for name in self._issuers)
 
     async def run_due(self, now: float) -> None:
-        """Start the refreshes that are due and wait for them (each bounded by its timeout)."""
+        """Start the refreshes that are due at `now` (the monotonic clock's) and wait for
+        them (each bounded by its timeout)."""
         due = [
             state
             for state in self._issuers.values()
@@ -458,7 +465,7 @@ class KeyManager:
             return False
         if self._has_kid(issuer_name, kid):
             return True
-        now = self._clock()
+        now = self._monotonic()
         decision = state.schedule.refetch_decision(kid, now)
         if decision in (RefetchDecision.KNOWN_UNKNOWN, RefetchDecision.RATE_LIMITED):
             return False
@@ -471,7 +478,7 @@ class KeyManager:
             return False
         found = self._has_kid(issuer_name, kid)
         if not found and decision is RefetchDecision.FETCH:
-            state.schedule.remember_unknown_kid(kid, self._clock())
+            state.schedule.remember_unknown_kid(kid, self._monotonic())
         return found
 
     async def aclose(self) -> None:
@@ -510,21 +517,24 @@ class KeyManager:
             if not key_set.keys:
                 raise KeySourceError("JWKS holds no usable signing keys")
         except Exception as exc:
-            now = self._clock()
+            ticks = self._monotonic()
             state.jwks_url = None  # discover again next time
-            delay = state.schedule.record_failure(now)
+            delay = state.schedule.record_failure(ticks)
             state.last_failure = _describe(exc)
             self._emit(FetchFailed(state.name, state.last_failure, delay, _failure_kind(exc)))
-            self._report_staleness(state, now)
+            self._report_staleness(state, ticks)
             return False
+        lifetime = state.schedule.record_success(
+            self._monotonic(), parse_max_age(response.cache_control)
+        )
         now = self._clock()
-        lifetime = state.schedule.record_success(now, parse_max_age(response.cache_control))
         previous = self._store.get(state.name)
         old = _labels(previous.key_set if previous else None)
         new = _labels(key_set)
-        if previous is not None and previous.key_set.key_ids == key_set.key_ids:
+        same_keys = previous is not None and previous.key_set.key_ids == key_set.key_ids
+        if same_keys and previous is not None and previous.max_stale == timing.max_stale:
             self._store.confirm(state.name, now)
-        else:
+        else:  # new keys, or keys the schedule had expired
             self._store.replace(state.name, key_set, now, max_stale=timing.max_stale)
         self._emit(KeysFetched(state.name, len(key_set.keys), lifetime, report.skipped))
         added = tuple(sorted(label for kid, label in new.items() if kid not in old))
@@ -575,14 +585,26 @@ class KeyManager:
         state.jwks_url = jwks_uri
         return jwks_uri
 
+    def _wall_time(self, ticks: float, now_ticks: float) -> float:
+        """A monotonic instant as wall-clock time, for events and logs."""
+        return self._clock() - (now_ticks - ticks)
+
     def _report_staleness(self, state: _IssuerState, now: float) -> None:
+        """`now` is monotonic. The schedule's verdict on staleness is the one that holds:
+        keys it finds too old are expired in the store even if the wall clock, stepped
+        back, calls them young; keys the wall clock, stepped forward, calls too old while
+        the schedule does not are fetched again at once."""
         schedule = state.schedule
-        if schedule.last_success is None:
+        if schedule.last_success is None or isinstance(state.source, StaticKeySource):
             return
+        if not schedule.usable(now):
+            self._store.expire(state.name)
+        elif schedule.failures == 0 and self._store.generation(state.name, self._clock()) is None:
+            schedule.next_attempt_at = min(schedule.next_attempt_at, now)
         if not schedule.usable(now):
             if not state.unavailable_reported:
                 state.unavailable_reported = True
-                self._emit(KeysUnavailable(state.name, schedule.last_success))
+                self._emit(KeysUnavailable(state.name, self._wall_time(schedule.last_success, now)))
         elif schedule.serving_stale(now) and not state.stale_reported:
             state.stale_reported = True
-            self._emit(StaleServingStarted(state.name, schedule.last_success))
+            self._emit(StaleServingStarted(state.name, self._wall_time(schedule.last_success, now)))

@@ -87,6 +87,17 @@ class MemoryKeyStore:
                 current.key_set, current.generation, now, current.max_stale
             )
 
+    def expire(self, issuer: str) -> None:
+        """Make the issuer's keys unusable now, whatever `now` a reader passes: the key
+        manager's own clock says they outlived max_stale (a wall clock stepped back must
+        not stretch it). The next replacement makes them usable again."""
+        current = self._issuers.get(issuer)
+        if current is not None and current.max_stale >= 0:
+            self._issuers[issuer] = IssuerKeys(
+                current.key_set, current.generation, current.refreshed_at, -math.inf
+            )
+            self._changed()
+
     def remove(self, issuer: str) -> None:
         self._issuers.pop(issuer, None)
         self._changed()

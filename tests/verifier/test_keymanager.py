@@ -118,6 +118,7 @@ class Harness:
             {"main": timing},
             self.store,
             clock=self.clock,
+            monotonic=self.clock,  # one fake clock for the store and the schedule
             on_event=self.events.append,
         )
         self.verifier = Verifier([rules({"ES256", "HS256"})], self.store, cache_size=0)
@@ -559,3 +560,73 @@ def test_https_keys_come_only_from_a_trusted_certificate(
         trusted = Harness(JwksUrlSource(url))  # its fetcher's context is built after the env
         assert trusted.start_once() is True
         assert trusted.verify(key_a) is Reason.OK
+
+
+# --- the wall clock steps; the schedule keeps monotonic time ---------------------------------
+
+
+def _two_clock_manager(
+    server: JwksServer, wall: FakeClock, ticks: FakeClock
+) -> tuple[KeyManager, MemoryKeyStore, Verifier]:
+    store = MemoryKeyStore()
+    manager = KeyManager(
+        {"main": JwksUrlSource(server.url("/jwks"))},
+        {"main": TIMING},
+        store,
+        clock=wall,
+        monotonic=ticks,
+    )
+    return manager, store, Verifier([rules({"ES256"})], store, cache_size=0)
+
+
+def test_a_wall_clock_stepped_back_neither_pauses_refreshes_nor_stretches_max_stale(
+    server: JwksServer, key_a: KeyPair
+) -> None:
+    """Regression: the schedule ran on the wall clock, so after a step back of an hour no
+    refresh (nor unknown-kid refetch) happened for an hour, and keys the IdP withdrew
+    stayed usable for max_stale plus the step."""
+    server.set("/jwks", jwks(key_a), cache_control="max-age=600")
+    wall, ticks = FakeClock(NOW), FakeClock(1000.0)
+    manager, store, verifier = _two_clock_manager(server, wall, ticks)
+    token = mint(key_a, default_claims(iat=int(NOW) - 7200, exp=int(NOW) + 7200))
+
+    async def scenario() -> None:
+        try:
+            assert await manager.start(timeout=5.0)
+            wall.now = NOW - 3600  # stepped back an hour
+            ticks.now += 600  # while ten minutes pass
+            await manager.run_due(ticks.now)
+            assert server.requests("/jwks") == 2  # refreshed on time all the same
+            server.set("/jwks", "down", status=500)
+            ticks.now += TIMING.max_stale + 1  # the IdP stays down past max_stale
+            await manager.run_due(ticks.now)
+            # The wall clock (an hour behind) would still call the keys young.
+            assert wall.now - store.get("main").refreshed_at < TIMING.max_stale  # type: ignore[union-attr]
+            verdict = verifier.verify(token, POLICY, CONTEXT, wall.now)
+            assert verdict.reason is Reason.KEYS_UNAVAILABLE
+        finally:
+            await manager.aclose()
+
+    run(scenario)
+
+
+def test_a_wall_clock_stepped_forward_fetches_again_at_once(
+    server: JwksServer, key_a: KeyPair
+) -> None:
+    server.set("/jwks", jwks(key_a), cache_control="max-age=600")
+    wall, ticks = FakeClock(NOW), FakeClock(1000.0)
+    manager, store, _ = _two_clock_manager(server, wall, ticks)
+
+    async def scenario() -> None:
+        try:
+            assert await manager.start(timeout=5.0)
+            wall.now = NOW + TIMING.max_stale + 60  # the keys look stale to the store
+            ticks.now += 1
+            await manager.run_due(ticks.now)  # notices, and makes a refresh due
+            await manager.run_due(ticks.now)
+            assert server.requests("/jwks") == 2
+            assert store.generation("main", wall.now) is not None
+        finally:
+            await manager.aclose()
+
+    run(scenario)
