@@ -294,15 +294,7 @@ def test_signals_while_keys_load_are_neither_fatal_nor_lost(tmp_path: Path, work
             wait_until(lambda: issuer.request_count() >= workers, 20, "the first key fetches")
             process.send_signal(signal.SIGHUP)
             issuer.mode = "ok"
-            wait_until(
-                lambda: (
-                    http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
-                    if _listening(metrics_port)
-                    else False
-                ),
-                20,
-                "readiness",
-            )
+            wait_ready(metrics_port)
             wait_until(
                 lambda: log.read_text().count('"event": "reloaded"') >= workers,
                 10,
@@ -332,11 +324,7 @@ def test_a_rejected_reload_is_counted_with_several_workers(tmp_path: Path) -> No
         process, log, metrics_port = start_agent(tmp_path, issuer, 2)
         metrics_url = f"http://127.0.0.1:{metrics_port}"
         try:
-            wait_until(
-                lambda: _listening(metrics_port) and http_get(f"{metrics_url}/readyz")[0] == 200,
-                20,
-                "readiness",
-            )
+            wait_ready(metrics_port)
             config = tmp_path / "jwtgate.toml"
             # Regression: a file that is not UTF-8 made the supervisor exit with a traceback.
             text = config.read_text().replace('leeway = "5s"', 'leeway = "5s"  # caf\xe9')
@@ -360,6 +348,18 @@ def test_a_rejected_reload_is_counted_with_several_workers(tmp_path: Path) -> No
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(20) == 0
+
+
+def wait_ready(metrics_port: int) -> None:
+    """Until the agent's /readyz answers 200."""
+    wait_until(
+        lambda: (
+            _listening(metrics_port)
+            and http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
+        ),
+        20,
+        "readiness",
+    )
 
 
 def _listening(port: int) -> bool:
@@ -389,15 +389,7 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
         process, log, metrics_port = start_agent(tmp_path, issuer, 2)
         workers: set[int] = set()
         try:
-            wait_until(
-                lambda: (
-                    http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
-                    if _listening(metrics_port)
-                    else False
-                ),
-                20,
-                "readiness",
-            )
+            wait_ready(metrics_port)
             workers = _children(process.pid)
             assert len(workers) == 2
             process.kill()
