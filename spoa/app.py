@@ -55,6 +55,7 @@ from spoa.keymanager import (
 )
 from spoa.logs import RejectionLogLimiter, configure_logging, mask_secrets, token_fingerprint
 from spoa.metrics import (
+    MULTIPROC_ENV,
     Metrics,
     MetricsServer,
     mark_worker_dead,
@@ -673,6 +674,8 @@ def _worker_main(
                 os.set_blocking(ready_fd, False)
                 os.write(ready_fd, b"R")
 
+    orphaned: list[bool] = []
+
     def heartbeat() -> None:
         assert ready_fd is not None
         try:
@@ -682,8 +685,10 @@ def _worker_main(
         except OSError:
             # The supervisor is gone (EPIPE): a worker must not outlive it, holding the
             # port with no metrics, readiness or reloads. Drain and stop.
-            log.error("supervisor_gone", pid=os.getpid())
-            os.kill(os.getpid(), signal.SIGTERM)
+            if not orphaned:
+                orphaned.append(True)
+                log.error("supervisor_gone", pid=os.getpid())
+                os.kill(os.getpid(), signal.SIGTERM)
 
     metrics = make_metrics(config)
     worker = Worker(config, config_path, metrics)
@@ -710,7 +715,34 @@ def _worker_main(
     finally:
         if server is not None:
             server.stop()
+        if orphaned:  # nobody else will clear the shared metrics directory
+            _leave_metrics_dir(os.getpid())
     return 0
+
+
+def _leave_metrics_dir(pid: int) -> None:
+    """An orphaned worker's exit: remove its own files and those of processes gone (the
+    supervisor's) from the multiprocess metrics directory, and the directory once the
+    last worker has left."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return
+    for path in Path(directory).glob("*.db"):
+        owner = path.stem.rpartition("_")[2]
+        if owner.isdigit() and (int(owner) == pid or not _alive(int(owner))):
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        Path(directory).rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- entry point -----------------------------------------------------------------------------

@@ -392,10 +392,17 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
             wait_ready(metrics_port)
             workers = _children(process.pid)
             assert len(workers) == 2
+            environ = Path(f"/proc/{min(workers)}/environ").read_bytes().split(b"\0")
+            (setting,) = [e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+            metrics_dir = Path(setting.partition(b"=")[2].decode())
+            assert metrics_dir.is_dir()
             process.kill()
             process.wait(10)
             wait_until(lambda: not any(_alive(pid) for pid in workers), 15, "the workers' exit")
             assert "supervisor_gone" in log.read_text()
+            # The last worker out removes the shared metrics directory the supervisor
+            # could not (regression: one was left in /tmp per killed supervisor).
+            wait_until(lambda: not metrics_dir.exists(), 10, "the metrics directory's removal")
         finally:
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
