@@ -145,12 +145,18 @@ def test_reload_under_traffic_loses_no_request(single_agent: tuple[Stack, LocalI
         thread.start()
     try:
         for round_ in range(1, 4):
+            # Traffic before each reload: a reload keeps the keys of unchanged sources
+            # now, so it is over too soon to count on requests landing during it.
+            seen = len(statuses)
+            wait_until(lambda n=seen: len(statuses) >= n + 10, 10, "traffic")
             agent.process.signal(signal.SIGHUP)
             wait_until(
                 lambda n=round_: agent.process.log_text().count('"event": "reloaded"') >= n,
                 10,
                 f"reload {round_}",
             )
+        seen = len(statuses)
+        wait_until(lambda n=seen: len(statuses) >= n + 10, 10, "traffic after the reloads")
     finally:
         stop.set()
         for thread in threads:
