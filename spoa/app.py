@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import signal
@@ -221,6 +222,11 @@ def carried_keys(previous: Engine, sources: Mapping[str, KeySource]) -> dict[str
             continue
         # A remote issuer's source is its URL: key_source() reads no file for it.
         if key_source(old) == source:
+            # Dated by the key manager's monotonic age, not the store's wall-clock stamp:
+            # a clock stepped back must not make stale keys young again through a reload.
+            age = previous.keys.key_age(name)
+            if age is not None:
+                entry = dataclasses.replace(entry, refreshed_at=time.time() - age)
             carried[name] = entry
     return carried
 

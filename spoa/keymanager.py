@@ -424,6 +424,14 @@ class KeyManager:
                 await asyncio.wait_for(self._until_keyed(remote), timeout)
         return all(self._store.get(name) is not None for name in self._issuers)
 
+    def key_age(self, issuer_name: str) -> float | None:
+        """Seconds since the issuer's keys were last fetched or confirmed, on the
+        monotonic clock (None before the first): what a reload carries them over with."""
+        state = self._issuers.get(issuer_name)
+        if state is None or state.schedule.last_success is None:
+            return None
+        return self._monotonic() - state.schedule.last_success
+
     def last_failure(self, issuer_name: str) -> str | None:
         """Why the issuer's last fetch failed, if it did (for start-up messages)."""
         state = self._issuers.get(issuer_name)

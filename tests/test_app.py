@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from spoa.app import (
+    Engine,
     Supervisor,
     VerdictRecorder,
     _check_restart_only,
+    carried_keys,
     configure_replay,
     issuer_rules,
     jwks_timing,
@@ -25,7 +27,7 @@ from spoa.app import (
     policy_runtimes,
 )
 from spoa.config import ConfigError, parse_config
-from spoa.keymanager import JwksUrlSource, OidcDiscoverySource, StaticKeySource
+from spoa.keymanager import JwksUrlSource, KeyManager, OidcDiscoverySource, StaticKeySource
 from spoa.metrics import Metrics
 from spoa.protocol import AnswerMemo
 from spoa.verifier import MemoryKeyStore, Reason, Verdict
@@ -194,3 +196,26 @@ def test_the_supervisor_kills_silent_or_never_serving_workers() -> None:
             sleeper.wait(5)
         shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
         supervisor.sock.close()
+
+
+def test_a_reload_carries_keys_with_their_monotonic_age() -> None:
+    """Keys carried by a reload are dated by the key manager's monotonic clock: a wall
+    clock stepped back (which makes the store's stamp look recent) must not make stale
+    keys young again through a reload."""
+    import json
+
+    from spoa.devkit.keys import generate_signing_key, jwks_document
+    from spoa.verifier import load_jwks
+
+    config = parse_config(MINIMAL)
+    source = key_source(config.issuer("corp"))
+    store = MemoryKeyStore()
+    key_set, _ = load_jwks(json.dumps(jwks_document([generate_signing_key("RS256")])).encode())
+    store.replace("corp", key_set, time.time() - 10.0)  # the wall clock says 10 s old
+    ticks = [1000.0]
+    keys = KeyManager({"corp": source}, {}, store, monotonic=lambda: ticks[0])
+    keys._issuers["corp"].schedule.last_success = 500.0  # the schedule says 500 s old
+    previous = Engine(config, None, keys, None, store)  # type: ignore[arg-type]
+    (carried,) = carried_keys(previous, {"corp": source}).values()
+    assert carried.key_set is key_set
+    assert abs((time.time() - carried.refreshed_at) - 500.0) < 5.0
