@@ -387,6 +387,13 @@ class _AgentProtocol(asyncio.Protocol):
                 "spoe connection closed on error",
                 extra={"spop_status": int(event.status), "reason": event.message},
             )
+        elif event.status is Status.TIMEOUT:
+            # Not a protocol error, but a peer that never sent its HELLO or trickled a
+            # frame is worth a line (so is an idle close).
+            log.info(
+                "spoe connection timed out",
+                extra={"spop_status": int(event.status), "reason": event.message},
+            )
 
     # -- output, flow and time -----------------------------------------------
 

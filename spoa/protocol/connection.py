@@ -104,7 +104,9 @@ def _offers_version_2_0(text: str) -> bool:
     """True for "2.N": announcing a minor version of major 2 means every earlier one of it
     too (SPOE.txt 3.2.4), so "2.1" offers the 2.0 we speak."""
     major, _, minor = text.partition(".")
-    return major.isdigit() and minor.isdigit() and int(major) == 2
+    # ASCII digits only: str.isdigit() also takes "²", which int() then refuses (an
+    # exception escaping the codec, no DISCONNECT); the minor is never converted.
+    return major == "2" and minor.isascii() and minor.isdigit()
 
 
 class AgentConnection:

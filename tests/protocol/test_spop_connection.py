@@ -224,6 +224,18 @@ INVALID_HELLO: list[tuple[str, bytes, Status]] = [
     ("unknown type first", build_frame(50, 0, 0, b""), Status.INVALID_FRAME),
     ("no supported-versions", hello_without("supported-versions"), Status.VERSION_MISSING),
     ("no 2.0 offered", hello(supported_versions="1.0,3.0"), Status.UNSUPPORTED_VERSION),
+    # Regression: "².0" passed str.isdigit() and int() raised: no DISCONNECT, a traceback.
+    ("superscript digit", hello(supported_versions="\u00b2.0"), Status.UNSUPPORTED_VERSION),
+    (
+        "4999 leading zeros",
+        hello(supported_versions="0" * 4999 + "2.0"),
+        Status.UNSUPPORTED_VERSION,
+    ),
+    (
+        "2 with a superscript minor",
+        hello(supported_versions="2.\u00b2"),
+        Status.UNSUPPORTED_VERSION,
+    ),
     ("no max-frame-size", hello_without("max-frame-size"), Status.MAX_FRAME_SIZE_MISSING),
     ("max-frame-size not a number", hello(max_frame_size="big"), Status.MAX_FRAME_SIZE_MISSING),
     ("max-frame-size below 256", hello(max_frame_size=255), Status.BAD_MAX_FRAME_SIZE),

@@ -259,8 +259,9 @@ def test_healthcheck_hello_is_answered_then_closed() -> None:
     serve({}, body)
 
 
-def test_hello_timeout_and_protocol_errors_are_reported() -> None:
+def test_hello_timeout_and_protocol_errors_are_reported(caplog: pytest.LogCaptureFixture) -> None:
     observer = Recorder()
+    caplog.set_level(logging.INFO, logger="spoa.server")
 
     async def body(server: SpoaServer, port: int) -> None:
         silent = await Client.connect(port, greet=False)
@@ -277,6 +278,10 @@ def test_hello_timeout_and_protocol_errors_are_reported() -> None:
     # Timeouts (status 2) are routine closes; only real violations count as errors.
     assert observer.errors == [Status.INVALID_FRAME]
     assert observer.closed == [Status.TIMEOUT, Status.INVALID_FRAME]
+    # Both are logged with their status and reason (regression: a timeout left no line).
+    lines = {(r.getMessage(), getattr(r, "spop_status", None)) for r in caplog.records}
+    assert ("spoe connection timed out", 2) in lines
+    assert ("spoe connection closed on error", 4) in lines
 
 
 def test_too_many_connections_are_refused_politely() -> None:
