@@ -105,7 +105,9 @@ def issuer_rules(issuer: IssuerSettings) -> IssuerRules:
     )
 
 
-def key_source(issuer: IssuerSettings) -> KeySource:
+def key_source(issuer: IssuerSettings, *, environment: bool = True) -> KeySource:
+    """Where the issuer's keys come from. `environment=False` leaves out secrets held in
+    environment variables (check-config runs in a shell other than the agent's)."""
     if issuer.jwks_uri:
         return JwksUrlSource(issuer.jwks_uri)
     if issuer.discovery:
@@ -118,6 +120,8 @@ def key_source(issuer: IssuerSettings) -> KeySource:
             files.append(KeyFile(key.file, kid=key.kid, alg=key.alg))
             continue
         assert key.alg is not None  # the config loader demands it for secrets
+        if key.secret_env and not environment:
+            continue
         secret = _read_secret(key.secret_env, key.secret_file)
         secrets.append(HmacSecret(secret, key.alg, key.kid))
     return StaticKeySource(tuple(files), tuple(secrets))
@@ -129,18 +133,10 @@ def static_key_problems(config: Config) -> list[str]:
     a file is seldom the one that runs the agent."""
     problems = []
     for index, issuer in enumerate(config.issuers):
-        if issuer.jwks_uri or issuer.discovery:
-            continue
-        files: tuple[KeyFile, ...] = (KeyFile(issuer.jwks_file),) if issuer.jwks_file else ()
-        files += tuple(KeyFile(k.file, kid=k.kid, alg=k.alg) for k in issuer.keys if k.file)
         try:
-            secrets = tuple(
-                HmacSecret(_read_secret(None, k.secret_file), k.alg, k.kid)
-                for k in issuer.keys
-                if k.secret_file and k.alg is not None
-            )
-            if files or secrets:
-                load_static_keys(StaticKeySource(files, secrets))
+            source = key_source(issuer, environment=False)
+            if isinstance(source, StaticKeySource) and (source.files or source.secrets):
+                load_static_keys(source)
         except (StartupError, KeyLoadError) as exc:
             problems.append(f"issuers[{index}] ({issuer.name}): {exc}")
     return problems
