@@ -539,8 +539,11 @@ class KeyManager:
         previous = self._store.get(state.name)
         old = _labels(previous.key_set if previous else None)
         new = _labels(key_set)
-        same_keys = previous is not None and previous.key_set.key_ids == key_set.key_ids
-        if same_keys and previous is not None and previous.max_stale == timing.max_stale:
+        if (
+            previous is not None
+            and previous.key_set.key_ids == key_set.key_ids
+            and previous.max_stale == timing.max_stale
+        ):
             self._store.confirm(state.name, now)
         else:  # new keys, or keys the schedule had expired
             self._store.replace(state.name, key_set, now, max_stale=timing.max_stale)
@@ -607,12 +610,12 @@ class KeyManager:
             return
         if not schedule.usable(now):
             self._store.expire(state.name)
-        elif schedule.failures == 0 and self._store.generation(state.name, self._clock()) is None:
-            schedule.next_attempt_at = min(schedule.next_attempt_at, now)
-        if not schedule.usable(now):
             if not state.unavailable_reported:
                 state.unavailable_reported = True
                 self._emit(KeysUnavailable(state.name, self._wall_time(schedule.last_success, now)))
-        elif schedule.serving_stale(now) and not state.stale_reported:
+            return
+        if schedule.failures == 0 and self._store.generation(state.name, self._clock()) is None:
+            schedule.next_attempt_at = min(schedule.next_attempt_at, now)
+        if schedule.serving_stale(now) and not state.stale_reported:
             state.stale_reported = True
             self._emit(StaleServingStarted(state.name, self._wall_time(schedule.last_success, now)))
