@@ -273,7 +273,7 @@ class Metrics:
         )
         # Series present at 0 from the start: increase() in an alert cannot see the first
         # increment of a series that did not exist before it.
-        for result in ("ok", "error"):
+        for result in RELOAD_RESULTS:
             self._reloads.labels(result=result)
         for status in _PROTOCOL_ERROR_STATUSES:
             self._protocol_errors.labels(status=_status_label(status))
@@ -330,9 +330,8 @@ class Metrics:
         # The internal_error series at 0 from the start: its alert uses increase(), which
         # cannot see the first increment of a series born with it. (The verifier's last
         # resort answers with no issuer.)
-        for policy in [*self._policies.values(), UNKNOWN]:
-            key = self._verdict_key("reject", "internal_error", None, policy)
-            self._verdicts.labels(*key)
+        for policy in [*self._policies, None]:
+            self._verdicts.labels(*self._verdict_key("reject", "internal_error", None, policy))
         for issuer in new_issuers:
             # Present from the start, so "not ready yet" is visible before the first fetch.
             self._issuer_ready.labels(issuer=issuer)
