@@ -383,17 +383,14 @@ class _AgentProtocol(asyncio.Protocol):
     def _on_closed(self, event: ConnectionClosed) -> None:
         if not event.status.is_normal:
             self._observer.protocol_error(event.status)
-            log.info(
-                "spoe connection closed on error",
-                extra={"spop_status": int(event.status), "reason": event.message},
-            )
+            what = "spoe connection closed on error"
         elif event.status is Status.TIMEOUT:
             # Not a protocol error, but a peer that never sent its HELLO or trickled a
             # frame is worth a line (so is an idle close).
-            log.info(
-                "spoe connection timed out",
-                extra={"spop_status": int(event.status), "reason": event.message},
-            )
+            what = "spoe connection timed out"
+        else:
+            return
+        log.info(what, extra={"spop_status": int(event.status), "reason": event.message})
 
     # -- output, flow and time -----------------------------------------------
 
