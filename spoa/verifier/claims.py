@@ -104,6 +104,8 @@ def token_audiences(payload: Mapping[str, Any]) -> frozenset[str]:
 
 # RFC 6749 section 3.3 (used by RFC 9068): scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+# The common case in one match: scope-tokens separated by single spaces.
+_SCOPE_LIST = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*")
 
 
 def scope_tokens(payload: Mapping[str, Any]) -> tuple[str, ...]:
@@ -115,6 +117,8 @@ def scope_tokens(payload: Mapping[str, Any]) -> tuple[str, ...]:
     # A `scope` member, even null, is the source: `scp` never adds to it.
     value = payload["scope"] if "scope" in payload else payload.get("scp")
     if isinstance(value, str):
+        if _SCOPE_LIST.fullmatch(value) is not None:
+            return tuple(value.split(" "))
         items: list[Any] = value.split(" ")
     elif isinstance(value, list):
         items = value

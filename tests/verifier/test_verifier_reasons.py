@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from verifier_helpers import (
     AUDIENCE,
     CONTEXT,
@@ -34,6 +36,7 @@ from spoa.verifier import (
     bearer_error,
     http_status,
 )
+from spoa.verifier.claims import SCOPE_TOKEN, scope_tokens
 
 ES = "ES256"
 
@@ -339,3 +342,37 @@ def test_token_as_bytes_verifies(es_key: KeyPair) -> None:
 
 def test_b64_helper_roundtrip() -> None:
     assert b64(b"\xff") == "_w"
+
+
+def _scope_tokens_item_by_item(value: str) -> tuple[str, ...]:
+    """The rule itself: split on SP, keep the items that are scope-tokens."""
+    return tuple(item for item in value.split(" ") if SCOPE_TOKEN.fullmatch(item))
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        "a",
+        "openid profile orders:read",
+        "a  b",
+        " a",
+        "a ",
+        "",
+        " ",
+        "a\tb",
+        "read\u3000admin",
+        'a "b" c',
+        "a\\b c",
+        "a\nb",
+        "caf\u00e9 b",
+        "a\x7fb c",
+    ],
+)
+def test_scope_tokens_of_a_string(scope: str) -> None:
+    """The one-match fast path for well-formed lists gives what the item-by-item rule gives."""
+    assert scope_tokens({"scope": scope}) == _scope_tokens_item_by_item(scope)
+
+
+@given(st.text(alphabet=st.sampled_from(' ab:"\\\t\u3000\x7f\x21~'), max_size=12))
+def test_scope_tokens_match_the_rule(scope: str) -> None:
+    assert scope_tokens({"scope": scope}) == _scope_tokens_item_by_item(scope)
