@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from spoa.balance import ConnectionTable, WorkerShare
 from spoa.config import Config, ConfigError, IssuerSettings, describe, load_config
 from spoa.glue import (
     FALLBACK_ACTIONS,
@@ -64,7 +65,7 @@ from spoa.metrics import (
     prepare_multiprocess_dir,
 )
 from spoa.protocol import SPEEDUPS, AnswerMemo
-from spoa.server import ServerLimits, SpoaServer, install_uvloop
+from spoa.server import AcceptBalancer, ServerLimits, SpoaServer, install_uvloop
 from spoa.verifier import (
     ClaimMatcher,
     IssuerKeys,
@@ -427,6 +428,7 @@ class Worker:
         on_serving: Callable[[], None] | None = None,
         reload_requested: Callable[[], bool] = lambda: False,
         heartbeat: Callable[[], None] | None = None,
+        balancer: AcceptBalancer | None = None,
     ) -> None:
         self._reloading = asyncio.Lock()
         self._reload_pending = reload_requested()
@@ -472,7 +474,7 @@ class Worker:
             answer_memo=memo,
             on_replayed=self.metrics.record_replayed,
         )
-        await self.server.start_on_socket(sock)
+        await self.server.start_on_socket(sock, balancer)
         # What start-up built lives as long as the worker: keep it out of every garbage
         # collection (the cyclic collector showed in per-request profiles).
         gc.freeze()
@@ -666,9 +668,11 @@ def _worker_main(
     sock: socket.socket,
     ready_fd: int | None = None,
     reload_requested: Callable[[], bool] = lambda: False,
+    balancer: AcceptBalancer | None = None,
 ) -> int:
     """Run one worker to completion in this process. With `ready_fd` (a supervisor's
-    pipe), "R" is written there once the worker serves, then "." every HEARTBEAT_EVERY."""
+    pipe), "R" is written there once the worker serves, then "." every HEARTBEAT_EVERY.
+    With a `balancer`, it takes its share of the connections on a shared listener."""
 
     def report_serving() -> None:
         if ready_fd is not None:
@@ -712,6 +716,7 @@ def _worker_main(
                 report_serving,
                 reload_requested,
                 heartbeat if ready_fd is not None else None,
+                balancer,
             )
         )
     finally:
@@ -757,15 +762,27 @@ def run_agent(
     pid_file: str | None = None,
     worker_fd: int | None = None,
     ready_fd: int | None = None,
+    share: tuple[int, int] | None = None,
     reload_requested: Callable[[], bool] = lambda: False,
 ) -> int:
-    """Run the agent until stopped. `reload_requested` tells whether a SIGHUP came in
+    """Run the agent until stopped. A supervisor starts each worker with `worker_fd` (the
+    shared listener), `ready_fd` (its pipe) and `share` (the connection table's file
+    descriptor and the worker's slot in it). `reload_requested` tells whether a SIGHUP came in
     before the agent's own handlers were installed (the CLI catches it that early)."""
     configure_logging(config.log.level, config.log.format)
     if worker_fd is not None:  # started by a supervisor, sharing its listener
+        balancer = None
+        if share is not None:
+            table_fd, slot = share
+            balancer = WorkerShare(ConnectionTable(table_fd, config.agent.workers), slot)
         try:
             return _worker_main(
-                config, config_path, socket.socket(fileno=worker_fd), ready_fd, reload_requested
+                config,
+                config_path,
+                socket.socket(fileno=worker_fd),
+                ready_fd,
+                reload_requested,
+                balancer,
             )
         except StartupError as exc:
             log.error("worker_startup_failed", error=str(exc))
@@ -830,6 +847,8 @@ class Supervisor:
         self.reload_requested = False
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="jwtgate-metrics-"))
         self.metrics: Metrics | None = None
+        # Connections held per slot, published by the workers to spread them evenly.
+        self.connections = ConnectionTable.create(config.agent.workers)
 
     def run(self, reload_requested: Callable[[], bool] = lambda: False) -> int:
         prepare_multiprocess_dir(self.metrics_dir)
@@ -863,6 +882,7 @@ class Supervisor:
                 path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.metrics_dir.rmdir()
+            self.connections.close()
         return self.exit_code
 
     def ready(self) -> tuple[bool, Any]:
@@ -882,11 +902,14 @@ class Supervisor:
         # the current file as it starts anyway) and does not count as ready.
         ready_read, ready_write = os.pipe()
         os.set_blocking(ready_read, False)
+        table = self.connections.fileno()
+        self.connections.clear(slot)  # counted again once the new worker serves
         argv = [sys.executable, "-m", "spoa", "run", "--config", str(self.config_path)]
         argv += ["--worker-fd", str(self.sock.fileno()), "--ready-fd", str(ready_write)]
+        argv += ["--connection-table", f"{table}:{slot}"]
         try:
             process = subprocess.Popen(
-                argv, pass_fds=[self.sock.fileno(), ready_write], stdin=subprocess.DEVNULL
+                argv, pass_fds=[self.sock.fileno(), ready_write, table], stdin=subprocess.DEVNULL
             )
         finally:
             os.close(ready_write)
@@ -995,6 +1018,7 @@ class Supervisor:
             mark_worker_dead(pid, self.metrics_dir)
             if slot is None:
                 continue
+            self.connections.clear(slot)
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 log.info("worker_stopped", pid=pid, code=code)

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Internal: a supervisor's worker, serving the inherited listening socket.
     run.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--connection-table", type=_fd_and_slot, help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser(
@@ -183,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands ------------------------------------------------------------------------------
 
 
+def _fd_and_slot(text: str) -> tuple[int, int]:
+    """`FD:SLOT`, as a supervisor passes its connection table to a worker."""
+    fd, _, slot = text.partition(":")
+    try:
+        return int(fd), int(slot)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected FD:SLOT") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # Catch SIGHUP before the heavy imports below: its default action would kill a
     # starting agent (e.g. `systemctl reload` right after start). It is honoured once
@@ -200,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             pid_file=args.pid_file,
             worker_fd=args.worker_fd,
             ready_fd=args.ready_fd,
+            share=args.connection_table,
             reload_requested=lambda: bool(early_hup),
         )
     except StartupError as exc:

@@ -46,6 +46,16 @@ Handler = Callable[[Message], Sequence[Action] | Awaitable[Sequence[Action]]]
 ReplayObserver = Callable[[list[Hashable]], None]
 
 
+class AcceptBalancer(Protocol):
+    """Decides, with the sibling workers on the same listener, who takes a connection."""
+
+    def may_accept(self) -> bool: ...
+
+    def publish(self, held: int) -> None: ...
+
+    def leave(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
     """Bounds of the server. `max_inflight` must be at least HAProxy's
@@ -134,11 +144,14 @@ class SpoaServer:
         self.answer_memo = answer_memo
         self.on_replayed = on_replayed
         self._server: asyncio.Server | None = None
+        self._acceptor: _BalancedAcceptor | None = None
         self._connections: set[_AgentProtocol] = set()
         self._closing = False
 
     @property
     def bound_port(self) -> int:
+        if self._acceptor is not None:
+            return self._acceptor.port
         if self._server is None or not self._server.sockets:
             raise RuntimeError("the server is not listening")
         port: int = self._server.sockets[0].getsockname()[1]
@@ -154,8 +167,15 @@ class SpoaServer:
             self._make_protocol, host, port, backlog=1024, reuse_address=True
         )
 
-    async def start_on_socket(self, sock: socket.socket) -> None:
-        """Serve on a socket that is already bound and listening (SO_REUSEPORT workers)."""
+    async def start_on_socket(
+        self, sock: socket.socket, balancer: AcceptBalancer | None = None
+    ) -> None:
+        """Serve on a socket that is already bound and listening, maybe shared with
+        sibling workers; with a `balancer`, a connection is taken only when it agrees."""
+        if balancer is not None:
+            self._acceptor = _BalancedAcceptor(self, sock, balancer)
+            self._acceptor.start()
+            return
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._make_protocol, sock=sock)
 
@@ -165,6 +185,8 @@ class SpoaServer:
         self._closing = True
         if self._server is not None:
             self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.shutdown_grace
         while any(c.busy for c in self._connections) and loop.time() < deadline:
@@ -180,6 +202,86 @@ class SpoaServer:
 
     def _make_protocol(self) -> _AgentProtocol:
         return _AgentProtocol(self)
+
+
+class _BalancedAcceptor:
+    """Accepts on a listener shared with sibling workers, one connection at a time and
+    only while the balancer agrees; otherwise it stops watching the socket (a sibling
+    takes the connection) and asks again every RECHECK seconds, publishing what it holds."""
+
+    RECHECK = 0.05
+    RETRY_AFTER_ERROR = 1.0  # out of file descriptors or memory: as asyncio's own server
+
+    def __init__(self, server: SpoaServer, sock: socket.socket, balancer: AcceptBalancer) -> None:
+        self._server = server
+        self._sock = sock
+        self._balancer = balancer
+        self._loop = asyncio.get_running_loop()
+        self.port: int = sock.getsockname()[1]
+        self._watching = False
+        self._closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._resume_at = 0.0
+        self._adopting: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._sock.setblocking(False)
+        self._tick()
+
+    def close(self) -> None:
+        self._closed = True
+        self._stop_watching()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._balancer.leave()
+        self._sock.close()
+
+    def _held(self) -> int:
+        return len(self._server._connections) + len(self._adopting)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        self._balancer.publish(self._held())
+        if self._loop.time() >= self._resume_at and self._balancer.may_accept():
+            if not self._watching:
+                self._loop.add_reader(self._sock.fileno(), self._on_readable)
+                self._watching = True
+        else:
+            self._stop_watching()
+        self._timer = self._loop.call_later(self.RECHECK, self._tick)
+
+    def _stop_watching(self) -> None:
+        if self._watching:
+            self._loop.remove_reader(self._sock.fileno())
+            self._watching = False
+
+    def _on_readable(self) -> None:
+        if self._closed or not self._balancer.may_accept():
+            self._stop_watching()  # level-triggered: watching on would spin
+            return
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # a sibling took it, or the peer gave up
+        except OSError as exc:
+            log.error("cannot accept a connection: %s", exc.strerror)
+            self._resume_at = self._loop.time() + self.RETRY_AFTER_ERROR
+            self._stop_watching()
+            return
+        conn.setblocking(False)
+        task = self._loop.create_task(self._adopt(conn))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+        self._balancer.publish(self._held())  # before the next readable event
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._server._make_protocol, conn)
+        except OSError:  # reset before the transport existed
+            conn.close()
 
 
 class _AgentProtocol(asyncio.Protocol):

@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from spoa.devkit.issuer import LocalIssuer
 from spoa.devkit.stack import AgentProcess, Stack, StackOptions, free_port, http_get
 from spoa.devkit.tokens import forge_signature
+from spoa.protocol import FrameType
+from tests.e2e.test_limits import hello_frame, read_frame
 from tests.support.gateway import AUD, agent_config, mint, request
 
 
@@ -429,3 +431,60 @@ def test_a_supervisor_whose_workers_cannot_start_exits_1(tmp_path: Path) -> None
                 process.wait(10)
         assert "workers_cannot_start" in log.read_text()
         assert "Traceback" not in log.read_text()
+
+
+def _connections_held(pid: int, port: int) -> int:
+    """Established TCP connections on local `port` held by process `pid`."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "01" and int(local.rpartition(":")[2], 16) == port:
+                inodes.add(inode)
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            held += target.startswith("socket:[") and target[8:-1] in inodes
+    return held
+
+
+def test_workers_share_a_burst_of_connections_evenly(tmp_path: Path) -> None:
+    """Regression: the workers share one listener, and whichever woke first took a whole
+    burst of HAProxy's connections (8/0 and 7/1 splits), leaving the other idle for the
+    connections' lifetime. Each now takes one only while no sibling holds fewer."""
+    with LocalIssuer() as issuer:
+        process, _, metrics_port = start_agent(tmp_path, issuer, 2)
+        agent_port = int(
+            (tmp_path / "jwtgate.toml").read_text().split('listen = "127.0.0.1:')[1].split('"')[0]
+        )
+        sockets: list[socket.socket] = []
+        try:
+            wait_ready(metrics_port)
+            workers = _children(process.pid)
+            assert len(workers) == 2
+            for _ in range(3):
+                burst = []
+                for _ in range(8):  # all at once, as HAProxy opens them under a surge
+                    sock = socket.create_connection(("127.0.0.1", agent_port), timeout=5)
+                    sock.sendall(hello_frame())
+                    burst.append(sock)
+                sockets += burst
+                for sock in burst:
+                    answer = read_frame(sock)
+                    assert answer is not None
+                    assert answer[0] == FrameType.AGENT_HELLO
+                opened = len(sockets)
+                wait_until(
+                    lambda: sum(_connections_held(pid, agent_port) for pid in workers) == opened,  # noqa: B023
+                    10,
+                    "the workers to hold every connection",
+                )
+                held = sorted(_connections_held(pid, agent_port) for pid in workers)
+                assert held[1] - held[0] <= 1, held
+        finally:
+            for sock in sockets:
+                sock.close()
+            process.terminate()
+            process.wait(15)
