@@ -38,8 +38,8 @@ class ConnectionTable:
 
     @classmethod
     def create(cls, slots: int) -> ConnectionTable:
-        """A new table with every slot empty, on a file descriptor children can inherit."""
-        fd = os.memfd_create("jwtgate-connections", 0)  # inheritable: no MFD_CLOEXEC
+        """A new table with every slot empty, on a file descriptor to pass to workers."""
+        fd = os.memfd_create("jwtgate-connections")  # workers get it through pass_fds
         os.ftruncate(fd, slots * _SLOT_BYTES)
         table = cls(fd, slots)
         for slot in range(slots):
