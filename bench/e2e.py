@@ -77,6 +77,14 @@ MINIMAL_AGENT = Scenario("minimal ACK-only agent (hand-written)", "ackmin")
 JWTGATE_HITS = Scenario("jwtgate RS256 cache hits", "jwtgate", "RS256")
 JWTGATE_RS256_UNIQUE = Scenario("jwtgate RS256 unique", "jwtgate", "RS256", unique=True)
 JWTGATE_ES256_UNIQUE = Scenario("jwtgate ES256 unique", "jwtgate", "ES256", unique=True)
+JWTGATE_ES256_UNIQUE_2_WORKERS = Scenario(
+    "jwtgate ES256 unique, 2 workers",
+    "jwtgate",
+    "ES256",
+    unique=True,
+    workers=2,
+    max_waiting_frames=4,
+)
 
 SCENARIOS = (
     Scenario("no auth", "noauth"),
@@ -102,14 +110,7 @@ SCENARIOS = (
     ),
     # The ES256 unique-token target does not say "one agent process": what a second
     # worker buys on this 2-core box, where HAProxy and wrk hold a core each.
-    Scenario(
-        "jwtgate ES256 unique, 2 workers",
-        "jwtgate",
-        "ES256",
-        unique=True,
-        workers=2,
-        max_waiting_frames=4,
-    ),
+    JWTGATE_ES256_UNIQUE_2_WORKERS,
     Scenario(
         "jwtgate RS256 unique, 2 agents",
         "jwtgate",
@@ -507,6 +508,7 @@ HEADLINE = (NATIVE_RS256, MINIMAL_AGENT, JWTGATE_HITS)
 # baselines; each native run comes right after its jwtgate run, with no minting between.
 ROUNDS_FULL = (
     JWTGATE_ES256_UNIQUE,
+    JWTGATE_ES256_UNIQUE_2_WORKERS,
     NATIVE_ES256,
     JWTGATE_RS256_UNIQUE,
     NATIVE_RS256,
@@ -519,6 +521,7 @@ ROUND_RATIOS = (
     ("hits vs minimal", JWTGATE_HITS, MINIMAL_AGENT),
     ("unique RS256 vs native RS256", JWTGATE_RS256_UNIQUE, NATIVE_RS256),
     ("unique ES256 vs native ES256", JWTGATE_ES256_UNIQUE, NATIVE_ES256),
+    ("unique ES256, 2 workers, vs native ES256", JWTGATE_ES256_UNIQUE_2_WORKERS, NATIVE_ES256),
 )
 
 
