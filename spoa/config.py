@@ -460,7 +460,7 @@ class _Reader:
                 f"exactly one of jwks_uri, jwks_file, discovery, keys is required (found: {found})",
             )
         values: dict[str, Any] = {
-            "audiences": self.get(table, "audiences", _string_list, ()),
+            "audiences": self.get(table, "audiences", _audience_list, ()),
             "jwks_uri": self.get(table, "jwks_uri", _url, None),
             "jwks_file": self.get(table, "jwks_file", self.existing_file, None),
             "keys": self.get(table, "keys", self.static_keys, ()),
@@ -598,7 +598,7 @@ class _Reader:
             if issuer not in issuer_names:
                 known = ", ".join(sorted(issuer_names)) or "none"
                 self.fail("issuers", f"unknown issuer {issuer!r} (configured issuers: {known})")
-        audiences = self.get(table, "audiences", _string_list, None)
+        audiences = self.get(table, "audiences", _audience_list, None)
         # RFC 8725 section 3.9: always check `aud`. A policy must know what to accept.
         if audiences is None:
             for issuer in issuers:
@@ -782,6 +782,14 @@ def _string_list(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise _Expected("an array of non-empty strings")
     return tuple(value)
+
+
+def _audience_list(value: Any) -> tuple[str, ...]:
+    audiences = _string_list(value)
+    if not audiences:
+        # An empty set of accepted audiences would check nothing (RFC 8725 section 3.9).
+        raise _Expected("at least one audience (an empty array would accept any `aud`)")
+    return audiences
 
 
 def _scope_list(value: Any) -> tuple[str, ...]:

@@ -320,3 +320,12 @@ def test_keys_over_plain_http_need_loopback_or_an_explicit_opt_in(
         (problem,) = problems(text)
         assert problem.startswith(("issuers[0].jwks_uri: plain http://", "issuers[0].discovery:"))
         assert "allow_plain_http" in problem
+
+
+def test_an_empty_audience_list_is_refused() -> None:
+    """Regression: `audiences = []` in a policy passed validation and then meant "aud is
+    not checked", so tokens for any audience (or none) were accepted (RFC 8725 3.9)."""
+    found = problems(MINIMAL + "audiences = []\n")
+    assert any(p.startswith("policies.default.audiences: ") and "at least one" in p for p in found)
+    found = problems(MINIMAL.replace('audiences = ["api"]', "audiences = []"))
+    assert any(p.startswith("issuers[0].audiences: expected at least one") for p in found)
