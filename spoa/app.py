@@ -772,10 +772,15 @@ def run_agent(
     configure_logging(config.log.level, config.log.format)
     if worker_fd is not None:  # started by a supervisor, sharing its listener
         balancer = None
-        if share is not None:
-            table_fd, slot = share
-            balancer = WorkerShare(ConnectionTable(table_fd, config.agent.workers), slot)
         try:
+            if share is not None:
+                # The table's own size, not `workers` from the file: the file may have
+                # changed since the supervisor started (a restart-only setting).
+                table_fd, slot = share
+                try:
+                    balancer = WorkerShare(ConnectionTable(table_fd), slot)
+                except (OSError, ValueError) as exc:
+                    raise StartupError(f"connection table: {exc}") from None
             return _worker_main(
                 config,
                 config_path,

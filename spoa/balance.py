@@ -25,23 +25,28 @@ class ConnectionTable:
     """The supervisor's table of connections held per worker slot, in shared memory."""
 
     # A slot not published for this long belongs to a worker that is not turning its
-    # event loop; its siblings stop deferring to it.
-    STALE_AFTER = 2.0
+    # event loop (workers publish every 50 ms); its siblings stop deferring to it. Well
+    # inside HAProxy's `timeout hello` (2 s in the shipped spoe-jwt.conf).
+    STALE_AFTER = 0.5
 
-    def __init__(self, fd: int, slots: int) -> None:
-        if slots <= 0:
-            raise ValueError("a connection table needs at least one slot")
-        self.slots = slots
+    def __init__(self, fd: int) -> None:
+        """Map the table behind `fd`; its size gives the number of slots."""
+        size = os.fstat(fd).st_size
+        if size <= 0 or size % _SLOT_BYTES:
+            raise ValueError(f"not a connection table: {size} bytes")
+        self.slots = size // _SLOT_BYTES
         self._fd = fd
-        self._map = mmap.mmap(fd, slots * _SLOT_BYTES)
+        self._map = mmap.mmap(fd, size)
         self._values = memoryview(self._map).cast("d")
 
     @classmethod
     def create(cls, slots: int) -> ConnectionTable:
         """A new table with every slot empty, on a file descriptor to pass to workers."""
+        if slots <= 0:
+            raise ValueError("a connection table needs at least one slot")
         fd = os.memfd_create("jwtgate-connections")  # workers get it through pass_fds
         os.ftruncate(fd, slots * _SLOT_BYTES)
-        table = cls(fd, slots)
+        table = cls(fd)
         for slot in range(slots):
             table.clear(slot)
         return table

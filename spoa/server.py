@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -207,10 +208,16 @@ class SpoaServer:
 class _BalancedAcceptor:
     """Accepts on a listener shared with sibling workers, one connection at a time and
     only while the balancer agrees; otherwise it stops watching the socket (a sibling
-    takes the connection) and asks again every RECHECK seconds, publishing what it holds."""
+    takes the connection) and asks again every RECHECK seconds, publishing what it holds.
+    Right after declining a pending connection it asks every BURST_RECHECK seconds for a
+    while instead, so a burst of connections is taken in turns without waiting on ticks."""
 
     RECHECK = 0.05
+    BURST_RECHECK = 0.001
+    BURST_LASTS = 0.1  # seconds of quick rechecks after the last declined connection
     RETRY_AFTER_ERROR = 1.0  # out of file descriptors or memory: as asyncio's own server
+    # Published while backing off after such an error, so siblings take the connections.
+    UNAVAILABLE = 2**31
 
     def __init__(self, server: SpoaServer, sock: socket.socket, balancer: AcceptBalancer) -> None:
         self._server = server
@@ -222,6 +229,7 @@ class _BalancedAcceptor:
         self._closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._resume_at = 0.0
+        self._declined_at = -math.inf
         self._adopting: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -237,30 +245,44 @@ class _BalancedAcceptor:
         self._balancer.leave()
         self._sock.close()
 
-    def _held(self) -> int:
-        return len(self._server._connections) + len(self._adopting)
+    def _publish(self, now: float) -> None:
+        held = len(self._server._connections) + len(self._adopting)
+        self._balancer.publish(held if now >= self._resume_at else self.UNAVAILABLE)
 
     def _tick(self) -> None:
         self._timer = None
         if self._closed:
             return
-        self._balancer.publish(self._held())
-        if self._loop.time() >= self._resume_at and self._balancer.may_accept():
+        now = self._loop.time()
+        self._publish(now)
+        if now >= self._resume_at and self._balancer.may_accept():
             if not self._watching:
                 self._loop.add_reader(self._sock.fileno(), self._on_readable)
                 self._watching = True
         else:
             self._stop_watching()
-        self._timer = self._loop.call_later(self.RECHECK, self._tick)
+        quick = now - self._declined_at < self.BURST_LASTS
+        self._timer = self._loop.call_later(
+            self.BURST_RECHECK if quick else self.RECHECK, self._tick
+        )
 
     def _stop_watching(self) -> None:
         if self._watching:
             self._loop.remove_reader(self._sock.fileno())
             self._watching = False
 
+    def _recheck_soon(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(self.BURST_RECHECK, self._tick)
+
     def _on_readable(self) -> None:
-        if self._closed or not self._balancer.may_accept():
+        if self._closed:
+            return
+        if not self._balancer.may_accept():
             self._stop_watching()  # level-triggered: watching on would spin
+            self._declined_at = self._loop.time()
+            self._recheck_soon()
             return
         try:
             conn, _ = self._sock.accept()
@@ -270,12 +292,13 @@ class _BalancedAcceptor:
             log.error("cannot accept a connection: %s", exc.strerror)
             self._resume_at = self._loop.time() + self.RETRY_AFTER_ERROR
             self._stop_watching()
+            self._publish(self._loop.time())
             return
         conn.setblocking(False)
         task = self._loop.create_task(self._adopt(conn))
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
-        self._balancer.publish(self._held())  # before the next readable event
+        self._publish(self._loop.time())  # before the next readable event
 
     async def _adopt(self, conn: socket.socket) -> None:
         try:

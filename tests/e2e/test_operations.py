@@ -450,31 +450,40 @@ def _connections_held(pid: int, port: int) -> int:
     return held
 
 
+def _agent_port(tmp_path: Path) -> int:
+    text = (tmp_path / "jwtgate.toml").read_text()
+    return int(text.split('listen = "127.0.0.1:')[1].split('"')[0])
+
+
+def _say_hello(port: int, count: int) -> list[socket.socket]:
+    """`count` connections opened at once, as HAProxy opens them under a surge; each
+    sends HAPROXY-HELLO, then every AGENT-HELLO is read."""
+    burst = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(hello_frame())
+        burst.append(sock)
+    for sock in burst:
+        answer = read_frame(sock)
+        assert answer is not None
+        assert answer[0] == FrameType.AGENT_HELLO
+    return burst
+
+
 def test_workers_share_a_burst_of_connections_evenly(tmp_path: Path) -> None:
     """Regression: the workers share one listener, and whichever woke first took a whole
     burst of HAProxy's connections (8/0 and 7/1 splits), leaving the other idle for the
     connections' lifetime. Each now takes one only while no sibling holds fewer."""
     with LocalIssuer() as issuer:
         process, _, metrics_port = start_agent(tmp_path, issuer, 2)
-        agent_port = int(
-            (tmp_path / "jwtgate.toml").read_text().split('listen = "127.0.0.1:')[1].split('"')[0]
-        )
+        agent_port = _agent_port(tmp_path)
         sockets: list[socket.socket] = []
         try:
             wait_ready(metrics_port)
             workers = _children(process.pid)
             assert len(workers) == 2
             for _ in range(3):
-                burst = []
-                for _ in range(8):  # all at once, as HAProxy opens them under a surge
-                    sock = socket.create_connection(("127.0.0.1", agent_port), timeout=5)
-                    sock.sendall(hello_frame())
-                    burst.append(sock)
-                sockets += burst
-                for sock in burst:
-                    answer = read_frame(sock)
-                    assert answer is not None
-                    assert answer[0] == FrameType.AGENT_HELLO
+                sockets += _say_hello(agent_port, 8)
                 opened = len(sockets)
                 wait_until(
                     lambda: sum(_connections_held(pid, agent_port) for pid in workers) == opened,  # noqa: B023
@@ -483,8 +492,69 @@ def test_workers_share_a_burst_of_connections_evenly(tmp_path: Path) -> None:
                 )
                 held = sorted(_connections_held(pid, agent_port) for pid in workers)
                 assert held[1] - held[0] <= 1, held
+            # Regression: workers that declined a connection looked again only every
+            # 50 ms, so 200 at once took 2.5 s, past HAProxy's `timeout hello` (2 s).
+            started = time.monotonic()
+            sockets += _say_hello(agent_port, 200)
+            assert time.monotonic() - started < 1.5
         finally:
             for sock in sockets:
                 sock.close()
+            process.terminate()
+            process.wait(15)
+
+
+def test_a_stopped_worker_does_not_hold_up_new_connections(tmp_path: Path) -> None:
+    """Regression: siblings deferred to a hung worker holding fewer connections for 2 s,
+    as long as HAProxy waits for AGENT-HELLO; a silent worker is now passed over after
+    0.5 s."""
+    with LocalIssuer() as issuer:
+        process, _, metrics_port = start_agent(tmp_path, issuer, 2)
+        agent_port = _agent_port(tmp_path)
+        sockets: list[socket.socket] = []
+        stopped = 0
+        try:
+            wait_ready(metrics_port)
+            workers = _children(process.pid)
+            sockets += _say_hello(agent_port, 1)
+            wait_until(
+                lambda: sum(_connections_held(pid, agent_port) for pid in workers) == 1,
+                10,
+                "a worker to hold the connection",
+            )
+            stopped = min(workers, key=lambda pid: _connections_held(pid, agent_port))
+            os.kill(stopped, signal.SIGSTOP)
+            started = time.monotonic()
+            sockets += _say_hello(agent_port, 1)
+            assert time.monotonic() - started < 1.5
+        finally:
+            if stopped:
+                os.kill(stopped, signal.SIGCONT)
+            for sock in sockets:
+                sock.close()
+            process.terminate()
+            process.wait(15)
+
+
+def test_a_worker_restarts_after_workers_changed_in_the_file(tmp_path: Path) -> None:
+    """Regression: a worker sized the shared connection table from `workers` in the
+    file; after an edit to it (a restart-only setting) a restarted worker crashed with a
+    traceback, again and again."""
+    with LocalIssuer() as issuer:
+        process, log, metrics_port = start_agent(tmp_path, issuer, 2)
+        try:
+            wait_ready(metrics_port)
+            config = tmp_path / "jwtgate.toml"
+            config.write_text(config.read_text().replace("workers = 2", "workers = 3"))
+            victim = min(_children(process.pid))
+            os.kill(victim, signal.SIGKILL)
+            wait_until(
+                lambda: victim not in _children(process.pid) and len(_children(process.pid)) == 2,
+                10,
+                "the worker's restart",
+            )
+            wait_ready(metrics_port)
+            assert "Traceback" not in log.read_text()
+        finally:
             process.terminate()
             process.wait(15)
