@@ -541,7 +541,7 @@ class KeyManager:
         new = _labels(key_set)
         if (
             previous is not None
-            and previous.key_set.key_ids == key_set.key_ids
+            and previous.key_set.identities == key_set.identities
             and previous.max_stale == timing.max_stale
         ):
             self._store.confirm(state.name, now)

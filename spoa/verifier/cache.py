@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from spoa.verifier.claims import TokenTimes
+from spoa.verifier.keys import KeyIdentity
 from spoa.verifier.verdict import Verdict
 
 
@@ -67,7 +68,7 @@ class CacheEntry:
         "generation",
         "iat",
         "issuer",
-        "key_id",
+        "key",
         "leeway",
         "lifetime_floor",
         "nbf",
@@ -79,7 +80,7 @@ class CacheEntry:
         self,
         *,
         issuer: str,
-        key_id: str,
+        key: KeyIdentity,
         generation: int,
         claims: Mapping[str, Any],
         times: TokenTimes,
@@ -89,7 +90,7 @@ class CacheEntry:
         ok_verdict: Verdict,
     ) -> None:
         self.issuer = issuer
-        self.key_id = key_id
+        self.key = key
         self.generation = generation
         self.claims = claims
         self.exp = times.exp

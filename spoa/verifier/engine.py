@@ -137,7 +137,7 @@ class Verifier:
         if generation is None:
             return self._cached_rejection(entry, Reason.KEYS_UNAVAILABLE, policy)
         if generation != entry.generation:
-            if not self._keys.holds(entry.issuer, entry.key_id):
+            if not self._keys.holds(entry.issuer, entry.key):
                 self.cache.discard(key)
                 return None
             entry.generation = generation
@@ -239,7 +239,7 @@ class Verifier:
                 cache_key,
                 CacheEntry(
                     issuer=rules.name,
-                    key_id=signing_key.key_id,
+                    key=signing_key.identity,
                     generation=generation,
                     claims=claims,
                     times=times,

@@ -39,9 +39,15 @@ DEFAULT_MAX_KEYS = 100
 _EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 
+# What a cached verdict depends on in a key: its material (as `key_id`), the `kid` it is
+# found by, and the alg it is pinned to. A key set that changes any of them is new.
+KeyIdentity = tuple[str, str | None, str | None]
+
+
 @dataclass(frozen=True, slots=True)
 class VerificationKey:
-    """One public key or HMAC secret. `key_id` is a stable identity (RFC 7638 thumbprint)."""
+    """One public key or HMAC secret. `key_id` is a stable identity of the material (RFC
+    7638 thumbprint)."""
 
     key_id: str
     kid: str | None
@@ -54,6 +60,10 @@ class VerificationKey:
         # A key that could never verify anything is a loading bug: say so at load time.
         if material_kind(self.material) is not self.kind:
             raise KeyLoadError(f"key material does not fit key type {self.kind}")
+
+    @property
+    def identity(self) -> KeyIdentity:
+        return (self.key_id, self.kid, self.alg)
 
     def fits(self, alg: str) -> bool:
         algorithm = ALGORITHMS.get(alg)
@@ -80,7 +90,7 @@ class KeySet:
     keys: tuple[VerificationKey, ...]
     _by_kid: Mapping[str, tuple[VerificationKey, ...]] = field(init=False, repr=False)
     _unnamed: tuple[VerificationKey, ...] = field(init=False, repr=False)
-    key_ids: frozenset[str] = field(init=False, repr=False)
+    identities: frozenset[KeyIdentity] = field(init=False, repr=False)
     # candidates() answers by (kid class, alg): bounded by kids x algorithms, since a kid
     # this set does not hold is looked up as one, whatever the token says, and only an
     # alg some key fits (so one of ALGORITHMS) gets an answer to keep.
@@ -95,7 +105,7 @@ class KeySet:
                 by_kid.setdefault(key.kid, []).append(key)
         object.__setattr__(self, "_by_kid", {kid: tuple(ks) for kid, ks in by_kid.items()})
         object.__setattr__(self, "_unnamed", tuple(k for k in self.keys if k.kid is None))
-        object.__setattr__(self, "key_ids", frozenset(k.key_id for k in self.keys))
+        object.__setattr__(self, "identities", frozenset(k.identity for k in self.keys))
         object.__setattr__(self, "_chosen", {})
 
     @property

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from spoa.verifier.errors import TokenRejected
-from spoa.verifier.keys import KeySet, VerificationKey
+from spoa.verifier.keys import KeyIdentity, KeySet, VerificationKey
 from spoa.verifier.reasons import Reason
 
 
@@ -31,8 +31,9 @@ class KeyStore(Protocol):
         KEYS_UNAVAILABLE, UNKNOWN_KID or UNSUPPORTED_ALG."""
         ...
 
-    def holds(self, issuer: str, key_id: str) -> bool:
-        """Whether the issuer's current key set still contains this key."""
+    def holds(self, issuer: str, key: KeyIdentity) -> bool:
+        """Whether the issuer's current key set still contains this key, with the same
+        kid and pinned alg."""
         ...
 
     def usable_until(self, issuer: str) -> float | None:
@@ -121,9 +122,9 @@ class MemoryKeyStore:
             raise TokenRejected("issuer keys are too stale", reason=Reason.KEYS_UNAVAILABLE)
         return entry.generation, entry.key_set.candidates(kid, alg)
 
-    def holds(self, issuer: str, key_id: str) -> bool:
+    def holds(self, issuer: str, key: KeyIdentity) -> bool:
         entry = self._issuers.get(issuer)
-        return entry is not None and key_id in entry.key_set.key_ids
+        return entry is not None and key in entry.key_set.identities
 
     def usable_until(self, issuer: str) -> float | None:
         entry = self._issuers.get(issuer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -295,6 +296,30 @@ def test_rotation_follows_cache_control(server: JwksServer, key_a: KeyPair, key_
     run(scenario)
     changes = [(e.added, e.removed) for e in harness.of_type(KeysChanged)]
     assert changes == [(("a",), ()), (("b",), ()), ((), ("a",))]
+
+
+def test_a_key_set_that_only_renames_a_key_is_new(server: JwksServer, key_a: KeyPair) -> None:
+    """Regression: a refresh with the same key material under another kid (or another
+    pinned alg) was taken as unchanged, so the new kid stayed unknown_kid and the old
+    one kept verifying until a restart."""
+    server.set("/jwks", jwks(key_a), cache_control="max-age=120")
+    harness = Harness(JwksUrlSource(server.url("/jwks")))
+    clock = harness.clock
+    renamed = dataclasses.replace(key_a, kid="a2")
+
+    async def scenario() -> None:
+        try:
+            await harness.manager.start(timeout=5.0)
+            assert harness.verify(key_a) is Reason.OK
+            server.set("/jwks", jwks(renamed), cache_control="max-age=120")
+            clock.now = NOW + 108
+            await harness.manager.run_due(clock.now)
+            assert harness.verify(renamed, iat=int(clock.now)) is Reason.OK
+            assert harness.verify(key_a, iat=int(clock.now)) is Reason.UNKNOWN_KID
+        finally:
+            await harness.manager.aclose()
+
+    run(scenario)
 
 
 def test_outage_serves_stale_keys_then_fails_closed(server: JwksServer, key_a: KeyPair) -> None:

@@ -298,3 +298,20 @@ def test_key_store_listeners_hear_replacements_and_removals_only(key: KeyPair) -
     store.remove("main")
     assert heard == ["changed", "changed"]
     assert store.usable_until("main") is None
+
+
+def test_a_cached_token_follows_its_keys_kid_and_pinned_alg() -> None:
+    """Regression: a cached verdict survived a key set whose only change was the key's
+    pinned alg or kid (same material), where a fresh check refuses the token."""
+    key = make_key("RS256", kid="k")
+    token = mint(key, default_claims(), alg="PS256")
+    verifier, store = verifier_for([key.verification_key()], {"RS256", "PS256"})
+    for _ in range(2):  # the second is a cache hit
+        assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    store.replace("main", KeySet((key.verification_key(alg="RS256"),)), NOW)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).reason is Reason.UNSUPPORTED_ALG
+    store.replace("main", KeySet((key.verification_key(),)), NOW)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).cache_hit
+    store.replace("main", KeySet((key.verification_key(kid="renamed"),)), NOW)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).reason is Reason.UNKNOWN_KID
