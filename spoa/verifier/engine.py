@@ -35,6 +35,7 @@ from spoa.verifier.verdict import EMPTY_CLAIMS, Verdict
 DEFAULT_MAX_TOKEN_BYTES = 8192
 DEFAULT_CACHE_SIZE = 10_000
 _MARGIN = 0.001  # seconds; see replay_window
+_BEFORE_SIGNATURE = frozenset({Reason.BAD_ISSUER, Reason.KEYS_UNAVAILABLE})
 
 
 class Verifier:
@@ -170,10 +171,13 @@ class Verifier:
     @staticmethod
     def _cached_rejection(entry: CacheEntry, reason: Reason, policy: Policy) -> Verdict:
         ok = entry.ok_verdict
+        # As a fresh check: a reason found before the signature is checked comes with
+        # no claims (report-only policies forward the claims of a rejection).
+        verified = reason not in _BEFORE_SIGNATURE
         return Verdict.rejected(
             reason,
-            claims=ok.claims,
-            expires_at=ok.expires_at,
+            claims=ok.claims if verified else EMPTY_CLAIMS,
+            expires_at=ok.expires_at if verified else None,
             issuer=ok.issuer,
             kid=ok.kid,
             alg=ok.alg,

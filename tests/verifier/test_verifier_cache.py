@@ -315,3 +315,27 @@ def test_a_cached_token_follows_its_keys_kid_and_pinned_alg() -> None:
     assert verifier.verify(token, POLICY, CONTEXT, NOW).cache_hit
     store.replace("main", KeySet((key.verification_key(kid="renamed"),)), NOW)
     assert verifier.verify(token, POLICY, CONTEXT, NOW).reason is Reason.UNKNOWN_KID
+
+
+def test_cached_rejections_before_the_signature_carry_no_claims() -> None:
+    """Regression: a cached token refused for its issuer (a policy that does not trust
+    it) or for stale keys came with its claims, which a report-only policy forwards as
+    X-JWT-* headers; a fresh check refuses both before the signature, with none."""
+    key = make_key("ES256", kid="k")
+    token = mint(key, default_claims())
+    verifier, store = verifier_for([key.verification_key()], {"ES256"})
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    elsewhere = Policy(name="elsewhere", issuers=("another",))
+    for fresh in (True, False):
+        if fresh:
+            verifier.cache.clear()
+        verdict = verifier.verify(token, elsewhere, CONTEXT, NOW)
+        assert verdict.reason is Reason.BAD_ISSUER
+        assert verdict.cache_hit is not fresh
+        assert not verdict.claims
+        assert verdict.expires_at is None
+        assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    store.expire("main")
+    verdict = verifier.verify(token, POLICY, CONTEXT, NOW)
+    assert (verdict.reason, verdict.cache_hit) == (Reason.KEYS_UNAVAILABLE, True)
+    assert not verdict.claims
