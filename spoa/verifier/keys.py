@@ -132,8 +132,13 @@ class KeySet:
         fitting = tuple(key for key in named if key.fits(alg))
         if not fitting:
             raise TokenRejected("no key for this alg", reason=Reason.UNSUPPORTED_ALG)
-        if kid is None and len(fitting) > MAX_KIDLESS_CANDIDATES:
-            raise TokenRejected("token must name its key", reason=Reason.UNKNOWN_KID)
+        # Keys without a kid serve any kid a token names: the bound holds for them too,
+        # or any made-up kid would cost a signature check per such key.
+        guessed = fitting if kid is None else tuple(k for k in fitting if k.kid is None)
+        if len(guessed) > MAX_KIDLESS_CANDIDATES:
+            fitting = tuple(k for k in fitting if k.kid is not None)
+            if kid is None or not fitting:
+                raise TokenRejected("token must name its key", reason=Reason.UNKNOWN_KID)
         self._chosen[slot, alg] = fitting
         return fitting
 

@@ -162,3 +162,22 @@ def test_a_key_whose_material_does_not_fit_its_kind_is_refused(rsa_key: KeyPair)
         VerificationKey(key_id="x", kid=None, kind=KeyKind.OCT, material=public)
     with pytest.raises(KeyLoadError, match="does not fit"):
         VerificationKey(key_id="x", kid=None, kind=KeyKind.RSA, material=b"0" * 32)
+
+
+def test_a_made_up_kid_cannot_try_every_key_without_a_kid() -> None:
+    """Regression: a token without kid may try at most MAX_KIDLESS_CANDIDATES keys, but
+    one naming any kid the set does not hold tried every key without a kid: 20 such keys
+    cost a forged token 20 signature checks."""
+    from spoa.verifier.keys import MAX_KIDLESS_CANDIDATES
+
+    unnamed = [make_key("ES256").verification_key() for _ in range(MAX_KIDLESS_CANDIDATES + 1)]
+    named = make_key("ES256", kid="n").verification_key()
+    keys = KeySet((*unnamed, named))
+    for kid in (None, "made-up"):
+        with pytest.raises(TokenRejected) as caught:
+            keys.candidates(kid, "ES256")
+        assert caught.value.reason is Reason.UNKNOWN_KID
+    assert keys.candidates("n", "ES256") == (named,)  # its own key; the guesses are dropped
+    few = KeySet(tuple(unnamed[:MAX_KIDLESS_CANDIDATES]))
+    assert len(few.candidates("made-up", "ES256")) == MAX_KIDLESS_CANDIDATES
+    assert len(few.candidates(None, "ES256")) == MAX_KIDLESS_CANDIDATES
