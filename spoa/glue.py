@@ -49,6 +49,7 @@ MAX_VAR_BYTES = 1024  # per forwarded value; HAProxy puts these into request hea
 MAX_CLAIMS_BYTES = 6144  # the base64url payload; keeps every ACK well inside 16 KiB frames
 
 _NOT_A_POLICY_NAME = "\x00"  # no [policies.NAME] can be called this
+_OWS = " \t"  # RFC 9110 optional white space
 
 # Verdicts the glue itself reaches (no token to verify); shared, as they are immutable.
 _MISSING_TOKEN = Verdict.rejected(Reason.MISSING_TOKEN)
@@ -483,14 +484,15 @@ def _extract_token(args: Mapping[str, Any], query_param: str) -> tuple[str | Non
     if header:
         if type(header) is not str:
             header = _text(header)
-        scheme, _, rest = header.strip().partition(" ")
+        # HTTP's own white space only: str.strip() would also take NBSP, VT, FS, ...
+        scheme, _, rest = header.strip(_OWS).partition(" ")
         if scheme.lower() == "bearer":
             token = rest.strip(" ")
             if not token or " " in token or not token.isascii():
                 return None, _MALFORMED_REQUEST
     other = args.get(ARG_TOKEN)
     if other:
-        other = _text(other).strip()
+        other = _text(other).strip(_OWS)
     if token and other:
         return None, _MALFORMED_REQUEST
     found = token or other

@@ -614,3 +614,16 @@ def test_any_signed_claims_get_a_verdict(overrides: dict[str, Any], policy: str)
         if isinstance(value, str) and name not in ("www_authenticate", "claims"):
             assert len(value.encode()) <= MAX_VAR_BYTES, name
             assert not any(ord(c) < 32 or ord(c) == 127 for c in value), name
+
+
+@pytest.mark.parametrize("around", ["\u00a0", "\x0b", "\x1f", "\x1c", "\u3000"])
+def test_only_http_white_space_is_trimmed_around_a_token(
+    handler: CheckJwtHandler, around: str
+) -> None:
+    """Regression: str.strip() took NBSP, VT, FS, ... around the credentials, so
+    `Bearer <token><NBSP>` and `<FS>Bearer <token>` were accepted."""
+    good = token()
+    for header in (f"Bearer {good}{around}", f"{around}Bearer {good}"):
+        assert run(handler, message(authorization=header))["valid"] is False
+    assert run(handler, message(token=f"{good}{around}"))["valid"] is False
+    assert run(handler, message(authorization=f"\tBearer {good} \t"))["valid"] is True
