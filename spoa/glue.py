@@ -458,7 +458,7 @@ def www_authenticate(verdict: Verdict, realm: str) -> str:
     challenge = (
         f'Bearer realm="{realm}", error="{error}", error_description="{verdict.reason.value}"'
     )
-    if verdict.status == 403:
+    if verdict.required_scopes:  # RFC 6750 3.1: MAY name the scope needed
         challenge += f', scope="{" ".join(sorted(verdict.required_scopes))}"'
     return challenge
 

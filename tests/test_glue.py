@@ -29,6 +29,7 @@ from spoa.glue import (
 from spoa.keymanager import JwksUrlSource, KeyManager
 from spoa.protocol import Action, Message, Scope, SetVar, decode_actions, encode_actions
 from spoa.verifier import (
+    ClaimMatcher,
     IssuerRules,
     JwksTiming,
     MemoryKeyStore,
@@ -238,6 +239,19 @@ def test_insufficient_scope_is_403_with_scope(handler: CheckJwtHandler) -> None:
     assert result["www_authenticate"] == (
         'Bearer realm="corp", error="insufficient_scope", '
         'error_description="insufficient_scope", scope="admin"'
+    )
+
+
+def test_a_failed_claim_rule_is_403_without_a_scope_attribute() -> None:
+    rules = Policy("roles", ("test",), claim_matchers=(ClaimMatcher.containing("roles", "x"),))
+    runtime = Runtime(make_runtime().verifier, {"roles": PolicyRuntime(rules, realm="corp")})
+    result = run(
+        CheckJwtHandler(runtime, clock=lambda: NOW),
+        message(authorization=f"Bearer {token(roles=['a'])}", policy="roles"),
+    )
+    assert (result["status"], result["reason"]) == (403, "claim_mismatch")
+    assert result["www_authenticate"] == (
+        'Bearer realm="corp", error="insufficient_scope", error_description="claim_mismatch"'
     )
 
 

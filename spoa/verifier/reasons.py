@@ -32,10 +32,13 @@ class Reason(StrEnum):
 
 
 # RFC 6750 §3.1: no token is 401 without an error code, a bad token is 401 invalid_token,
-# too little scope is 403. Agent-side failures are 401 too: fail closed, never let through.
+# too few privileges are 403: missing scopes, or a good token failing a policy's claim
+# rules (a 401 invalid_token would make clients refresh the token and retry in a loop).
+# Agent-side failures are 401 too: fail closed, never let through.
 _STATUS: dict[Reason, int] = dict.fromkeys(Reason, 401)
 _STATUS[Reason.OK] = 200
 _STATUS[Reason.INSUFFICIENT_SCOPE] = 403
+_STATUS[Reason.CLAIM_MISMATCH] = 403
 # A request naming a policy that is not configured is a configuration error, not the client's.
 _STATUS[Reason.UNKNOWN_POLICY] = 500
 
@@ -44,6 +47,7 @@ _BEARER_ERROR: dict[Reason, str] = dict.fromkeys(Reason, "invalid_token")
 _BEARER_ERROR[Reason.OK] = ""
 _BEARER_ERROR[Reason.MISSING_TOKEN] = ""
 _BEARER_ERROR[Reason.INSUFFICIENT_SCOPE] = "insufficient_scope"
+_BEARER_ERROR[Reason.CLAIM_MISMATCH] = "insufficient_scope"
 _BEARER_ERROR[Reason.KEYS_UNAVAILABLE] = ""
 _BEARER_ERROR[Reason.UNKNOWN_POLICY] = ""
 _BEARER_ERROR[Reason.INTERNAL_ERROR] = ""

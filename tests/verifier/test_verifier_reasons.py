@@ -137,6 +137,15 @@ def test_statuses_follow_rfc6750() -> None:
     assert bearer_error(Reason.INSUFFICIENT_SCOPE) == "insufficient_scope"
 
 
+def test_a_failed_claim_rule_is_403_not_invalid_token() -> None:
+    """Regression: a good token failing a policy's claim rule was a 401 invalid_token,
+    which OAuth clients answer by refreshing the token and retrying, in a loop. It is
+    an authorization failure: 403 insufficient_scope (RFC 6750 3.1)."""
+    assert http_status(Reason.CLAIM_MISMATCH) == 403
+    assert bearer_error(Reason.CLAIM_MISMATCH) == "insufficient_scope"
+    assert http_status(Reason.MISSING_CLAIM) == 401  # the token itself lacks a claim
+
+
 def test_insufficient_scope_names_the_required_scopes(es_key: KeyPair) -> None:
     policy = Policy("p", ("main",), require_scopes=frozenset({"orders:write", "orders:read"}))
     verdict = _verify(es_key, mint(es_key), policy=policy)
