@@ -128,6 +128,11 @@ class Harness:
         token = mint(key, default_claims(**claims))
         return self.verifier.verify(token, POLICY, CONTEXT, self.clock.now).reason
 
+    async def advance(self, to: float) -> None:
+        """Move the clock to `to` and run what the manager has due by then."""
+        self.clock.now = to
+        await self.manager.run_due(to)
+
     def of_type(self, kind: type[T]) -> list[T]:
         return [e for e in self.events if isinstance(e, kind)]
 
@@ -277,17 +282,14 @@ def test_rotation_follows_cache_control(server: JwksServer, key_a: KeyPair, key_
         try:
             await harness.manager.start(timeout=5.0)
             server.set("/jwks", jwks(key_a, key_b), cache_control="max-age=120")
-            clock.now = NOW + 100  # not due before 0.9 * 120 s
-            await harness.manager.run_due(clock.now)
+            await harness.advance(NOW + 100)  # not due before 0.9 * 120 s
             assert server.requests("/jwks") == 1
             assert harness.verify(key_b) is Reason.UNKNOWN_KID
-            clock.now = NOW + 108
-            await harness.manager.run_due(clock.now)
+            await harness.advance(NOW + 108)
             assert server.requests("/jwks") == 2
             assert harness.verify(key_b) is Reason.OK
             server.set("/jwks", jwks(key_b), cache_control="max-age=120")
-            clock.now = NOW + 108 + 108
-            await harness.manager.run_due(clock.now)
+            await harness.advance(NOW + 108 + 108)
             assert harness.verify(key_a, iat=int(clock.now)) is Reason.UNKNOWN_KID
             assert harness.verify(key_b, iat=int(clock.now)) is Reason.OK
         finally:
@@ -312,8 +314,7 @@ def test_a_key_set_that_only_renames_a_key_is_new(server: JwksServer, key_a: Key
             await harness.manager.start(timeout=5.0)
             assert harness.verify(key_a) is Reason.OK
             server.set("/jwks", jwks(renamed), cache_control="max-age=120")
-            clock.now = NOW + 108
-            await harness.manager.run_due(clock.now)
+            await harness.advance(NOW + 108)
             assert harness.verify(renamed, iat=int(clock.now)) is Reason.OK
             assert harness.verify(key_a, iat=int(clock.now)) is Reason.UNKNOWN_KID
         finally:
