@@ -74,6 +74,7 @@ from spoa.verifier import (
     KeyLoadError,
     MemoryKeyStore,
     Policy,
+    PolicyError,
     Reason,
     Verdict,
     Verifier,
@@ -235,15 +236,20 @@ async def build_engine(
     With `previous` (a reload), keys of unchanged remote sources carry over."""
     store = MemoryKeyStore()
     sources = {issuer.name: key_source(issuer) for issuer in config.issuers}
-
+    try:
+        # The configuration checks the same rules; this keeps a gap between the two a
+        # clean refusal rather than a traceback.
+        verifier = Verifier(
+            [issuer_rules(issuer) for issuer in config.issuers],
+            store,
+            max_token_bytes=config.agent.max_token_bytes,
+            cache_size=config.cache.max_entries,
+        )
+        policies = policy_runtimes(config)
+    except (PolicyError, ValueError) as exc:
+        raise StartupError(f"invalid configuration: {exc}") from None
     timing = {issuer.name: jwks_timing(issuer) for issuer in config.issuers}
     keys = KeyManager(sources, timing, store, on_event=on_key_event)
-    verifier = Verifier(
-        [issuer_rules(issuer) for issuer in config.issuers],
-        store,
-        max_token_bytes=config.agent.max_token_bytes,
-        cache_size=config.cache.max_entries,
-    )
     try:
         carried = carried_keys(previous, sources) if previous is not None else None
         ready = await keys.start(config.agent.ready_timeout, carried)
@@ -265,7 +271,7 @@ async def build_engine(
         )
     runtime = Runtime(
         verifier=verifier,
-        policies=policy_runtimes(config),
+        policies=policies,
         refetcher=keys,
         token_query_param=config.agent.token_query_param,
         unknown_kid_wait=config.agent.unknown_kid_wait,
@@ -567,6 +573,10 @@ class Worker:
                 self.metrics.config_reload("error")
                 log.error("reload_rejected", problems=[str(exc)])
                 return False
+            except Exception as exc:  # a reload must never take the running agent down
+                self.metrics.config_reload("error")
+                log.error("reload_rejected", problems=[f"unexpected {type(exc).__name__}: {exc}"])
+                return False
             old, self.engine = self.engine, engine
             self.config = config
             self.recorder.configure(config)
@@ -799,7 +809,10 @@ def run_agent(
     if config.agent.workers > 1 and config_path is None:
         raise StartupError("several workers need the configuration file's path")
     if pid_file:
-        Path(pid_file).write_text(f"{os.getpid()}\n")
+        try:
+            Path(pid_file).write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            raise StartupError(f"cannot write the pid file {pid_file}: {exc.strerror}") from None
     try:
         sock = bind_listener(config)
         if config.agent.workers == 1:
@@ -1053,6 +1066,11 @@ class Supervisor:
             _check_restart_only(self.config, config)
         except ConfigError as exc:
             log.error("reload_rejected", problems=exc.problems)
+            if self.metrics is not None:
+                self.metrics.config_reload("error")
+            return
+        except Exception as exc:  # the supervisor must outlive any bad file
+            log.error("reload_rejected", problems=[f"unexpected {type(exc).__name__}: {exc}"])
             if self.metrics is not None:
                 self.metrics.config_reload("error")
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -55,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (e.g. `| head`): exit quietly, as other CLI tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
+    except Exception as exc:  # a user never gets a traceback; this is a bug to report
+        print(f"jwtgate: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return result
 
@@ -168,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--duration", default="40s", help='how long to send traffic (default "40s")')
     demo.add_argument("--rotate-every", default="8s", help='key rotation period (default "8s")')
-    demo.add_argument("--rate", type=float, default=50.0, help="requests per second (default 50)")
+    demo.add_argument(
+        "--rate", type=_positive_rate, default=50.0, help="requests per second (default 50)"
+    )
     demo.add_argument("--short", action="store_true", help="a quick run (for tests)")
     demo.add_argument("--no-live", action="store_true", help="no live view, only the summary")
     demo.add_argument(
@@ -182,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- commands ------------------------------------------------------------------------------
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise argparse.ArgumentTypeError("expected a number of requests per second above 0")
+    return rate
 
 
 def _fd_and_slot(text: str) -> tuple[int, int]:
@@ -236,6 +252,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
             pid = int(Path(args.pid_file).read_text().strip())
         except (OSError, ValueError) as exc:
             raise CommandError(f"cannot read a process id from {args.pid_file}: {exc}") from None
+    if not 1 < pid < 2**22:  # 0, -1, -N signal whole process groups; 1 is init
+        raise CommandError(f"{pid} is not the process id of an agent")
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:

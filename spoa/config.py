@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from spoa.keymanager import trusted_transport
 from spoa.verifier.claims import SCOPE_TOKEN
@@ -64,7 +65,7 @@ SUPPORTED_ALGORITHMS = frozenset(
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*$", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 _VAR_NAME = re.compile(r"^[a-z0-9_]+$")
@@ -98,10 +99,10 @@ def format_duration(seconds: float) -> str:
 def parse_address(text: str) -> tuple[str, int]:
     """Parse "host:port" or "[v6]:port"."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not host:
+    if not sep or not (port_text.isascii() and port_text.isdigit()) or not host:
         raise ValueError(text)
     port = int(port_text)
-    if not 0 <= port <= 65535:
+    if not 1 <= port <= 65535:  # port 0 would bind a random port no HAProxy can name
         raise ValueError(text)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -271,6 +272,8 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: not valid TOML: nested too deeply"]) from None
     reader = _Reader(base_dir or Path.cwd())
     config = reader.config(document, source)
     if reader.problems:
@@ -350,7 +353,8 @@ class _Reader:
         except _Invalid:
             return default
         except _Expected as exc:
-            self.fail(key, f"expected {exc.what}, got {_show(table[key])}")
+            got = _show(table[key]) if exc.echo else "a value not shown here"
+            self.fail(key, f"expected {exc.what}, got {got}")
             return default
 
     # -- sections --
@@ -432,6 +436,7 @@ class _Reader:
             return []
         result: list[IssuerSettings] = []
         seen: set[str] = set()
+        seen_issuers: set[str] = set()
         with self.at("issuers"):
             for table in self.each_table(value):
                 issuer = self.issuer(table)
@@ -439,7 +444,11 @@ class _Reader:
                     continue
                 if issuer.name in seen:
                     self.fail(None, f"duplicate issuer name {issuer.name!r}")
+                if issuer.issuer in seen_issuers:
+                    # A token's `iss` must pick one set of rules and keys.
+                    self.fail("issuer", f"{issuer.issuer!r} is configured by another entry too")
                 seen.add(issuer.name)
+                seen_issuers.add(issuer.issuer)
                 result.append(issuer)
         return result
 
@@ -559,6 +568,10 @@ class _Reader:
             tables = self.table(value, "policies")
         except _Invalid:
             return {}
+        if not tables:
+            self.fail(
+                "policies", f"at least one policy is required, e.g. [policies.{DEFAULT_POLICY}]"
+            )
         result: dict[str, PolicySettings] = {}
         with self.at("policies"):
             for name, item in tables.items():
@@ -589,7 +602,7 @@ class _Reader:
                 "realm",
             },
         )
-        issuers = self.get(table, "issuers", _string_list, None)
+        issuers = self.get(table, "issuers", _non_empty_list("issuers"), None)
         if issuers is None:
             if "issuers" not in table:
                 self.fail("issuers", "required key is missing")
@@ -674,13 +687,22 @@ class _Reader:
 
 
 class _Expected(Exception):
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, *, echo: bool = True) -> None:
         self.what = what
+        self.echo = echo  # False where the value may hold a secret
+
+
+_SHOWN_CHARS = 120
 
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
-        return value if value else '""'
+        if not value:
+            return '""'
+        if value.isprintable() and len(value) <= _SHOWN_CHARS:
+            return value
+        shown = repr(value[:_SHOWN_CHARS])
+        return shown + ("..." if len(value) > _SHOWN_CHARS else "")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
@@ -784,6 +806,16 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _non_empty_list(what: str) -> Callable[[Any], tuple[str, ...]]:
+    def convert(value: Any) -> tuple[str, ...]:
+        items = _string_list(value)
+        if not items:
+            raise _Expected(f"at least one of the {what}")
+        return items
+
+    return convert
+
+
 def _audience_list(value: Any) -> tuple[str, ...]:
     audiences = _string_list(value)
     if not audiences:
@@ -809,16 +841,37 @@ def _algorithm(value: Any) -> str:
 def _algorithms(value: Any) -> tuple[str, ...]:
     if isinstance(value, list) and any(str(v).lower() == "none" for v in value):
         raise _Expected('signature algorithms ("none" is never accepted)')
-    items = _string_list(value)
+    items = _non_empty_list("signature algorithms")(value)
     for item in items:
         _algorithm(item)
     return items
 
 
+_URL_HINT = (
+    "an http:// or https:// URL with a host and a valid port, without a user name or"
+    " password, a #fragment, white space or control characters"
+)
+
+
 def _url(value: Any) -> str:
     text = _string()(value)
-    if not text.startswith(("https://", "http://")):
-        raise _Expected("an http:// or https:// URL")
+    if not text.startswith(("https://", "http://")) or not text.isprintable() or " " in text:
+        raise _Expected(_URL_HINT, echo=False)
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # ValueError when not a number in 0-65535
+    except ValueError:
+        raise _Expected(_URL_HINT, echo=False) from None
+    if (
+        not parts.hostname
+        or port == 0
+        or parts.username is not None
+        or parts.password is not None
+        or parts.fragment
+        or "#" in text
+    ):
+        # Credentials in a URL would be logged with the configuration; keys are public.
+        raise _Expected(_URL_HINT, echo=False)
     return text
 
 
@@ -837,12 +890,15 @@ def _discovery(issuer: str | None) -> Callable[[Any], str]:
     return convert
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+
+
 def _env_secret(value: Any) -> str:
-    name = _string()(value)
-    secret = os.environ.get(name)
-    if not secret:
-        raise _Expected(f"the name of a set environment variable ({name} is not set)")
-    return name
+    # Only the name is checked here: `run` reads the variable (check-config runs in
+    # another shell), and a value pasted here by mistake must not be echoed.
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise _Expected("the name of an environment variable, like JWTGATE_HMAC_SECRET", echo=False)
+    return value
 
 
 def _realm(value: Any) -> str:

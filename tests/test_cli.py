@@ -168,6 +168,40 @@ def test_reload_of_a_missing_process_is_a_clear_error(tmp_path: Path) -> None:
     assert f"no process {process.pid}" in result.stderr
 
 
+@pytest.mark.parametrize("pid", ["0", "-1", "-4242", "1", "99999999999999999999"])
+def test_reload_never_signals_a_process_group_or_init(pid: str, tmp_path: Path) -> None:
+    """Regression: `reload --pid 0` sent SIGHUP to the caller's whole process group (and
+    -1 would reach every process), and a huge pid came out as a traceback."""
+    result = jwtgate("reload", "--pid", pid)
+    assert result.returncode == 1
+    assert "is not the process id of an agent" in result.stderr
+    pid_file = tmp_path / "agent.pid"
+    pid_file.write_text("0\n")
+    result = jwtgate("reload", "--pid-file", str(pid_file))
+    assert (result.returncode, "Traceback" in result.stderr) == (1, False)
+
+
+def test_bad_paths_and_rates_are_errors_not_tracebacks(tmp_path: Path) -> None:
+    """Regression: an unwritable pid file and `demo --rate 0` raised tracebacks."""
+    keys = tmp_path / "keys"
+    jwtgate("keys", "init", str(keys))
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[metrics]\nlisten = ""\n[[issuers]]\nname = "local"\nissuer = "https://i.example"\n'
+        f'algorithms = ["ES256"]\naudiences = ["api"]\njwks_file = "{keys}/jwks.json"\n'
+        '[policies.default]\nissuers = ["local"]\n'
+    )
+    missing_dir = tmp_path / "nowhere" / "agent.pid"
+    result = jwtgate("run", "--config", str(config), "--pid-file", str(missing_dir))
+    assert result.returncode == 1
+    assert "cannot write the pid file" in result.stderr
+    assert "Traceback" not in result.stderr
+    for rate in ("0", "-5", "nan", "inf"):
+        result = jwtgate("demo", "--rate", rate)
+        assert result.returncode == 2
+        assert "above 0" in result.stderr
+
+
 def test_run_refuses_a_busy_port(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     jwtgate("keys", "init", str(keys))

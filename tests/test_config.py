@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from spoa.app import StartupError, key_source
 from spoa.config import (
     AgentSettings,
     CacheSettings,
@@ -126,10 +127,19 @@ def test_hmac_needs_a_secret_that_exists(monkeypatch: pytest.MonkeyPatch) -> Non
         'jwks_uri = "https://id.example.com/jwks.json"',
         'keys = [{ secret_env = "JWTGATE_TEST_SECRET", kid = "h1", alg = "HS256" }]',
     )
+    # The file names the variable; `run` reads it (check-config runs in another shell).
     monkeypatch.delenv("JWTGATE_TEST_SECRET", raising=False)
-    assert any("JWTGATE_TEST_SECRET is not set" in p for p in problems(text))
+    issuer = parse_config(text).issuer("corp")
+    assert issuer.keys[0].secret_env == "JWTGATE_TEST_SECRET"
+    with pytest.raises(StartupError, match="JWTGATE_TEST_SECRET holding an HMAC secret is empty"):
+        key_source(issuer)
     monkeypatch.setenv("JWTGATE_TEST_SECRET", "x" * 32)
-    assert parse_config(text).issuer("corp").keys[0].secret_env == "JWTGATE_TEST_SECRET"
+    key_source(issuer)
+    # Regression: a secret pasted where its variable's name belongs was echoed back.
+    pasted = text.replace("JWTGATE_TEST_SECRET", "s3cr3t-v@lue/with+chars")
+    found = problems(pasted)
+    assert any(p.startswith("issuers[0].keys[0].secret_env: expected the name of") for p in found)
+    assert not any("s3cr3t" in p for p in found)
 
 
 def test_forward_claims_names_are_checked() -> None:
@@ -279,7 +289,10 @@ def test_array_elements_are_reported_with_their_index() -> None:
         "[policies.default]",
         MINIMAL.split("[policies.default]", maxsplit=1)[0] + "[policies.default]",
     )
-    assert problems(duplicate) == ["issuers[1]: duplicate issuer name 'corp'"]
+    assert problems(duplicate) == [
+        "issuers[1]: duplicate issuer name 'corp'",
+        "issuers[1].issuer: 'https://id.example.com/' is configured by another entry too",
+    ]
     found = problems(MINIMAL.replace('jwks_uri = "https://id.example.com/jwks.json"', "keys = [7]"))
     assert "issuers[0].keys[0]: expected a table, got 7" in found
     found = problems(MINIMAL + 'claims = [ { claim = "a", one_of = [] } ]\n')
@@ -329,3 +342,77 @@ def test_an_empty_audience_list_is_refused() -> None:
     assert any(p.startswith("policies.default.audiences: ") and "at least one" in p for p in found)
     found = problems(MINIMAL.replace('audiences = ["api"]', "audiences = []"))
     assert any(p.startswith("issuers[0].audiences: expected at least one") for p in found)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://[::1/jwks",
+        "http://[zz]/jwks",
+        "https://",
+        "https://idp.example:99999/jwks",
+        "https://idp.example:0/jwks",
+        "https://idp example/jwks",
+        "https://idp.example/jwks\nx",
+        "https://idp.example/jwks#frag",
+        "https://user:hunter2@idp.example/jwks",
+    ],
+)
+def test_a_bad_jwks_url_is_a_config_problem_and_is_not_echoed(url: str) -> None:
+    """Regression: `https://[::1/jwks` raised a traceback from check-config and run (and
+    killed a supervisor on reload); URLs without a host, with a bad port or with
+    credentials passed, and were printed and logged in full."""
+    text = MINIMAL.replace("https://id.example.com/jwks.json", url.replace("\n", "\\n"))
+    found = problems(text)
+    assert any(
+        p.startswith("issuers[0].jwks_uri: expected an http:// or https:// URL") for p in found
+    )
+    assert not any("hunter2" in p for p in found)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            MINIMAL.replace('algorithms = ["RS256"]', "algorithms = []"),
+            "issuers[0].algorithms: expected at least one",
+        ),
+        (
+            MINIMAL.replace('issuers = ["corp"]', "issuers = []"),
+            "policies.default.issuers: expected at least one",
+        ),
+        (
+            MINIMAL.replace('[policies.default]\nissuers = ["corp"]', "[policies]"),
+            "policies: at least one policy",
+        ),
+        ('[agent]\nlisten = "127.0.0.1:0"\n' + MINIMAL, "agent.listen: expected an address"),
+        (
+            '[agent]\nlisten = "127.0.0.1:\u0668\u0660"\n' + MINIMAL,
+            "agent.listen: expected an address",
+        ),
+        ('[agent]\nhello_timeout = "\u0663s"\n' + MINIMAL, "agent.hello_timeout: expected a"),
+    ],
+)
+def test_configs_that_run_would_refuse_fail_the_check(text: str, problem: str) -> None:
+    """Regression: these passed check-config, then crashed `run` with a traceback (no
+    algorithm, a policy trusting no issuer), served nothing but 500s (no policy), bound
+    a random port (port 0), or read non-ASCII digits as a port or a duration."""
+    found = problems(text)
+    assert any(p.startswith(problem) for p in found), found
+
+
+def test_one_issuer_value_in_two_entries_is_refused() -> None:
+    second = MINIMAL.split("[policies.default]", maxsplit=1)[0].replace(
+        'name = "corp"', 'name = "other"'
+    )
+    found = problems(MINIMAL + second)
+    assert (
+        "issuers[1].issuer: 'https://id.example.com/' is configured by another entry too" in found
+    )
+
+
+def test_a_deeply_nested_file_is_a_config_problem() -> None:
+    """Regression: the TOML parser's RecursionError came out as a traceback."""
+    assert problems("x = " + "[" * 5000 + "]" * 5000) == [
+        "<config>: not valid TOML: nested too deeply"
+    ]
