@@ -385,8 +385,8 @@ class _Reader:
         except _Invalid:
             return defaults
         with self.at(name):
-            names = {f.name for f in fields(cls)}
-            self.only(table, names)
+            names = [f.name for f in fields(cls)]  # in order: problems come out the same
+            self.only(table, set(names))
             values = {
                 n: self.get(table, n, convert_field(n), getattr(defaults, n))
                 for n in names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -416,3 +417,21 @@ def test_a_deeply_nested_file_is_a_config_problem() -> None:
     assert problems("x = " + "[" * 5000 + "]" * 5000) == [
         "<config>: not valid TOML: nested too deeply"
     ]
+
+
+def test_problems_come_out_in_the_same_order_every_time() -> None:
+    """Regression: a section's problems came out in set order, different from run to run."""
+    text = '[agent]\nworkers = 0\nmax_inflight = 0\nhello_timeout = "x"\n' + MINIMAL
+    script = f"import sys; from tests.test_config import problems; print(problems({text!r}))"
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in (1, 2, 3, 4)
+    }
+    assert len(outputs) == 1
