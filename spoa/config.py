@@ -768,7 +768,7 @@ def _number(low: float) -> Callable[[Any], float]:
 def _duration(low: float, high: float = 365 * 86400.0) -> Callable[[Any], float]:
     def convert(value: Any) -> float:
         hint = f'a duration like "30s" (units ms, s, m, h, d) from {format_duration(low)}'
-        hint += f" to {format_duration(high)}" if high < 365 * 86400.0 else ""
+        hint += f" to {format_duration(high)}"
         if not isinstance(value, str):
             raise _Expected(hint)
         try:
