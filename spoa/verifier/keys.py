@@ -215,6 +215,10 @@ def hmac_key(secret: bytes, *, alg: str, kid: str | None = None) -> Verification
     )
 
 
+# RFC 7518 sections 6.2.2, 6.3.2 and RFC 8037 section 2: the members of private keys.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
+
+
 def load_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
     """One public JWK (RSA, EC or OKP). `oct` keys are refused: secrets are configured apart."""
     kty = jwk.get("kty")
@@ -233,7 +237,9 @@ def load_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
     alg = jwk.get("alg")
     if alg is not None and not isinstance(alg, str):
         raise KeyLoadError("alg is not a string")
-    # Only the public members go to jwcrypto, so a JWK carrying private parts is still safe.
+    if not _PRIVATE_MEMBERS.isdisjoint(jwk):
+        # A published private key lets anyone sign: such a key must not be trusted.
+        raise KeyLoadError("JWK holds private key material; publish the public key only")
     public_members = {"kty", "crv", "x", "y", "n", "e"}
     try:
         parsed = jwcrypto_jwk.JWK(**{k: v for k, v in jwk.items() if k in public_members})

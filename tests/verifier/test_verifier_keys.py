@@ -39,14 +39,6 @@ def test_pem_private_key_is_refused(rsa_key: KeyPair) -> None:
     assert "BEGIN" not in str(caught.value)  # no key material in a message that may be logged
 
 
-def test_jwk_with_private_members_loads_only_the_public_part(rsa_key: KeyPair) -> None:
-    from jwcrypto import jwk
-
-    private_jwk = json.loads(jwk.JWK.from_pyca(rsa_key.private).export_private())
-    key = load_jwk(private_jwk)
-    assert key.key_id == load_jwk(rsa_key.public_jwk()).key_id
-
-
 @pytest.mark.parametrize("alg", ["ES256", "ES384", "ES512", "Ed25519", "Ed448"])
 def test_jwk_curves(alg: str) -> None:
     pair = make_key(alg, kid=alg)
@@ -181,3 +173,25 @@ def test_a_made_up_kid_cannot_try_every_key_without_a_kid() -> None:
     few = KeySet(tuple(unnamed[:MAX_KIDLESS_CANDIDATES]))
     assert len(few.candidates("made-up", "ES256")) == MAX_KIDLESS_CANDIDATES
     assert len(few.candidates(None, "ES256")) == MAX_KIDLESS_CANDIDATES
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
+def test_a_published_private_key_is_not_trusted(alg: str) -> None:
+    """Regression: a JWK holding its private members (`d`, ...) was loaded for its public
+    half; a key whose private part is published lets anyone sign, so it is refused, as a
+    private PEM is."""
+    from cryptography.hazmat.primitives import serialization
+    from jwcrypto import jwk as jwcrypto_jwk
+
+    key = make_key(alg)
+    pem = key.private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    private_jwk = json.loads(jwcrypto_jwk.JWK.from_pem(pem).export_private())
+    with pytest.raises(KeyLoadError, match="private key material"):
+        load_jwk(private_jwk)
+    keys, report = load_jwks({"keys": [private_jwk, key.public_jwk()]})
+    assert len(keys.keys) == 1
+    assert report.skipped
