@@ -753,13 +753,18 @@ def _leave_metrics_dir(pid: int) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs. A zombie (killed, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc to ask: the signal test said it exists
+    return state not in ("Z", "X")
 
 
 # --- entry point -----------------------------------------------------------------------------

@@ -405,12 +405,14 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
             metrics_dir = Path(setting.partition(b"=")[2].decode())
             assert metrics_dir.is_dir()
             process.kill()
-            process.wait(10)
             wait_until(lambda: not any(_alive(pid) for pid in workers), 15, "the workers' exit")
             assert "supervisor_gone" in log.read_text()
             # The last worker out removes the shared metrics directory the supervisor
-            # could not (regression: one was left in /tmp per killed supervisor).
+            # could not (regression: one was left in /tmp per killed supervisor), also
+            # while the dead supervisor is a zombie its parent has not reaped yet
+            # (regression: a zombie counted as alive, so its files were kept).
             wait_until(lambda: not metrics_dir.exists(), 10, "the metrics directory's removal")
+            process.wait(10)
         finally:
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
