@@ -82,7 +82,8 @@ from spoa.verifier import (
 
 log = structlog.get_logger("jwtgate")
 
-REFRESH_TICK = 1.0  # how often due JWKS refreshes are looked for
+REFRESH_TICK = 1.0  # how often due JWKS refreshes are looked for, at the least
+REFRESH_FLOOR = 0.01  # while a fetch is in flight its due time may have passed
 STATS_TICK = 5.0  # how often the token-cache gauges are updated
 
 
@@ -527,7 +528,12 @@ class Worker:
 
     async def _refresh_keys(self) -> None:
         while True:
-            await asyncio.sleep(REFRESH_TICK)
+            # At every tick, and right when a refresh or retry falls due: a back-off step
+            # must not stretch by a tick while the keys age towards max_stale.
+            delay = REFRESH_TICK
+            if self.engine is not None and (due := self.engine.keys.next_due()) is not None:
+                delay = min(delay, max(REFRESH_FLOOR, due - time.monotonic()))
+            await asyncio.sleep(delay)
             engine = self.engine
             if engine is not None:
                 try:

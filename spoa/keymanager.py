@@ -449,6 +449,16 @@ class KeyManager:
     def ready(self, now: float) -> bool:
         return all(self._store.generation(name, now) is not None for name in self._issuers)
 
+    def next_due(self) -> float | None:
+        """When the earliest refresh or retry of a remote source is due (monotonic
+        clock); None with only static sources."""
+        times = [
+            state.schedule.next_attempt_at
+            for state in self._issuers.values()
+            if not isinstance(state.source, StaticKeySource)
+        ]
+        return min(times) if times else None
+
     async def run_due(self, now: float) -> None:
         """Start the refreshes that are due at `now` (the monotonic clock's) and wait for
         them (each bounded by its timeout)."""

@@ -336,6 +336,9 @@ def test_outage_serves_stale_keys_then_fails_closed(server: JwksServer, key_a: K
             await harness.manager.run_due(clock.now)
             assert harness.of_type(FetchFailed)[-1].retry_in == 5.0
             assert harness.of_type(FetchFailed)[-1].kind == "http_error"
+            # What the agent sleeps until (regression: it looked only once a second, so
+            # each retry ran up to a second late while the keys aged).
+            assert harness.manager.next_due() == NOW + 540 + 5.0
             clock.now = NOW + 600
             await harness.manager.run_due(clock.now)  # retry after backoff; still failing
             assert harness.of_type(StaleServingStarted)
