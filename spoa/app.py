@@ -38,9 +38,11 @@ from spoa.glue import (
     new_answer_memo,
 )
 from spoa.keymanager import (
+    ArchiveFailed,
     FetchFailed,
     HmacSecret,
     JwksUrlSource,
+    KeyArchive,
     KeyEvent,
     KeyFile,
     KeyManager,
@@ -48,6 +50,7 @@ from spoa.keymanager import (
     KeysFetched,
     KeySource,
     KeySourceError,
+    KeysRestored,
     KeysUnavailable,
     OidcDiscoverySource,
     StaleServingEnded,
@@ -250,7 +253,8 @@ async def build_engine(
     except (PolicyError, ValueError) as exc:
         raise StartupError(f"invalid configuration: {exc}") from None
     timing = {issuer.name: jwks_timing(issuer) for issuer in config.issuers}
-    keys = KeyManager(sources, timing, store, on_event=on_key_event)
+    archive = KeyArchive(Path(config.cache.keys_dir)) if config.cache.keys_dir else None
+    keys = KeyManager(sources, timing, store, on_event=on_key_event, archive=archive)
     try:
         carried = carried_keys(previous, sources) if previous is not None else None
         ready = await keys.start(config.agent.ready_timeout, carried)
@@ -389,6 +393,10 @@ def key_event_logger(metrics: Metrics) -> Callable[[KeyEvent], None]:
                 result=event.kind,
                 retry_in=round(event.retry_in, 1),
             )
+        elif isinstance(event, KeysRestored):
+            log.warning("jwks_restored_from_disk", issuer=event.issuer, age=round(event.age, 1))
+        elif isinstance(event, ArchiveFailed):
+            log.warning("jwks_not_saved", issuer=event.issuer, cause=event.cause)
         elif isinstance(event, StaleServingStarted):
             log.warning("jwks_stale_serving_started", issuer=event.issuer)
         elif isinstance(event, StaleServingEnded):

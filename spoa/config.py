@@ -161,6 +161,7 @@ class LogSettings:
 class CacheSettings:
     max_entries: int = 100_000
     replay_entries: int = 4096
+    keys_dir: str = ""  # where the last good key sets are saved; "" saves none
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,11 @@ class _Reader:
         }[name]
 
     def cache_field(self, name: str) -> Callable[[Any], Any]:
-        return {"max_entries": _int(0, 100_000_000), "replay_entries": _int(0, 1_000_000)}[name]
+        return {
+            "max_entries": _int(0, 100_000_000),
+            "replay_entries": _int(0, 1_000_000),
+            "keys_dir": self.directory_or_empty,
+        }[name]
 
     def issuers(self, value: Any) -> list[IssuerSettings]:
         if value is None:
@@ -518,6 +523,18 @@ class _Reader:
         if name is None or issuer is None or algorithms is None:
             return None
         return IssuerSettings(name=name, issuer=issuer, algorithms=algorithms, **values)
+
+    def directory_or_empty(self, value: Any) -> str:
+        """A directory path (made when first needed), relative to the file; or ""."""
+        text = _string(empty=True)(value)
+        if not text:
+            return ""
+        path = Path(text)
+        if not path.is_absolute():
+            path = self.base_dir / path
+        if path.exists() and not path.is_dir():
+            raise _Expected("a directory")
+        return str(path)
 
     def existing_file(self, value: Any) -> str:
         text = _string()(value)

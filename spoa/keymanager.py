@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
+import os
 import ssl
 import threading
 import time
@@ -162,6 +164,22 @@ class StaleServingEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveFailed:
+    """The key set could not be saved for the next start; serving goes on."""
+
+    issuer: str
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeysRestored:
+    """A start-up whose first fetch failed serves the keys saved by an earlier process."""
+
+    issuer: str
+    age: float  # seconds since that process fetched them
+
+
+@dataclass(frozen=True, slots=True)
 class KeysUnavailable:
     """The last good keys are older than max_stale: the issuer now fails closed."""
 
@@ -176,7 +194,67 @@ KeyEvent = (
     | StaleServingStarted
     | StaleServingEnded
     | KeysUnavailable
+    | KeysRestored
+    | ArchiveFailed
 )
+
+
+# --- The last good key sets on disk -----------------------------------------------------------
+
+
+class KeyArchive:
+    """The last good JWKS of each remote issuer, one file each, so that a process starting
+    while the IdP is down can serve them for what remains of `max_stale`, as the process
+    before it would have. Key sets are public; the directory must be writable by the
+    agent's user alone, like its configuration."""
+
+    FORMAT = 1
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, issuer: str) -> Path:
+        return self.directory / f"{issuer}.jwks.json"  # issuer names are [a-z0-9_-]
+
+    def save(self, issuer: str, source: str, body: bytes, fetched_at: float) -> None:
+        """Write atomically; raises OSError (the caller logs it and goes on)."""
+        record = {
+            "format": self.FORMAT,
+            "source": source,
+            "fetched_at": fetched_at,
+            "jwks": body.decode("utf-8"),
+        }
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = self._path(issuer)
+        partial = target.with_name(target.name + ".partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(record, out)
+        os.replace(partial, target)
+
+    def load(self, issuer: str, source: str) -> tuple[bytes, float] | None:
+        """(JWKS body, wall-clock time it was fetched) saved for this very source, or None."""
+        try:
+            record = json.loads(self._path(issuer).read_text(encoding="utf-8"))
+            if (
+                record.get("format") == self.FORMAT
+                and record.get("source") == source
+                and isinstance(record.get("jwks"), str)
+                and type(record.get("fetched_at")) in (int, float)
+            ):
+                return record["jwks"].encode("utf-8"), float(record["fetched_at"])
+        except (OSError, ValueError, AttributeError):
+            pass
+        return None
+
+
+def source_id(source: KeySource) -> str:
+    """What a saved key set must have come from to be used again."""
+    if isinstance(source, JwksUrlSource):
+        return f"jwks_uri {source.url}"
+    if isinstance(source, OidcDiscoverySource):
+        return f"discovery {source.url} for {source.issuer}"
+    return "static"
 
 
 # --- HTTP ----------------------------------------------------------------------------------
@@ -373,8 +451,10 @@ class KeyManager:
         monotonic: Callable[[], float] = time.monotonic,
         fetch: HttpFetch | None = None,
         on_event: Callable[[KeyEvent], None] | None = None,
+        archive: KeyArchive | None = None,
     ) -> None:
         self._store = store
+        self._archive = archive
         self._clock = clock
         self._monotonic = monotonic
         self._fetch: HttpFetch = fetch if fetch is not None else UrllibFetch()
@@ -441,10 +521,36 @@ class KeyManager:
         while pending:
             # Shielded: a start-up that gives up must not cancel a fetch half done.
             done = await asyncio.gather(*(asyncio.shield(self._fetch_task(s)) for s in pending))
-            pending = [state for state, ok in zip(pending, done, strict=True) if not ok]
+            pending = [
+                state
+                for state, ok in zip(pending, done, strict=True)
+                if not ok and not self._restore(state)
+            ]
             if pending:
                 retry_at = min(state.schedule.next_attempt_at for state in pending)
                 await asyncio.sleep(max(retry_at - self._monotonic(), 0.0))
+
+    def _restore(self, state: _IssuerState) -> bool:
+        """After a failed first fetch: serve the archived keys, if they are young enough."""
+        if self._archive is None or self._store.get(state.name) is not None:
+            return False
+        saved = self._archive.load(state.name, source_id(state.source))
+        if saved is None:
+            return False
+        body, fetched_at = saved
+        age = self._clock() - fetched_at
+        if not 0 <= age < state.timing.max_stale:  # a date ahead of the clock proves nothing
+            return False
+        try:
+            key_set, _ = load_jwks(body, max_keys=state.timing.max_keys)
+        except KeyLoadError:
+            return False
+        if not key_set.keys:
+            return False
+        self._store.replace(state.name, key_set, fetched_at, max_stale=state.timing.max_stale)
+        state.schedule.last_success = self._monotonic() - age
+        self._emit(KeysRestored(state.name, age))
+        return True
 
     def ready(self, now: float) -> bool:
         return all(self._store.generation(name, now) is not None for name in self._issuers)
@@ -546,6 +652,11 @@ class KeyManager:
             self._monotonic(), parse_max_age(response.cache_control)
         )
         now = self._clock()
+        if self._archive is not None:
+            try:
+                self._archive.save(state.name, source_id(state.source), response.body, now)
+            except (OSError, UnicodeDecodeError) as exc:
+                self._emit(ArchiveFailed(state.name, _describe(exc)))
         previous = self._store.get(state.name)
         old = _labels(previous.key_set if previous else None)
         new = _labels(key_set)

@@ -560,3 +560,27 @@ def test_a_worker_restarts_after_workers_changed_in_the_file(tmp_path: Path) -> 
         finally:
             process.terminate()
             process.wait(15)
+
+
+def test_a_restart_while_the_idp_is_down_serves_the_saved_keys(tmp_path: Path) -> None:
+    """Regression (fault injection): keys lived in memory only, so an agent restarted
+    during an IdP outage refused every token although max_stale had not run out. With
+    `[cache] keys_dir` the restarted agent serves the saved key set."""
+    keys_dir = tmp_path / "state"
+    extra = f'[cache]\nkeys_dir = "{keys_dir}"\n'
+    with LocalIssuer() as issuer:
+        first, _, metrics_port = start_agent(tmp_path, issuer, 1, agent_extra=extra)
+        try:
+            wait_ready(metrics_port)
+            assert (keys_dir / "local.jwks.json").is_file()
+        finally:
+            first.terminate()
+            first.wait(15)
+        issuer.mode = "down"
+        second, log, metrics_port = start_agent(tmp_path, issuer, 1, agent_extra=extra)
+        try:
+            wait_ready(metrics_port)
+            assert "jwks_restored_from_disk" in log.read_text()
+        finally:
+            second.terminate()
+            second.wait(15)

@@ -31,9 +31,11 @@ from verifier_helpers import (
 )
 
 from spoa.keymanager import (
+    ArchiveFailed,
     FetchFailed,
     HmacSecret,
     JwksUrlSource,
+    KeyArchive,
     KeyEvent,
     KeyFile,
     KeyManager,
@@ -41,11 +43,13 @@ from spoa.keymanager import (
     KeysFetched,
     KeySource,
     KeySourceError,
+    KeysRestored,
     KeysUnavailable,
     OidcDiscoverySource,
     StaleServingEnded,
     StaleServingStarted,
     StaticKeySource,
+    source_id,
 )
 from spoa.verifier import JwksTiming, MemoryKeyStore, Reason, Verifier, load_jwks
 from tests.support.jwks_server import JwksServer
@@ -110,7 +114,9 @@ def jwks(*keys: KeyPair) -> dict[str, Any]:
 
 
 class Harness:
-    def __init__(self, source: KeySource, timing: JwksTiming = TIMING) -> None:
+    def __init__(
+        self, source: KeySource, timing: JwksTiming = TIMING, archive: KeyArchive | None = None
+    ) -> None:
         self.clock = FakeClock(NOW)
         self.store = MemoryKeyStore()
         self.events: list[KeyEvent] = []
@@ -121,6 +127,7 @@ class Harness:
             clock=self.clock,
             monotonic=self.clock,  # one fake clock for the store and the schedule
             on_event=self.events.append,
+            archive=archive,
         )
         self.verifier = Verifier([rules({"ES256", "HS256"})], self.store, cache_size=0)
 
@@ -659,3 +666,52 @@ def test_a_wall_clock_stepped_forward_fetches_again_at_once(
             await manager.aclose()
 
     run(scenario)
+
+
+def test_a_start_during_an_outage_serves_the_saved_keys_for_what_remains_of_max_stale(
+    server: JwksServer, key_a: KeyPair, tmp_path: Path
+) -> None:
+    """Regression (fault injection): keys lived in memory only, so an agent restarted
+    while the IdP was down had none and refused every token, although the one before it
+    would have served them for the rest of max_stale. The last good set is saved now."""
+    archive = KeyArchive(tmp_path / "keys")
+    source = JwksUrlSource(server.url("/jwks"))
+    server.set("/jwks", jwks(key_a), cache_control="max-age=600")
+    assert Harness(source, archive=archive).start_once()
+    saved = archive.load("main", source_id(source))
+    assert saved is not None
+    assert saved[1] == NOW
+    assert oct((tmp_path / "keys" / "main.jwks.json").stat().st_mode & 0o777) == "0o600"
+
+    server.set("/jwks", "upstream down", status=503)
+    later = Harness(source, archive=archive)
+    later.clock.now = NOW + 1000  # max_stale is 1800
+    assert later.start_once()
+    assert [(e.issuer, e.age) for e in later.of_type(KeysRestored)] == [("main", 1000.0)]
+    fresh = {"iat": int(later.clock.now), "exp": int(later.clock.now) + 3600}
+    assert later.verify(key_a, **fresh) is Reason.OK
+    # They age from their own fetch: past max_stale they fail closed, as before.
+    later.clock.now = NOW + 1801
+    assert later.verify(key_a, **fresh) is Reason.KEYS_UNAVAILABLE
+
+    for now, other_source in (
+        (NOW + 1801, source),  # too old
+        (NOW - 10, source),  # saved "in the future": the clock proves nothing
+        (NOW + 10, JwksUrlSource(server.url("/other"))),  # another source
+    ):
+        harness = Harness(other_source, archive=archive)
+        harness.clock.now = now
+        assert not harness.start_once(timeout=0.5)
+        assert not harness.of_type(KeysRestored)
+
+
+def test_an_unwritable_key_directory_is_reported_and_serving_goes_on(
+    server: JwksServer, key_a: KeyPair, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    server.set("/jwks", jwks(key_a), cache_control="max-age=600")
+    harness = Harness(JwksUrlSource(server.url("/jwks")), archive=KeyArchive(blocked / "keys"))
+    assert harness.start_once()
+    assert [e.issuer for e in harness.of_type(ArchiveFailed)] == ["main"]
+    assert harness.verify(key_a) is Reason.OK
