@@ -231,6 +231,9 @@ class _BalancedAcceptor:
         self._resume_at = 0.0
         self._declined_at = -math.inf
         self._adopting: set[asyncio.Task[None]] = set()
+        # Accepted, not yet a connection of the server: counted exactly once, so a
+        # sibling never sees this worker hold more than it does.
+        self._pending = 0
 
     def start(self) -> None:
         self._sock.setblocking(False)
@@ -246,7 +249,7 @@ class _BalancedAcceptor:
         self._sock.close()
 
     def _publish(self, now: float) -> None:
-        held = len(self._server._connections) + len(self._adopting)
+        held = len(self._server._connections) + self._pending
         self._balancer.publish(held if now >= self._resume_at else self.UNAVAILABLE)
 
     def _tick(self) -> None:
@@ -295,21 +298,35 @@ class _BalancedAcceptor:
             self._publish(self._loop.time())
             return
         conn.setblocking(False)
+        self._pending += 1
         task = self._loop.create_task(self._adopt(conn))
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
         self._publish(self._loop.time())  # before the next readable event
 
     async def _adopt(self, conn: socket.socket) -> None:
+        counted = True
+
+        def made() -> None:  # the protocol joins the server's connections right after
+            nonlocal counted
+            counted = False
+            self._pending -= 1
+
         try:
-            await self._loop.connect_accepted_socket(self._server._make_protocol, conn)
+            await self._loop.connect_accepted_socket(
+                lambda: _AgentProtocol(self._server, on_made=made), conn
+            )
         except OSError:  # reset before the transport existed
             conn.close()
+        finally:
+            if counted:
+                self._pending -= 1
 
 
 class _AgentProtocol(asyncio.Protocol):
-    def __init__(self, server: SpoaServer) -> None:
+    def __init__(self, server: SpoaServer, on_made: Callable[[], None] | None = None) -> None:
         self._server = server
+        self._on_made = on_made
         self._observer = server.observer
         self._handlers = server.handlers
         self._fallback = server.fallback_actions
@@ -334,6 +351,8 @@ class _AgentProtocol(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._on_made is not None:
+            self._on_made()
         # uvloop's transports implement the interface without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
         transport = self._transport

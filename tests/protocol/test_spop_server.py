@@ -347,3 +347,47 @@ def test_shutdown_finishes_inflight_then_disconnects() -> None:
     serve({}, body, observer=observer)
     assert observer.inflight == 0
     assert observer.frames == ["hello", "notify"]
+
+
+class CountingBalancer:
+    """Always lets this worker accept; records what it publishes as held."""
+
+    def __init__(self) -> None:
+        self.published: list[int] = []
+
+    def may_accept(self) -> bool:
+        return True
+
+    def publish(self, held: int) -> None:
+        self.published.append(held)
+
+    def leave(self) -> None:
+        self.published.append(-1)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_balanced_acceptor_never_publishes_more_than_it_holds(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+) -> None:
+    """Regression: an accepted connection was counted twice while its adoption finished
+    (in the server's connections and as a pending task), so siblings deferred to a
+    worker that held fewer than it published (a burst of 8 split 3/5)."""
+    balancer = CountingBalancer()
+
+    async def main() -> None:
+        server = SpoaServer({"x": sync_echo}, fallback_actions=FALLBACK)
+        listener = socket.create_server(("127.0.0.1", 0))
+        await server.start_on_socket(listener, balancer)
+        try:
+            clients = await asyncio.gather(*(Client.connect(server.bound_port) for _ in range(24)))
+            assert server.connection_count == 24
+            assert max(balancer.published) == 24
+            assert balancer.published[-1] == 24
+            for client in clients:
+                await client.close()
+        finally:
+            await server.shutdown()
+        assert balancer.published[-1] == -1
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
