@@ -180,6 +180,10 @@ def test_spoofed_identity_headers_never_reach_a_backend(
         "/admin%20",
         "/admin%00",
         "/admin%09/users",
+        # A third: a segment of `;params` alone, which Tomcat drops, leaving `//admin`.
+        "/;x/admin/users",
+        "/;/admin/users",
+        "/;jsessionid=1/admin/users",
     ],
 )
 def test_ambiguous_paths_are_refused_before_any_policy(
@@ -203,6 +207,7 @@ def test_policy_paths_match_whole_segments_in_any_case(gateway: tuple[Stack, Loc
     assert request(stack, "/admin;x/users", reader).status == 403
     assert request(stack, "/admin;/users", reader).status == 403
     assert request(stack, "/adminx", reader).status == 200  # not under /admin
+    assert request(stack, "/api/x;y=1/z", reader).status == 200  # params in a segment: fine
     assert request(stack, "/shadowx").status == 401  # not under the report-only /shadow
 
 
