@@ -1,0 +1,49 @@
+"""The devkit's echo backend: what the demo and the end-to-end tests count requests with."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from spoa.devkit.stack import EchoBackend
+
+
+def _responses(raw: bytes, count: int) -> list[dict[str, object]]:
+    """The JSON bodies of the first `count` responses in `raw`."""
+    bodies = []
+    for _ in range(count):
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        length = int(
+            next(
+                line.split(b":", 1)[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+        )
+        bodies.append(json.loads(rest[:length]))
+        raw = rest[length:]
+    return bodies
+
+
+def test_a_request_body_is_read_not_taken_for_the_next_request() -> None:
+    """Regression (review): the echo backend never read request bodies but kept the
+    connection alive, so a POST body holding `GET /admin/SMUGGLED` was served as a
+    request of its own, with the next request's headers, past the gateway's check."""
+    backend = EchoBackend("app").start()
+    try:
+        smuggled = b"GET /admin/SMUGGLED HTTP/1.1\r\nHost: x\r\nX-Pad: "
+        raw = (
+            b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+            + smuggled
+            + b"GET /api/follow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", backend.port), timeout=5) as sock:
+            sock.sendall(raw)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        paths = [body["path"] for body in _responses(received, 2)]
+        assert paths == ["/api", "/api/follow"]
+        assert backend.requests == 2
+    finally:
+        backend.stop()
