@@ -47,6 +47,10 @@ Handler = Callable[[Message], Sequence[Action] | Awaitable[Sequence[Action]]]
 ReplayObserver = Callable[[list[Hashable]], None]
 
 
+# How long a closing connection may take to write its last frames before it is reset.
+CLOSE_GRACE = 2.0
+
+
 class AcceptBalancer(Protocol):
     """Decides, with the sibling workers on the same listener, who takes a connection."""
 
@@ -336,6 +340,7 @@ class _AgentProtocol(asyncio.Protocol):
         # Each task with the handler awaitables it still has to await.
         self._tasks: dict[asyncio.Task[None], list[tuple[str, Awaitable[Sequence[Action]]]]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._reading_paused = False
         self._write_paused = False
@@ -399,6 +404,9 @@ class _AgentProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
         for task, pending in list(self._tasks.items()):
             task.cancel()
             _close_unstarted(pending)
@@ -547,9 +555,17 @@ class _AgentProtocol(asyncio.Protocol):
         if data:
             transport.write(data)
         if conn.closed:
-            transport.close()
+            self._close(transport)
         else:
             self._arm_timer()
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        """Close once what is queued is written; a peer that stopped reading would keep
+        the connection (and its slot of max_connections) forever, so after CLOSE_GRACE
+        the connection is reset instead."""
+        transport.close()
+        if self._abort_timer is None:
+            self._abort_timer = self._loop.call_later(CLOSE_GRACE, transport.abort)
 
     def _update_reading(self) -> None:
         conn = self._conn
@@ -601,4 +617,4 @@ class _AgentProtocol(asyncio.Protocol):
         self._handle_events(conn.receive_data(b"", self._loop.time()))
         self._flush()
         with contextlib.suppress(Exception):
-            transport.close()
+            self._close(transport)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from spoa import server as server_module
 from spoa.protocol import (
     Action,
     Frame,
@@ -391,3 +392,44 @@ def test_a_balanced_acceptor_never_publishes_more_than_it_holds(
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_peer_that_stops_reading_loses_its_connection_after_the_close(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (SPOP probe): a peer that stopped reading kept its connection, and a
+    slot of max_connections, after the agent's idle-timeout DISCONNECT: close() waits
+    for the write buffer to drain, which it never did. It is reset after CLOSE_GRACE."""
+    monkeypatch.setattr(server_module, "CLOSE_GRACE", 0.2)
+    big = "x" * 12_000
+
+    def answer(message: Message) -> list[Action]:
+        return [SetVar(Scope.TXN, "big", big)]
+
+    async def body(server: SpoaServer, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        try:
+            await loop.sock_sendall(sock, hello())
+            for stream_id in range(1, 2000):  # never read: the agent's writes back up
+                try:
+                    await asyncio.wait_for(
+                        loop.sock_sendall(sock, notify(stream_id, msg("x"))), 0.3
+                    )
+                except TimeoutError:
+                    break
+            deadline = loop.time() + 5
+            while server.connection_count and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            assert server.connection_count == 0
+        finally:
+            sock.close()
+
+    serve(
+        {"x": answer}, body, ServerLimits(idle_timeout=0.3, max_inflight=4000), None, loop_factory
+    )
