@@ -95,9 +95,13 @@ def build_agent_hello(max_frame_size: int, capabilities: str = AGENT_CAPABILITIE
     return build_frame(FrameType.AGENT_HELLO, 0, 0, payload)
 
 
+# What HAProxy's own list parser skips around items (C isspace(), in the C locale).
+_LIST_SPACE = " \t\n\v\f\r"
+
+
 def _split_list(text: str) -> tuple[str, ...]:
-    """SPOP comma lists ignore spaces."""
-    return tuple(item for item in text.replace(" ", "").split(",") if item)
+    """SPOP comma lists ignore white space around their items (SPOE.txt 3.2.4)."""
+    return tuple(item for item in (part.strip(_LIST_SPACE) for part in text.split(",")) if item)
 
 
 def _offers_version_2_0(text: str) -> bool:

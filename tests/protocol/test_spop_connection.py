@@ -117,6 +117,19 @@ def test_version_list_ignores_spaces() -> None:
     assert event.supported_versions == ("1.0", "2.0")
 
 
+def test_lists_ignore_any_white_space_around_items_but_not_inside() -> None:
+    """Regression (SPOP probe): only the space was ignored, so "2.0<TAB>" was refused
+    with status 8 where HAProxy's parser (isspace) skips it; and spaces inside an item
+    were removed, reading "pipe lining" as pipelining."""
+    conn = AgentConnection(now=0.0)
+    (event,) = conn.receive_data(
+        hello(supported_versions="\t2.0\r\n", capabilities="pipe lining,\tasync\t"), 0.0
+    )
+    assert isinstance(event, HelloReceived)
+    assert event.supported_versions == ("2.0",)
+    assert not conn.pipelining
+
+
 @pytest.mark.parametrize("offered", ["2.1", "2.5, 1.0", "3.0,2.9"])
 def test_a_later_minor_version_offers_2_0(offered: str) -> None:
     """Regression: "2.1" was refused with status 8, but announcing a minor version means
