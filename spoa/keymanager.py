@@ -226,7 +226,8 @@ class KeyArchive:
         }
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = self._path(issuer)
-        partial = target.with_name(target.name + ".partial")
+        # One partial file per process: workers of one agent save the same issuer.
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(record, out)
