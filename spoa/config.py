@@ -529,6 +529,8 @@ class _Reader:
         text = _string(empty=True)(value)
         if not text:
             return ""
+        if not text.isprintable() or not text.strip():
+            raise _Expected("a directory path of printable characters")
         path = Path(text)
         if not path.is_absolute():
             path = self.base_dir / path

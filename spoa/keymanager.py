@@ -14,8 +14,11 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import ssl
+import stat
+import tempfile
 import threading
 import time
 import urllib.error
@@ -177,6 +180,8 @@ class KeysRestored:
 
     issuer: str
     age: float  # seconds since that process fetched them
+    key_count: int
+    fetched_at: float  # Unix time
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,10 +210,12 @@ KeyEvent = (
 class KeyArchive:
     """The last good JWKS of each remote issuer, one file each, so that a process starting
     while the IdP is down can serve them for what remains of `max_stale`, as the process
-    before it would have. Key sets are public; the directory must be writable by the
-    agent's user alone, like its configuration."""
+    before it would have. Key sets are public, but whoever can write here can plant keys:
+    a file is used only when it and its directory belong to the agent's user and nobody
+    else may write to them."""
 
     FORMAT = 1
+    MAX_BYTES = 64 << 20  # the largest max_jwks_bytes, plus the record around it
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -217,36 +224,60 @@ class KeyArchive:
         return self.directory / f"{issuer}.jwks.json"  # issuer names are [a-z0-9_-]
 
     def save(self, issuer: str, source: str, body: bytes, fetched_at: float) -> None:
-        """Write atomically; raises OSError (the caller logs it and goes on)."""
-        record = {
-            "format": self.FORMAT,
-            "source": source,
-            "fetched_at": fetched_at,
-            "jwks": body.decode("utf-8"),
-        }
+        """Write atomically through a fresh temporary file; raises OSError or ValueError
+        (the caller reports it and goes on)."""
+        record = json.dumps(
+            {
+                "format": self.FORMAT,
+                "source": source,
+                "fetched_at": fetched_at,
+                "jwks": body.decode("utf-8"),
+            }
+        )
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        target = self._path(issuer)
-        # One partial file per process: workers of one agent save the same issuer.
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(record, out)
-        os.replace(partial, target)
+        fd, partial = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".partial")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:  # mkstemp: 0600, O_EXCL
+                out.write(record)
+            os.replace(partial, self._path(issuer))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise
 
     def load(self, issuer: str, source: str) -> tuple[bytes, float] | None:
-        """(JWKS body, wall-clock time it was fetched) saved for this very source, or None."""
+        """(JWKS body, wall-clock time it was fetched) saved for this very source by this
+        user, or None for anything else: missing, foreign, writable by others, not a
+        regular file, too large, corrupt."""
         try:
-            record = json.loads(self._path(issuer).read_text(encoding="utf-8"))
+            if not _private_to_us(os.stat(self.directory, follow_symlinks=False)):
+                return None
+            fd = os.open(self._path(issuer), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as file:
+                if not _private_to_us(os.fstat(fd)):
+                    return None
+                data = file.read(self.MAX_BYTES + 1)
+            if len(data) > self.MAX_BYTES:
+                return None
+            record = json.loads(data)
+            fetched_at = record.get("fetched_at")
             if (
                 record.get("format") == self.FORMAT
                 and record.get("source") == source
                 and isinstance(record.get("jwks"), str)
-                and type(record.get("fetched_at")) in (int, float)
+                and type(fetched_at) in (int, float)
+                and math.isfinite(float(fetched_at))
             ):
-                return record["jwks"].encode("utf-8"), float(record["fetched_at"])
-        except (OSError, ValueError, AttributeError):
-            pass
+                return record["jwks"].encode("utf-8"), float(fetched_at)
+        except Exception:  # any damage to a file on disk means: not usable
+            return None
         return None
+
+
+def _private_to_us(status: os.stat_result) -> bool:
+    """Owned by this process's user, writable by nobody else, a directory or a file."""
+    kind_ok = stat.S_ISDIR(status.st_mode) or stat.S_ISREG(status.st_mode)
+    return kind_ok and status.st_uid == os.geteuid() and not status.st_mode & 0o022
 
 
 def source_id(source: KeySource) -> str:
@@ -503,6 +534,8 @@ class KeyManager:
         if remote:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._until_keyed(remote), timeout)
+            for state in remote:  # an IdP that hangs: its first fetch never even failed
+                self._restore(state)
         return all(self._store.get(name) is not None for name in self._issuers)
 
     def key_age(self, issuer_name: str) -> float | None:
@@ -544,13 +577,15 @@ class KeyManager:
             return False
         try:
             key_set, _ = load_jwks(body, max_keys=state.timing.max_keys)
-        except KeyLoadError:
+        except Exception:  # a damaged file is no reason to stop starting
             return False
         if not key_set.keys:
             return False
         self._store.replace(state.name, key_set, fetched_at, max_stale=state.timing.max_stale)
-        state.schedule.last_success = self._monotonic() - age
-        self._emit(KeysRestored(state.name, age))
+        fetched = self._monotonic() - age
+        state.schedule.last_success = fetched
+        state.schedule.expires_at = fetched  # its IdP is failing: serving stale from now
+        self._emit(KeysRestored(state.name, age, len(key_set.keys), fetched_at))
         return True
 
     def ready(self, now: float) -> bool:
@@ -653,11 +688,6 @@ class KeyManager:
             self._monotonic(), parse_max_age(response.cache_control)
         )
         now = self._clock()
-        if self._archive is not None:
-            try:
-                self._archive.save(state.name, source_id(state.source), response.body, now)
-            except (OSError, UnicodeDecodeError) as exc:
-                self._emit(ArchiveFailed(state.name, _describe(exc)))
         previous = self._store.get(state.name)
         old = _labels(previous.key_set if previous else None)
         new = _labels(key_set)
@@ -670,6 +700,11 @@ class KeyManager:
         else:  # new keys, or keys the schedule had expired
             self._store.replace(state.name, key_set, now, max_stale=timing.max_stale)
         self._emit(KeysFetched(state.name, len(key_set.keys), lifetime, report.skipped))
+        if self._archive is not None:
+            try:  # after the store: saving is a convenience, never a reason to lose keys
+                self._archive.save(state.name, source_id(state.source), response.body, now)
+            except Exception as exc:
+                self._emit(ArchiveFailed(state.name, _describe(exc)))
         added = tuple(sorted(label for kid, label in new.items() if kid not in old))
         removed = tuple(sorted(label for kid, label in old.items() if kid not in new))
         if added or removed:

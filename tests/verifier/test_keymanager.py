@@ -7,6 +7,8 @@ import dataclasses
 import datetime
 import ipaddress
 import json
+import os
+import socketserver
 import ssl
 import threading
 import time
@@ -715,3 +717,91 @@ def test_an_unwritable_key_directory_is_reported_and_serving_goes_on(
     assert harness.start_once()
     assert [e.issuer for e in harness.of_type(ArchiveFailed)] == ["main"]
     assert harness.verify(key_a) is Reason.OK
+
+
+def _saved_archive(tmp_path: Path, key: KeyPair, source: JwksUrlSource) -> KeyArchive:
+    archive = KeyArchive(tmp_path / "keys")
+    archive.save("main", source_id(source), json.dumps(jwks(key)).encode(), NOW)
+    return archive
+
+
+def test_a_saved_set_anyone_else_could_have_written_is_not_used(
+    key_a: KeyPair, tmp_path: Path
+) -> None:
+    """Regression (review): whoever could write to keys_dir could plant keys, since the
+    files were trusted whatever their owner and mode; and a FIFO there blocked start-up."""
+    source = JwksUrlSource("https://idp.example/jwks")
+    archive = _saved_archive(tmp_path, key_a, source)
+    saved = tmp_path / "keys" / "main.jwks.json"
+    assert oct(saved.stat().st_mode & 0o777) == "0o600"
+    assert archive.load("main", source_id(source)) is not None
+    saved.chmod(0o666)
+    assert archive.load("main", source_id(source)) is None
+    saved.chmod(0o600)
+    (tmp_path / "keys").chmod(0o777)
+    assert archive.load("main", source_id(source)) is None
+    (tmp_path / "keys").chmod(0o700)
+    saved.unlink()
+    os.mkfifo(saved)
+    assert archive.load("main", source_id(source)) is None
+    saved.unlink()
+    saved.symlink_to(tmp_path / "elsewhere.json")
+    assert archive.load("main", source_id(source)) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"format": 1, "source": "S", "fetched_at": 1' + "0" * 400 + ', "jwks": "{}"}',
+        "[" * 100_000,
+        '{"format": 1, "source": "S", "fetched_at": NaN, "jwks": "{}"}',
+        "\xff\xfe",
+        '{"format": 1, "source": "S", "fetched_at": 1, "jwks": "[[[[["}',
+    ],
+)
+def test_a_damaged_saved_set_is_ignored_not_fatal(
+    content: str, server: JwksServer, tmp_path: Path
+) -> None:
+    """Regression (review): an overflowing date or deep nesting in the file escaped as
+    an exception and stopped the start-up with an internal error."""
+    source = JwksUrlSource(server.url("/jwks"))
+    server.set("/jwks", "down", status=503)
+    directory = tmp_path / "keys"
+    directory.mkdir(mode=0o700)
+    saved = directory / "main.jwks.json"
+    saved.write_text(
+        content.replace('"S"', json.dumps(source_id(source))), errors="surrogateescape"
+    )
+    saved.chmod(0o600)
+    harness = Harness(source, archive=KeyArchive(directory))
+    assert not harness.start_once(timeout=0.5)
+    assert not harness.of_type(KeysRestored)
+
+
+def test_restored_keys_are_reported_as_stale_and_used_when_the_idp_hangs(
+    key_a: KeyPair, tmp_path: Path
+) -> None:
+    """Regression (review): restored keys set no key-age metric and were not reported as
+    served stale, so the max_stale alerts stayed silent; and with an IdP that hangs
+    (no failed fetch before the start-up's timeout) the saved set was never used."""
+    hang = threading.Event()
+
+    class Hanging(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            hang.wait(10)
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Hanging) as hanging:
+        threading.Thread(target=hanging.serve_forever, daemon=True).start()
+        try:
+            source = JwksUrlSource(f"http://127.0.0.1:{hanging.server_address[1]}/jwks")
+            archive = _saved_archive(tmp_path, key_a, source)
+            harness = Harness(source, archive=archive)
+            harness.clock.now = NOW + 100
+            assert harness.start_once(timeout=0.5)  # below the 2 s fetch timeout
+            (restored,) = harness.of_type(KeysRestored)
+            assert (restored.age, restored.key_count, restored.fetched_at) == (100.0, 1, NOW)
+            run(lambda: harness.manager.run_due(harness.clock.now))
+            assert harness.of_type(StaleServingStarted)
+        finally:
+            hang.set()
+            hanging.shutdown()
