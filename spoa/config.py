@@ -621,7 +621,7 @@ class _Reader:
                 "realm",
             },
         )
-        issuers = self.get(table, "issuers", _non_empty_list("issuers"), None)
+        issuers = self.get(table, "issuers", _non_empty_list("at least one of the issuers"), None)
         if issuers is None:
             if "issuers" not in table:
                 self.fail("issuers", "required key is missing")
@@ -825,22 +825,18 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _non_empty_list(what: str) -> Callable[[Any], tuple[str, ...]]:
+def _non_empty_list(expected: str) -> Callable[[Any], tuple[str, ...]]:
     def convert(value: Any) -> tuple[str, ...]:
         items = _string_list(value)
         if not items:
-            raise _Expected(f"at least one of the {what}")
+            raise _Expected(expected)
         return items
 
     return convert
 
 
-def _audience_list(value: Any) -> tuple[str, ...]:
-    audiences = _string_list(value)
-    if not audiences:
-        # An empty set of accepted audiences would check nothing (RFC 8725 section 3.9).
-        raise _Expected("at least one audience (an empty array would accept any `aud`)")
-    return audiences
+# An empty set of accepted audiences would check nothing (RFC 8725 section 3.9).
+_audience_list = _non_empty_list("at least one audience (an empty array would accept any `aud`)")
 
 
 def _scope_list(value: Any) -> tuple[str, ...]:
@@ -860,7 +856,7 @@ def _algorithm(value: Any) -> str:
 def _algorithms(value: Any) -> tuple[str, ...]:
     if isinstance(value, list) and any(str(v).lower() == "none" for v in value):
         raise _Expected('signature algorithms ("none" is never accepted)')
-    items = _non_empty_list("signature algorithms")(value)
+    items = _non_empty_list("at least one of the signature algorithms")(value)
     for item in items:
         _algorithm(item)
     return items
@@ -886,8 +882,7 @@ def _url(value: Any) -> str:
         or port == 0
         or parts.username is not None
         or parts.password is not None
-        or parts.fragment
-        or "#" in text
+        or "#" in text  # also an empty fragment, which urlsplit drops
     ):
         # Credentials in a URL would be logged with the configuration; keys are public.
         raise _Expected(_URL_HINT, echo=False)
