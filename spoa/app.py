@@ -580,17 +580,8 @@ class Worker:
                 config = load_config(self.config_path)
                 _check_restart_only(self.config, config)
                 engine = await build_engine(config, key_event_logger(self.metrics), self.engine)
-            except ConfigError as exc:
-                self.metrics.config_reload("error")
-                log.error("reload_rejected", problems=exc.problems)
-                return False
-            except StartupError as exc:
-                self.metrics.config_reload("error")
-                log.error("reload_rejected", problems=[str(exc)])
-                return False
             except Exception as exc:  # a reload must never take the running agent down
-                self.metrics.config_reload("error")
-                log.error("reload_rejected", problems=[f"unexpected {type(exc).__name__}: {exc}"])
+                _reject_reload(exc, self.metrics)
                 return False
             old, self.engine = self.engine, engine
             self.config = config
@@ -635,6 +626,19 @@ _RESTART_ONLY_AGENT_KEYS = (
     "frame_timeout",
     "shutdown_grace",
 )
+
+
+def _reject_reload(exc: Exception, metrics: Metrics | None) -> None:
+    """Count and log a refused reload; the running configuration stays."""
+    if isinstance(exc, ConfigError):
+        problems = exc.problems
+    elif isinstance(exc, StartupError):
+        problems = [str(exc)]
+    else:
+        problems = [f"unexpected {type(exc).__name__}: {exc}"]
+    log.error("reload_rejected", problems=problems)
+    if metrics is not None:
+        metrics.config_reload("error")
 
 
 def _check_restart_only(old: Config, new: Config) -> None:
@@ -752,6 +756,16 @@ def _worker_main(
     return 0
 
 
+def _worker_share(share: tuple[int, int]) -> WorkerShare:
+    """The worker's slot in its supervisor's connection table. Sized by the table itself,
+    not by `workers` in the file, which may have changed since the supervisor started."""
+    table_fd, slot = share
+    try:
+        return WorkerShare(ConnectionTable(table_fd), slot)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"connection table: {exc}") from None
+
+
 def _leave_metrics_dir(pid: int) -> None:
     """An orphaned worker's exit: remove its own files and those of processes gone (the
     supervisor's) from the multiprocess metrics directory, and the directory once the
@@ -801,16 +815,8 @@ def run_agent(
     before the agent's own handlers were installed (the CLI catches it that early)."""
     configure_logging(config.log.level, config.log.format)
     if worker_fd is not None:  # started by a supervisor, sharing its listener
-        balancer = None
         try:
-            if share is not None:
-                # The table's own size, not `workers` from the file: the file may have
-                # changed since the supervisor started (a restart-only setting).
-                table_fd, slot = share
-                try:
-                    balancer = WorkerShare(ConnectionTable(table_fd), slot)
-                except (OSError, ValueError) as exc:
-                    raise StartupError(f"connection table: {exc}") from None
+            balancer = _worker_share(share) if share is not None else None
             return _worker_main(
                 config,
                 config_path,
@@ -941,7 +947,6 @@ class Supervisor:
         ready_read, ready_write = os.pipe()
         os.set_blocking(ready_read, False)
         table = self.connections.fileno()
-        self.connections.clear(slot)  # counted again once the new worker serves
         argv = [sys.executable, "-m", "spoa", "run", "--config", str(self.config_path)]
         argv += ["--worker-fd", str(self.sock.fileno()), "--ready-fd", str(ready_write)]
         argv += ["--connection-table", f"{table}:{slot}"]
@@ -1084,15 +1089,8 @@ class Supervisor:
         try:
             config = load_config(self.config_path)
             _check_restart_only(self.config, config)
-        except ConfigError as exc:
-            log.error("reload_rejected", problems=exc.problems)
-            if self.metrics is not None:
-                self.metrics.config_reload("error")
-            return
         except Exception as exc:  # the supervisor must outlive any bad file
-            log.error("reload_rejected", problems=[f"unexpected {type(exc).__name__}: {exc}"])
-            if self.metrics is not None:
-                self.metrics.config_reload("error")
+            _reject_reload(exc, self.metrics)
             return
         self.config = config
         for pid in self.children:
