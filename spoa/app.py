@@ -86,7 +86,7 @@ from spoa.verifier import (
 log = structlog.get_logger("jwtgate")
 
 REFRESH_TICK = 1.0  # how often due JWKS refreshes are looked for, at the least
-REFRESH_FLOOR = 0.01  # while a fetch is in flight its due time may have passed
+REFRESH_FLOOR = 0.01  # a due time just past: look again soon, never spin
 STATS_TICK = 5.0  # how often the token-cache gauges are updated
 
 

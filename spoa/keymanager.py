@@ -524,11 +524,7 @@ class KeyManager:
                 continue
             kept = carried.get(state.name) if carried else None
             if kept is not None:
-                self._store.replace(
-                    state.name, kept.key_set, kept.refreshed_at, max_stale=state.timing.max_stale
-                )
-                age = now - kept.refreshed_at
-                state.schedule.last_success = self._monotonic() - age
+                self._serve_dated(state, kept.key_set, kept.refreshed_at, now - kept.refreshed_at)
             else:
                 remote.append(state)
         if remote:
@@ -581,12 +577,19 @@ class KeyManager:
             return False
         if not key_set.keys:
             return False
-        self._store.replace(state.name, key_set, fetched_at, max_stale=state.timing.max_stale)
-        fetched = self._monotonic() - age
-        state.schedule.last_success = fetched
-        state.schedule.expires_at = fetched  # its IdP is failing: serving stale from now
+        self._serve_dated(state, key_set, fetched_at, age)
+        schedule = state.schedule
+        schedule.expires_at = schedule.last_success  # its IdP is failing: serving stale now
         self._emit(KeysRestored(state.name, age, len(key_set.keys), fetched_at))
         return True
+
+    def _serve_dated(
+        self, state: _IssuerState, key_set: KeySet, fetched_at: float, age: float
+    ) -> None:
+        """Serve keys fetched `age` seconds ago (wall-clock `fetched_at`) by an earlier
+        configuration or process: they age from that fetch, on the schedule's clock too."""
+        self._store.replace(state.name, key_set, fetched_at, max_stale=state.timing.max_stale)
+        state.schedule.last_success = self._monotonic() - age
 
     def ready(self, now: float) -> bool:
         return all(self._store.generation(name, now) is not None for name in self._issuers)
@@ -597,7 +600,8 @@ class KeyManager:
         times = [
             state.schedule.next_attempt_at
             for state in self._issuers.values()
-            if not isinstance(state.source, StaticKeySource)
+            # A fetch in flight sets its own next attempt when it ends.
+            if not isinstance(state.source, StaticKeySource) and not state.schedule.fetch_in_flight
         ]
         return min(times) if times else None
 
