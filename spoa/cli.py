@@ -20,6 +20,7 @@ from typing import Any
 from spoa import __version__
 from spoa.config import ConfigError, describe, load_config, parse_duration
 from spoa.protocol import SPEEDUPS
+from spoa.protocol.payloads import speedups_refused
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     if SPEEDUPS:
         decoder = "C"
-    elif os.environ.get("JWTGATE_NO_SPEEDUPS"):
+    elif speedups_refused():
         decoder = "pure Python (JWTGATE_NO_SPEEDUPS is set)"
     else:
         decoder = "pure Python (the C one was not built)"

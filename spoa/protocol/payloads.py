@@ -127,9 +127,14 @@ def decode_messages_python(buf: Buffer, pos: int, end: int, max_items: int) -> t
     return tuple(messages)
 
 
+def speedups_refused() -> bool:
+    """JWTGATE_NO_SPEEDUPS asks for the Python code; "0" and "" leave the C code on."""
+    return os.environ.get("JWTGATE_NO_SPEEDUPS", "").strip() not in ("", "0")
+
+
 def _load_speedups() -> Callable[[Buffer, int, int, int], tuple[Message, ...]] | None:
-    """The C decoder, unless it was not built or JWTGATE_NO_SPEEDUPS is set."""
-    if os.environ.get("JWTGATE_NO_SPEEDUPS"):
+    """The C decoder, unless it was not built or JWTGATE_NO_SPEEDUPS asks for Python."""
+    if speedups_refused():
         return None
     try:
         from . import _speedups

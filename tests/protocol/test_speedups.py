@@ -79,13 +79,15 @@ def test_the_c_decoder_is_built_and_in_use() -> None:
     assert payloads.decode_messages is not payloads.decode_messages_python
 
 
-def test_the_python_decoder_can_be_forced() -> None:
+@pytest.mark.parametrize(("value", "c_in_use"), [("1", False), ("0", True), ("", True)])
+def test_the_python_decoder_can_be_forced(value: str, c_in_use: bool) -> None:
+    # Regression: "0" used to turn the C code off too (any non-empty value did).
     code = "from spoa.protocol import payloads; print(payloads.SPEEDUPS)"
-    env = {**os.environ, "JWTGATE_NO_SPEEDUPS": "1"}
+    env = {**os.environ, "JWTGATE_NO_SPEEDUPS": value}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == str(c_in_use)
 
 
 @given(messages)
