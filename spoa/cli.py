@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     reload = commands.add_parser(
         "reload",
         help="tell a running agent to reload its configuration",
-        description="Send SIGHUP to a running agent. It re-reads the TOML and key files "
-        "without dropping HAProxy's connections; an invalid file is rejected and logged.",
+        description="Send SIGHUP to a running agent (only to a process that runs `jwtgate "
+        "run`). It re-reads the TOML and key files without dropping HAProxy's connections; "
+        "an invalid file is rejected and logged.",
     )
     target = reload.add_mutually_exclusive_group(required=True)
     target.add_argument("--pid-file", metavar="FILE", help="the file given to `run --pid-file`")
@@ -255,6 +256,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot read a process id from {args.pid_file}: {exc}") from None
     if not 1 < pid < 2**22:  # 0, -1, -N signal whole process groups; 1 is init
         raise CommandError(f"{pid} is not the process id of an agent")
+    if not _runs_an_agent(pid):
+        # A pid file left by a killed agent may name a process that took the number since;
+        # SIGHUP ends most programs.
+        raise CommandError(
+            f"process {pid} is not a jwtgate agent (`jwtgate run`); is the pid file stale?"
+        )
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
@@ -263,6 +270,22 @@ def cmd_reload(args: argparse.Namespace) -> int:
         raise CommandError(f"not allowed to signal process {pid}") from None
     print(f"jwtgate: reload requested (SIGHUP sent to {pid}); the agent's log says how it went")
     return EXIT_OK
+
+
+def _runs_an_agent(pid: int) -> bool:
+    """Whether process `pid` runs `jwtgate run` or `python -m spoa run`. A process that
+    does not exist passes, so that kill() reports it."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    launched = any(
+        Path(os.fsdecode(arg)).name == "jwtgate" or (arg == b"-m" and following == b"spoa")
+        for arg, following in zip(argv, [*argv[1:], b""], strict=True)
+    )
+    return launched and b"run" in argv
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -168,6 +168,23 @@ def test_reload_of_a_missing_process_is_a_clear_error(tmp_path: Path) -> None:
     assert f"no process {process.pid}" in result.stderr
 
 
+def test_reload_never_signals_a_process_that_is_not_an_agent(tmp_path: Path) -> None:
+    """Regression: a pid file left by a killed agent sent SIGHUP to whatever process had
+    taken its number since, which ended it, and reported success."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pid_file = tmp_path / "agent.pid"
+        pid_file.write_text(f"{other.pid}\n")
+        for args in (("--pid-file", str(pid_file)), ("--pid", str(other.pid))):
+            result = jwtgate("reload", *args)
+            assert result.returncode == 1
+            assert f"process {other.pid} is not a jwtgate agent" in result.stderr
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
 @pytest.mark.parametrize("pid", ["0", "-1", "-4242", "1", "99999999999999999999"])
 def test_reload_never_signals_a_process_group_or_init(pid: str, tmp_path: Path) -> None:
     """Regression: `reload --pid 0` sent SIGHUP to the caller's whole process group (and
