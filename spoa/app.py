@@ -119,7 +119,7 @@ def key_source(issuer: IssuerSettings, *, environment: bool = True) -> KeySource
     if issuer.discovery:
         return OidcDiscoverySource(issuer.issuer, issuer.discovery)
     if issuer.jwks_file:
-        return StaticKeySource(files=(KeyFile(issuer.jwks_file),))
+        return StaticKeySource(files=(KeyFile(issuer.jwks_file),), algorithms=issuer.algorithms)
     files, secrets = [], []
     for key in issuer.keys:
         if key.file:
@@ -130,7 +130,7 @@ def key_source(issuer: IssuerSettings, *, environment: bool = True) -> KeySource
             continue
         secret = _read_secret(key.secret_env, key.secret_file)
         secrets.append(HmacSecret(secret, key.alg, key.kid))
-    return StaticKeySource(tuple(files), tuple(secrets))
+    return StaticKeySource(tuple(files), tuple(secrets), issuer.algorithms)
 
 
 def static_key_problems(config: Config) -> list[str]:

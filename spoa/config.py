@@ -520,6 +520,14 @@ class _Reader:
                     f"{', '.join(sorted(hmac))} need an explicitly configured secret in `keys`;"
                     " HMAC is never used with keys from a JWKS",
                 )
+            for index, key in enumerate(values["keys"]):
+                if key.alg is not None and key.alg not in algorithms:
+                    with self.at("keys"), self.at(index):
+                        self.fail(
+                            "alg",
+                            f"{key.alg} is not in this issuer's algorithms, so no token could"
+                            " use this key",
+                        )
         if name is None or issuer is None or algorithms is None:
             return None
         return IssuerSettings(name=name, issuer=issuer, algorithms=algorithms, **values)

@@ -85,6 +85,8 @@ class HmacSecret:
 class StaticKeySource:
     files: tuple[KeyFile, ...] = ()
     secrets: tuple[HmacSecret, ...] = ()
+    # The issuer's allow-list: a key file none of whose keys fits it is a mistake.
+    algorithms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,13 @@ def load_static_keys(source: StaticKeySource) -> KeySet:
             raise KeySourceError(f"key file {key_file.path}: {exc}") from exc
         if not loaded.keys:
             raise KeySourceError(f"key file {key_file.path}: holds no usable keys")
+        if source.algorithms and not any(
+            key.fits(alg) for key in loaded.keys for alg in source.algorithms
+        ):
+            raise KeySourceError(
+                f"key file {key_file.path}: no key in it fits the issuer's algorithms"
+                f" ({', '.join(source.algorithms)})"
+            )
         keys.extend(loaded.keys)
     keys.extend(hmac_key(s.secret, alg=s.alg, kid=s.kid) for s in source.secrets)
     if not keys:

@@ -143,6 +143,19 @@ def test_hmac_needs_a_secret_that_exists(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not any("s3cr3t" in p for p in found)
 
 
+def test_a_key_pinned_to_an_algorithm_the_issuer_refuses_is_an_error() -> None:
+    """Regression: an HS256 secret on an ES256-only issuer passed check-config, and every
+    token for it was then unsupported_alg."""
+    text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["ES256"]').replace(
+        'jwks_uri = "https://id.example.com/jwks.json"',
+        'keys = [{ secret_env = "JWTGATE_TEST_SECRET", kid = "h1", alg = "HS256" }]',
+    )
+    assert any(
+        p.startswith("issuers[0].keys[0].alg: HS256 is not in this issuer's algorithms")
+        for p in problems(text)
+    )
+
+
 def test_forward_claims_names_are_checked() -> None:
     text = MINIMAL + 'forward_claims = { valid = "x", "Bad-Name" = "y", ok = "email" }\n'
     found = problems(text)
@@ -245,6 +258,8 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
         (b"not a key\n", "neither PEM nor a JSON object"),
         (b'{"keys": []}', "holds no"),
         ("rsa1024", "1024 bits"),
+        # Regression: a key that fits none of the issuer's algorithms passed.
+        ("ec", "no key in it fits the issuer's algorithms (RS256)"),
     ],
 )
 def test_check_config_loads_the_key_files(
@@ -252,12 +267,16 @@ def test_check_config_loads_the_key_files(
 ) -> None:
     """Regression: check-config said "valid" for key files `run` refuses."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     if content == "rsa1024":
         weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
-        weak = weak.public_key()
-        content = weak.public_bytes(
+        content = weak.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    elif content == "ec":
+        curve_key = ec.generate_private_key(ec.SECP256R1())
+        content = curve_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     assert isinstance(content, bytes)
