@@ -201,6 +201,11 @@ def _parse_header(segment: bytes) -> _Header:
     kid = header.get("kid")
     if "kid" in header and not isinstance(kid, str):
         raise _reject("kid is not a string")
+    cty = header.get("cty")
+    if isinstance(cty, str) and cty.lower() in ("jwt", "application/jwt"):
+        # RFC 7519 7.2: the payload is then another JWT to process in turn. jwtgate checks
+        # one layer, so it refuses rather than read the outer payload as the claims.
+        raise _reject("nested JWTs (cty JWT) are not supported")
     if "b64" in header:
         # RFC 7797 unencoded payloads are not supported; refuse rather than misread them.
         raise _reject("b64 header parameter is not supported")

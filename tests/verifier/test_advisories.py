@@ -203,6 +203,16 @@ def test_unknown_critical_headers_are_refused(crit: Any, es_key: KeyPair) -> Non
     assert _verify_with([es_key.verification_key()], {"ES256"}, token).reason is Reason.MALFORMED
 
 
+@pytest.mark.parametrize("cty", ["JWT", "jwt", "application/JWT"])
+def test_nested_jwt_content_type_is_refused(cty: str, es_key: KeyPair) -> None:
+    """Regression: cty JWT with a JSON payload was accepted; RFC 7519 7.2 reads that payload
+    as another JWT, which it is not."""
+    token = mint(es_key, header={"cty": cty})
+    assert _verify_with([es_key.verification_key()], {"ES256"}, token).reason is Reason.MALFORMED
+    plain = mint(es_key, header={"cty": "application/json"})
+    assert _verify_with([es_key.verification_key()], {"ES256"}, plain).ok
+
+
 def test_duplicate_claims_are_refused(es_key: KeyPair) -> None:
     claims = json.dumps(default_claims(sub="user"))[:-1] + ', "sub": "admin"}'
     token = mint(es_key, raw_payload=claims.encode())
