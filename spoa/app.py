@@ -559,9 +559,12 @@ class Worker:
             await asyncio.sleep(1.0)
             ticks += 1
             if self.engine is not None and ticks % int(STATS_TICK) == 0:
-                stats = self.engine.verifier.cache.stats()
-                self.metrics.cache_stats(stats.entries, stats.hits, stats.misses, stats.evictions)
+                self._report_cache(self.engine)
             self.metrics.flush()
+
+    def _report_cache(self, engine: Engine) -> None:
+        stats = engine.verifier.cache.stats()
+        self.metrics.cache_stats(stats.entries, stats.hits, stats.misses, stats.evictions)
 
     def _schedule_reload(self) -> None:
         if self.handler is None:  # still starting: reload once serving
@@ -599,6 +602,10 @@ class Worker:
             self._publish_issuer_settings()
             self._publish_readiness()
             if old is not None:
+                # The new engine's cache counts from zero: first count what the old one did
+                # since the last tick.
+                self._report_cache(old)
+                self.metrics.cache_replaced()
                 await old.aclose()
             # The old engine was frozen with the rest of start-up; let the collector see
             # it again, or its cycles would outlive the reload.

@@ -220,6 +220,12 @@ class Metrics:
             ["status"],
             registry=reg,
         )
+        self._handler_failures = Counter(
+            "jwtgate_spoe_handler_failures_total",
+            "Checks answered with the fallback actions (fail closed) because the handler or"
+            " its answer failed: an agent bug.",
+            registry=reg,
+        )
         self._jwks_fetches = Counter(
             "jwtgate_jwks_fetches_total",
             "JWKS fetches by issuer and result.",
@@ -242,12 +248,13 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=reg,
         )
-        # max: the alerts compare key age to this bound (jwtgate_jwks_age_seconds / it).
+        # livemax: the alerts compare key age to this bound (jwtgate_jwks_age_seconds / it);
+        # a dead worker's value from before a reload must not outlast it.
         self._jwks_max_stale = Gauge(
             "jwtgate_jwks_max_stale_seconds",
             "The issuer's configured max_stale: how long the last good keys may serve.",
             ["issuer"],
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
             registry=reg,
         )
         self._jwks_last_success = Gauge(
@@ -420,8 +427,8 @@ class Metrics:
     def cache_stats(self, entries: int, hits: int, misses: int, evictions: int) -> None:
         """Report the verified-token cache's cumulative totals and current size.
 
-        Counters advance by the difference from the previous report; a total that went
-        down means the cache was rebuilt (reload), and counts again from zero.
+        Counters advance by the difference from the previous report, or since
+        `cache_replaced`.
         """
         self._cache_entries.set(entries)
         last_hits, last_misses, last_evictions = self._last_cache_totals
@@ -430,10 +437,15 @@ class Metrics:
             (self._cache_misses, misses, last_misses),
             (self._cache_evictions, evictions, last_evictions),
         ):
-            delta = now_total - last_total if now_total >= last_total else now_total
-            if delta:
+            delta = now_total - last_total
+            if delta > 0:
                 counter.inc(delta)
         self._last_cache_totals = (hits, misses, evictions)
+
+    def cache_replaced(self) -> None:
+        """A reload built a new cache, whose totals start from zero (called once the old
+        one's last totals are reported)."""
+        self._last_cache_totals = (0, 0, 0)
 
     # -- SPOP server observer ------------------------------------------------------------
 
@@ -464,6 +476,9 @@ class Metrics:
             if label != OTHER:
                 self._error_children[status] = child
         child.inc()
+
+    def handler_failed(self) -> None:
+        self._handler_failures.inc()
 
     def inflight_changed(self, delta: int) -> None:
         self._inflight_now += delta

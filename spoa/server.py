@@ -80,9 +80,10 @@ class ServerObserver(Protocol):
     """What the server reports, for metrics. Every method must be cheap."""
 
     def connection_opened(self) -> None: ...
-    def connection_closed(self, status: Status) -> None: ...
+    def connection_closed(self, status: Status | None) -> None: ...
     def frame_received(self, kind: str, count: int = 1) -> None: ...
     def protocol_error(self, status: Status) -> None: ...
+    def handler_failed(self) -> None: ...
     def inflight_changed(self, delta: int) -> None: ...
 
 
@@ -92,13 +93,16 @@ class NullObserver:
     def connection_opened(self) -> None:
         pass
 
-    def connection_closed(self, status: Status) -> None:
+    def connection_closed(self, status: Status | None) -> None:
         pass
 
     def frame_received(self, kind: str, count: int = 1) -> None:
         pass
 
     def protocol_error(self, status: Status) -> None:
+        pass
+
+    def handler_failed(self) -> None:
         pass
 
     def inflight_changed(self, delta: int) -> None:
@@ -418,7 +422,7 @@ class _AgentProtocol(asyncio.Protocol):
             self._observer.inflight_changed(-self._reported_inflight)
             self._reported_inflight = 0
         self._server._connections.discard(self)
-        self._observer.connection_closed(conn.close_status or Status.NORMAL)
+        self._observer.connection_closed(conn.close_status)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -441,9 +445,9 @@ class _AgentProtocol(asyncio.Protocol):
                 if self._server.on_replayed is not None:
                     self._server.on_replayed(event.tags)
             elif isinstance(event, HelloReceived):
-                self._observer.frame_received("hello")
+                self._observer.frame_received("haproxy_hello")
             elif isinstance(event, DisconnectReceived):
-                self._observer.frame_received("disconnect")
+                self._observer.frame_received("haproxy_disconnect")
             elif isinstance(event, ConnectionClosed):
                 self._on_closed(event)
         if notifies:
@@ -512,9 +516,11 @@ class _AgentProtocol(asyncio.Protocol):
         self._update_reading()
 
     def _handler_failed(self, message_name: str, error: Exception) -> None:
-        # The exception text may quote a token: log its type only.
+        # The exception text may quote a token: log its type only. HAProxy gets the
+        # fallback actions (fail closed).
+        self._observer.handler_failed()
         log.error(
-            "spoe handler failed, answering with fallback actions",
+            "spoe_handler_failed",
             extra={"spoe_message": message_name, "error_type": type(error).__name__},
         )
 
@@ -526,20 +532,18 @@ class _AgentProtocol(asyncio.Protocol):
             conn.send_ack(event.stream_id, event.frame_id, actions or self._fallback)
         except SpopError as error:
             # An action that cannot be encoded or an ACK too big: fail closed.
-            log.error(
-                "spoe ack could not be built, answering with fallback actions",
-                extra={"error_type": type(error).__name__},
-            )
+            self._observer.handler_failed()
+            log.error("spoe_ack_failed", extra={"error_type": type(error).__name__})
             conn.send_ack(event.stream_id, event.frame_id, self._fallback)
 
     def _on_closed(self, event: ConnectionClosed) -> None:
         if not event.status.is_normal:
             self._observer.protocol_error(event.status)
-            what = "spoe connection closed on error"
+            what = "spop_connection_error"
         elif event.status is Status.TIMEOUT:
             # Not a protocol error, but a peer that never sent its HELLO or trickled a
             # frame is worth a line (so is an idle close).
-            what = "spoe connection timed out"
+            what = "spop_connection_timeout"
         else:
             return
         log.info(what, extra={"spop_status": int(event.status), "reason": event.message})

@@ -125,11 +125,11 @@ def test_standard_library_records_share_the_format(stream: io.StringIO) -> None:
 
 
 def test_standard_library_extra_fields_are_kept(stream: io.StringIO) -> None:
-    """Regression: `extra={...}` was dropped, so "spoe connection closed on error"
+    """Regression: `extra={...}` was dropped, so "spop_connection_error"
     lines said neither the SPOP status nor the reason."""
     configure_logging("info", "json", stream)
     logging.getLogger("spoa.server").info(
-        "spoe connection closed on error", extra={"spop_status": 4, "reason": "bad frame"}
+        "spop_connection_error", extra={"spop_status": 4, "reason": "bad frame"}
     )
     (record,) = lines(stream)
     assert (record["spop_status"], record["reason"]) == (4, "bad frame")

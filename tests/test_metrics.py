@@ -238,12 +238,16 @@ def test_cache_stats_turn_cumulative_totals_into_counter_increments(
 ) -> None:
     metrics.cache_stats(entries=10, hits=100, misses=20, evictions=0)
     metrics.cache_stats(entries=12, hits=150, misses=25, evictions=2)
-    metrics.cache_stats(entries=1, hits=5, misses=1, evictions=0)  # cache rebuilt on reload
+    # A reload: the old cache's last totals, then a new cache counting from zero. Before,
+    # the new cache's counts up to the old totals were lost (it looked like no change).
+    metrics.cache_stats(entries=12, hits=160, misses=26, evictions=2)
+    metrics.cache_replaced()
+    metrics.cache_stats(entries=200, hits=170, misses=30, evictions=0)
     samples = scrape(server.port)
-    assert value(samples, "jwtgate_token_cache_hits_total") == 155
-    assert value(samples, "jwtgate_token_cache_misses_total") == 26
+    assert value(samples, "jwtgate_token_cache_hits_total") == 330
+    assert value(samples, "jwtgate_token_cache_misses_total") == 56
     assert value(samples, "jwtgate_token_cache_evictions_total") == 2
-    assert value(samples, "jwtgate_token_cache_entries") == 1
+    assert value(samples, "jwtgate_token_cache_entries") == 200
 
 
 def test_alerted_counters_exist_at_zero_from_the_start(
@@ -364,7 +368,9 @@ def test_stop_joins_every_thread_and_closes_the_port() -> None:
 # -- several worker processes ------------------------------------------------------------
 
 
-def _worker(ready: bool, connections: int, keys: int, fetched_at: float, success_at: float) -> None:
+def _worker(
+    ready: bool, connections: int, keys: int, fetched_at: float, success_at: float, stale: float
+) -> None:
     # Runs in a forked child: prometheus_client was imported by the parent before the
     # directory was set, which is exactly the case Metrics must correct.
     metrics = Metrics(issuers=ISSUERS, policies=POLICIES, reasons=REASONS, clock=lambda: success_at)
@@ -376,6 +382,7 @@ def _worker(ready: bool, connections: int, keys: int, fetched_at: float, success
     metrics.jwks_fetch("corp", "ok")
     metrics.jwks_keys("corp", keys, fetched_at)
     metrics.issuer_ready("corp", ready)
+    metrics.jwks_max_stale("corp", stale)
     metrics.flush()  # a worker flushes every second and when it stops
 
 
@@ -392,8 +399,8 @@ def test_multiprocess_mode_merges_two_workers(
 
     context = multiprocessing.get_context("fork")
     workers = [
-        context.Process(target=_worker, args=(True, 2, 3, 1_000.0, 5_000.0)),
-        context.Process(target=_worker, args=(False, 1, 2, 2_000.0, 6_000.0)),
+        context.Process(target=_worker, args=(True, 2, 3, 1_000.0, 5_000.0, 43_200.0)),
+        context.Process(target=_worker, args=(False, 1, 2, 2_000.0, 6_000.0, 86_400.0)),
     ]
     for worker in workers:
         worker.start()
@@ -415,6 +422,7 @@ def test_multiprocess_mode_merges_two_workers(
         assert value(samples, "jwtgate_jwks_last_success_timestamp_seconds", issuer="corp") == 6_000
         assert value(samples, "jwtgate_jwks_age_seconds", issuer="corp") == 9_000  # the oldest
         assert value(samples, "jwtgate_jwks_fetches_total", issuer="corp", result="ok") == 2
+        assert value(samples, "jwtgate_jwks_max_stale_seconds", issuer="corp") == 86_400
 
         # The unready worker exits: its live gauges go, its counters stay.
         pid = workers[1].pid
@@ -424,6 +432,9 @@ def test_multiprocess_mode_merges_two_workers(
         assert value(samples, "jwtgate_issuer_ready", issuer="corp") == 1
         assert value(samples, "jwtgate_spop_connections_open") == 2
         assert value(samples, "jwtgate_spop_connections_total") == 3
+        # Regression: a dead worker's max_stale (from before a reload lowered it) stayed
+        # the merged value, which silenced the key-age alerts.
+        assert value(samples, "jwtgate_jwks_max_stale_seconds", issuer="corp") == 43_200
     for worker in workers:
         worker.close()
 

@@ -184,6 +184,8 @@ class AgentConnection:
 
     @property
     def close_status(self) -> Status | None:
+        """The status of the DISCONNECT that ended the connection, sent or received; None
+        while open, or when the peer closed without one."""
         return self._close_status
 
     @property
@@ -211,7 +213,7 @@ class AgentConnection:
             self._hello_deadline = now + self._hello_timeout
         if not data:
             message = "peer closed mid-frame" if self._inbuf else "peer closed"
-            self._close(Status.NORMAL, message)
+            self._close(Status.NORMAL, message, disconnected=False)
             return self._take_events()
         try:
             completed = self._consume(data)
@@ -463,9 +465,10 @@ class AgentConnection:
         self._outbox.append(build_disconnect(error.status, error.message))
         self._close(error.status, error.message)
 
-    def _close(self, status: Status, message: str) -> None:
+    def _close(self, status: Status, message: str, *, disconnected: bool = True) -> None:
+        """`disconnected`: a DISCONNECT frame was sent or received."""
         self._state = _State.CLOSED
-        self._close_status = status
+        self._close_status = status if disconnected else None
         self._inflight.clear()
         self._inbuf = bytearray()
         self._events.append(ConnectionClosed(status, message))

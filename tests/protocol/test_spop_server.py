@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from spoa import server as server_module
+from spoa.metrics import FRAME_KINDS
 from spoa.protocol import (
     Action,
     Frame,
@@ -56,16 +57,17 @@ class Recorder:
     """A ServerObserver that keeps what it is told."""
 
     def __init__(self) -> None:
-        self.closed: list[Status] = []
+        self.closed: list[Status | None] = []
         self.errors: list[Status] = []
         self.frames: list[str] = []
         self.inflight = 0
         self.opened = 0
+        self.handler_failures = 0
 
     def connection_opened(self) -> None:
         self.opened += 1
 
-    def connection_closed(self, status: Status) -> None:
+    def connection_closed(self, status: Status | None) -> None:
         self.closed.append(status)
 
     def frame_received(self, kind: str, count: int = 1) -> None:
@@ -73,6 +75,9 @@ class Recorder:
 
     def protocol_error(self, status: Status) -> None:
         self.errors.append(status)
+
+    def handler_failed(self) -> None:
+        self.handler_failures += 1
 
     def inflight_changed(self, delta: int) -> None:
         self.inflight += delta
@@ -233,6 +238,7 @@ def test_failing_handler_fails_closed_without_logging_secrets(
         assert await client.ack() == (4, [SetVar(Scope.TXN, "echo", "still-open")])
         await client.close()
 
+    observer = Recorder()
     with caplog.at_level(logging.DEBUG):
         serve(
             {
@@ -242,8 +248,12 @@ def test_failing_handler_fails_closed_without_logging_secrets(
                 "echo": sync_echo,
             },
             body,
+            observer=observer,
         )
-    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 3
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["spoe_handler_failed"] * 2 + ["spoe_ack_failed"]
+    # Regression: these failed closed without moving any metric.
+    assert observer.handler_failures == 3
     for record in caplog.records:
         assert SECRET_TOKEN not in record.getMessage()
         assert SECRET_TOKEN not in str(record.__dict__)
@@ -281,8 +291,8 @@ def test_hello_timeout_and_protocol_errors_are_reported(caplog: pytest.LogCaptur
     assert observer.closed == [Status.TIMEOUT, Status.INVALID_FRAME]
     # Both are logged with their status and reason (regression: a timeout left no line).
     lines = {(r.getMessage(), getattr(r, "spop_status", None)) for r in caplog.records}
-    assert ("spoe connection timed out", 2) in lines
-    assert ("spoe connection closed on error", 4) in lines
+    assert ("spop_connection_timeout", 2) in lines
+    assert ("spop_connection_error", 4) in lines
 
 
 def test_too_many_connections_are_refused_politely() -> None:
@@ -317,7 +327,8 @@ def test_reset_and_eof_from_haproxy_are_normal_closes() -> None:
             await asyncio.sleep(0.01)
 
     serve({}, body, observer=observer)
-    assert observer.closed == [Status.NORMAL, Status.NORMAL]
+    # Regression: these were counted as DISCONNECT status 0; no DISCONNECT was exchanged.
+    assert observer.closed == [None, None]
     assert observer.errors == []
 
 
@@ -347,7 +358,9 @@ def test_shutdown_finishes_inflight_then_disconnects() -> None:
 
     serve({}, body, observer=observer)
     assert observer.inflight == 0
-    assert observer.frames == ["hello", "notify"]
+    # Regression: "hello" and "disconnect" were not metric labels, so they counted as other.
+    assert observer.frames == ["haproxy_hello", "notify"]
+    assert set(observer.frames) <= FRAME_KINDS
 
 
 class CountingBalancer:
