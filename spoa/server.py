@@ -367,7 +367,8 @@ class _AgentProtocol(asyncio.Protocol):
         transport = self._transport
         server = self._server
         if server._closing or len(server._connections) >= server.limits.max_connections:
-            # Refuse politely: HAProxy reads a DISCONNECT even while awaiting AGENT-HELLO.
+            # Refuse with a reason: HAProxy 2.x reads a DISCONNECT's status even while it
+            # awaits AGENT-HELLO (3.x logs any such frame as status 4, invalid frame).
             self._refused = True
             transport.write(build_disconnect(Status.RESOURCE_ALLOCATION, "too many connections"))
             transport.close()
