@@ -391,17 +391,44 @@ def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]
 
 
 class UrllibFetch:
-    """Stdlib HTTP(S) GET in a worker thread, with a size cap and an overall deadline."""
+    """Stdlib HTTP(S) GET in a worker thread, with a size cap and an overall deadline.
+
+    The deadline is checked between reads, each of which the socket timeout bounds. A
+    server that trickles its headers can still hold a thread past it; the caller stops
+    waiting at the deadline, and no new fetch of that URL starts while one is overdue, so
+    such a server holds one thread, not one per retry."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         context = ssl_context or ssl.create_default_context()
         self._opener = urllib.request.build_opener(
             _SafeRedirects(), urllib.request.HTTPSHandler(context=context)
         )
+        self._lock = threading.Lock()
+        self._running: dict[object, tuple[str, float]] = {}  # fetch -> (url, deadline)
 
     async def __call__(self, url: str, *, timeout: float, max_bytes: int) -> HttpResponse:
         _check_url(url)
-        return await _in_daemon_thread(self._get, url, timeout, max_bytes)
+        fetch = object()
+        now = time.monotonic()
+        with self._lock:
+            if any(u == url and now > deadline for u, deadline in self._running.values()):
+                raise TimeoutError("an earlier fetch of this URL is still running past its timeout")
+            self._running[fetch] = (url, now + timeout)
+        try:
+            return await _in_daemon_thread(self._get_tracked, fetch, url, timeout, max_bytes)
+        except RuntimeError:  # no thread could be started
+            self._done(fetch)
+            raise
+
+    def _get_tracked(self, fetch: object, url: str, timeout: float, max_bytes: int) -> HttpResponse:
+        try:
+            return self._get(url, timeout, max_bytes)
+        finally:
+            self._done(fetch)
+
+    def _done(self, fetch: object) -> None:
+        with self._lock:
+            self._running.pop(fetch, None)
 
     def _get(self, url: str, timeout: float, max_bytes: int) -> HttpResponse:
         deadline = time.monotonic() + timeout
@@ -412,6 +439,9 @@ class UrllibFetch:
             response = self._opener.open(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             exc.close()
+            if 300 <= exc.code < 400:
+                # A redirect urllib would not follow (to file:, or without a Location).
+                raise TransportError(f"refusing a redirect (HTTP {exc.code})") from None
             return HttpResponse(status=exc.code, body=b"")
         with response:
             length = response.headers.get("Content-Length")
@@ -422,7 +452,9 @@ class UrllibFetch:
             while True:
                 if time.monotonic() > deadline:
                     raise TimeoutError("response took longer than the fetch timeout")
-                chunk = response.read(_READ_CHUNK)
+                # read1: at most one socket read, so a body sent a byte at a time reaches
+                # the deadline check (read() waits for the whole chunk).
+                chunk = response.read1(_READ_CHUNK)
                 if not chunk:
                     break
                 size += len(chunk)

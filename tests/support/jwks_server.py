@@ -1,7 +1,8 @@
 """A small real HTTP server on loopback for JWKS and discovery tests.
 
-Routes are set per path with a body, status, Cache-Control and an optional delay; every
-request is counted per path. The delay waits on an event, so `close()` never waits for it.
+Routes are set per path with a body, status, Cache-Control, an optional delay, and an
+optional trickle (the body sent one byte per interval); every request is counted per path.
+Both wait on an event, so `close()` never waits for them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class Route:
     delay: float = 0.0
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    trickle: float = 0.0  # seconds between the body's bytes; 0 sends it at once
+    trickle_head: bool = False  # the status line and headers too
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -38,6 +41,9 @@ class _Handler(BaseHTTPRequestHandler):
         if route.delay > 0:
             self.server.release.wait(route.delay)
         try:
+            if route.trickle_head:
+                self._trickle_head(route)
+                return
             self.send_response(route.status)
             self.send_header("Content-Type", route.content_type)
             self.send_header("Content-Length", str(len(route.body)))
@@ -46,9 +52,26 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in route.headers:
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(route.body)
+            if route.trickle > 0:
+                for index in range(len(route.body)):
+                    self.wfile.write(route.body[index : index + 1])
+                    self.wfile.flush()
+                    if self.server.release.wait(route.trickle):
+                        return
+            else:
+                self.wfile.write(route.body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout tests); nothing to do
+
+    def _trickle_head(self, route: Route) -> None:
+        head = [f"HTTP/1.1 {route.status} Slow", f"Content-Length: {len(route.body)}"]
+        head += [f"{name}: {value}" for name, value in route.headers]
+        for byte in ("\r\n".join(head) + "\r\n\r\n").encode():
+            self.wfile.write(bytes((byte,)))
+            self.wfile.flush()
+            if self.server.release.wait(route.trickle):
+                return
+        self.wfile.write(route.body)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -103,6 +126,8 @@ class JwksServer:
         cache_control: str | None = None,
         delay: float = 0.0,
         headers: dict[str, str] | None = None,
+        trickle: float = 0.0,
+        trickle_head: bool = False,
     ) -> None:
         if isinstance(body, dict):
             raw = json.dumps(body).encode()
@@ -112,7 +137,15 @@ class JwksServer:
             raw = body
         with self._server.lock:
             extra = tuple((headers or {}).items())
-            self._server.routes[path] = Route(raw, status, cache_control, delay, headers=extra)
+            self._server.routes[path] = Route(
+                raw,
+                status,
+                cache_control,
+                delay,
+                headers=extra,
+                trickle=trickle,
+                trickle_head=trickle_head,
+            )
 
     def requests(self, path: str) -> int:
         with self._server.lock:
