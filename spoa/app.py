@@ -254,7 +254,14 @@ async def build_engine(
         raise StartupError(f"invalid configuration: {exc}") from None
     timing = {issuer.name: jwks_timing(issuer) for issuer in config.issuers}
     archive = KeyArchive(Path(config.cache.keys_dir)) if config.cache.keys_dir else None
-    keys = KeyManager(sources, timing, store, on_event=on_key_event, archive=archive)
+    keys = KeyManager(
+        sources,
+        timing,
+        store,
+        on_event=on_key_event,
+        archive=archive,
+        archive_held=previous is not None,  # a reload saves once it is accepted
+    )
     try:
         carried = carried_keys(previous, sources) if previous is not None else None
         ready = await keys.start(config.agent.ready_timeout, carried)
@@ -587,6 +594,7 @@ class Worker:
                 _reject_reload(exc, self.metrics)
                 return False
             old, self.engine = self.engine, engine
+            engine.keys.release_archive()
             self.config = config
             self.recorder.configure(config)
             assert self.handler is not None

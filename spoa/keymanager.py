@@ -525,9 +525,14 @@ class KeyManager:
         fetch: HttpFetch | None = None,
         on_event: Callable[[KeyEvent], None] | None = None,
         archive: KeyArchive | None = None,
+        archive_held: bool = False,
     ) -> None:
         self._store = store
         self._archive = archive
+        # A reload's manager saves nothing until its configuration is accepted
+        # (`release_archive`): a rejected reload must not replace the running one's sets.
+        self._archive_held = archive_held
+        self._unsaved: dict[str, tuple[str, bytes, float]] = {}
         self._clock = clock
         self._monotonic = monotonic
         self._fetch: HttpFetch = fetch if fetch is not None else UrllibFetch()
@@ -600,6 +605,25 @@ class KeyManager:
             if pending:
                 retry_at = min(state.schedule.next_attempt_at for state in pending)
                 await asyncio.sleep(max(retry_at - self._monotonic(), 0.0))
+
+    def release_archive(self) -> None:
+        """This manager's configuration was accepted: save the sets it fetched while held,
+        and every later one."""
+        self._archive_held = False
+        unsaved, self._unsaved = self._unsaved, {}
+        for name, (source, body, fetched_at) in unsaved.items():
+            self._save(name, source, body, fetched_at)
+
+    def _save(self, name: str, source: str, body: bytes, fetched_at: float) -> None:
+        if self._archive is None:
+            return
+        if self._archive_held:
+            self._unsaved[name] = (source, body, fetched_at)
+            return
+        try:  # after the store: saving is a convenience, never a reason to lose keys
+            self._archive.save(name, source, body, fetched_at)
+        except Exception as exc:
+            self._emit(ArchiveFailed(name, _describe(exc)))
 
     def _restore(self, state: _IssuerState) -> bool:
         """After a failed first fetch: serve the archived keys, if they are young enough."""
@@ -745,11 +769,7 @@ class KeyManager:
         else:  # new keys, or keys the schedule had expired
             self._store.replace(state.name, key_set, now, max_stale=timing.max_stale)
         self._emit(KeysFetched(state.name, len(key_set.keys), lifetime, report.skipped))
-        if self._archive is not None:
-            try:  # after the store: saving is a convenience, never a reason to lose keys
-                self._archive.save(state.name, source_id(state.source), response.body, now)
-            except Exception as exc:
-                self._emit(ArchiveFailed(state.name, _describe(exc)))
+        self._save(state.name, source_id(state.source), response.body, now)
         added = tuple(sorted(label for kid, label in new.items() if kid not in old))
         removed = tuple(sorted(label for kid, label in old.items() if kid not in new))
         if added or removed:

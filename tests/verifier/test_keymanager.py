@@ -118,7 +118,11 @@ def jwks(*keys: KeyPair) -> dict[str, Any]:
 
 class Harness:
     def __init__(
-        self, source: KeySource, timing: JwksTiming = TIMING, archive: KeyArchive | None = None
+        self,
+        source: KeySource,
+        timing: JwksTiming = TIMING,
+        archive: KeyArchive | None = None,
+        archive_held: bool = False,
     ) -> None:
         self.clock = FakeClock(NOW)
         self.store = MemoryKeyStore()
@@ -131,6 +135,7 @@ class Harness:
             monotonic=self.clock,  # one fake clock for the store and the schedule
             on_event=self.events.append,
             archive=archive,
+            archive_held=archive_held,
         )
         self.verifier = Verifier([rules({"ES256", "HS256"})], self.store, cache_size=0)
 
@@ -737,6 +742,30 @@ def test_a_start_during_an_outage_serves_the_saved_keys_for_what_remains_of_max_
         harness.clock.now = now
         assert not harness.start_once(timeout=0.5)
         assert not harness.of_type(KeysRestored)
+
+
+def test_a_reload_saves_its_key_sets_only_once_it_is_accepted(
+    server: JwksServer, key_a: KeyPair, key_b: KeyPair, tmp_path: Path
+) -> None:
+    """Regression: a reload that was then rejected had already replaced the running
+    configuration's saved set, so a restart during an IdP outage found nothing to use."""
+    archive = KeyArchive(tmp_path / "keys")
+    running = JwksUrlSource(server.url("/jwks"))
+    server.set("/jwks", jwks(key_a), cache_control="max-age=600")
+    assert Harness(running, archive=archive).start_once()
+
+    candidate = JwksUrlSource(server.url("/other"))  # the reload's new jwks_uri
+    server.set("/other", jwks(key_b), cache_control="max-age=600")
+    reload = Harness(candidate, archive=archive, archive_held=True)
+    reload.clock.now = NOW + 60
+    assert reload.start_once()
+    assert archive.load("main", source_id(running)) is not None  # still the running one's
+    assert archive.load("main", source_id(candidate)) is None
+
+    reload.manager.release_archive()  # accepted
+    saved = archive.load("main", source_id(candidate))
+    assert saved is not None
+    assert saved[1] == NOW + 60  # dated by its fetch, not by the acceptance
 
 
 def test_an_unwritable_key_directory_is_reported_and_serving_goes_on(
