@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import ipaddress
 import json
 import math
 import os
+import socket
 import ssl
 import stat
 import tempfile
@@ -390,47 +392,104 @@ def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]
     return future
 
 
-class UrllibFetch:
-    """Stdlib HTTP(S) GET in a worker thread, with a size cap and an overall deadline.
+class _Watch:
+    """The sockets of one fetch, shut down when its deadline passes. A socket timeout
+    bounds each read, not a peer that answers a byte at a time (headers, chunk lines,
+    `100 Continue` after `100 Continue`), which would hold the fetch's thread for good."""
 
-    The deadline is checked between reads, each of which the socket timeout bounds. A
-    server that trickles its headers can still hold a thread past it; the caller stops
-    waiting at the deadline, and no new fetch of that URL starts while one is overdue, so
-    such a server holds one thread, not one per retry."""
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.expired = False
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # A socket object already closed has no descriptor any more: never someone else's.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+_fetch_watch = threading.local()  # the _Watch of the fetch running on this thread
+
+
+def _watched(sock: socket.socket) -> None:
+    watch = getattr(_fetch_watch, "current", None)
+    if watch is not None:
+        watch.add(sock)
+
+
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _watched(self.sock)
+
+
+class _WatchedHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()  # the TLS handshake is bounded by the socket timeout only
+        _watched(self.sock)
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_WatchedHTTPConnection, req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__(context=context)
+        self._tls = context
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_WatchedHTTPSConnection, req, context=self._tls)
+
+
+class UrllibFetch:
+    """Stdlib HTTP(S) GET in a worker thread, with a size cap and an overall deadline:
+    at the deadline the fetch's sockets are shut down, whatever it is waiting for."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         context = ssl_context or ssl.create_default_context()
         self._opener = urllib.request.build_opener(
-            _SafeRedirects(), urllib.request.HTTPSHandler(context=context)
+            _SafeRedirects(), _WatchedHTTPHandler(), _WatchedHTTPSHandler(context)
         )
-        self._lock = threading.Lock()
-        self._running: dict[object, tuple[str, float]] = {}  # fetch -> (url, deadline)
 
     async def __call__(self, url: str, *, timeout: float, max_bytes: int) -> HttpResponse:
         _check_url(url)
-        fetch = object()
-        now = time.monotonic()
-        with self._lock:
-            if any(u == url and now > deadline for u, deadline in self._running.values()):
-                raise TimeoutError("an earlier fetch of this URL is still running past its timeout")
-            self._running[fetch] = (url, now + timeout)
-        try:
-            return await _in_daemon_thread(self._get_tracked, fetch, url, timeout, max_bytes)
-        except RuntimeError:  # no thread could be started
-            self._done(fetch)
-            raise
-
-    def _get_tracked(self, fetch: object, url: str, timeout: float, max_bytes: int) -> HttpResponse:
-        try:
-            return self._get(url, timeout, max_bytes)
-        finally:
-            self._done(fetch)
-
-    def _done(self, fetch: object) -> None:
-        with self._lock:
-            self._running.pop(fetch, None)
+        return await _in_daemon_thread(self._get, url, timeout, max_bytes)
 
     def _get(self, url: str, timeout: float, max_bytes: int) -> HttpResponse:
+        watch = _Watch()
+        timer = threading.Timer(timeout, watch.expire)
+        timer.daemon = True
+        _fetch_watch.current = watch
+        timer.start()
+        try:
+            response = self._read(url, timeout, max_bytes)
+        except Exception:
+            if watch.expired:
+                raise TimeoutError("response took longer than the fetch timeout") from None
+            raise
+        finally:
+            timer.cancel()
+            _fetch_watch.current = None
+        if watch.expired:  # cut off: what was read may be short
+            raise TimeoutError("response took longer than the fetch timeout")
+        return response
+
+    def _read(self, url: str, timeout: float, max_bytes: int) -> HttpResponse:
         deadline = time.monotonic() + timeout
         request = urllib.request.Request(  # noqa: S310 - scheme checked above
             url, headers={"Accept": "application/json", "User-Agent": "jwtgate"}
@@ -452,8 +511,6 @@ class UrllibFetch:
             while True:
                 if time.monotonic() > deadline:
                     raise TimeoutError("response took longer than the fetch timeout")
-                # read1: at most one socket read, so a body sent a byte at a time reaches
-                # the deadline check (read() waits for the whole chunk).
                 chunk = response.read1(_READ_CHUNK)
                 if not chunk:
                     break
