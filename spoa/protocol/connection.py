@@ -357,7 +357,7 @@ class AgentConnection:
         )
         if healthcheck:
             # A health check ends after our HELLO; no DISCONNECT is needed.
-            self._close(Status.NORMAL, "health check answered")
+            self._close(Status.NORMAL, "health check answered", disconnected=False)
         else:
             self._state = _State.READY
 

@@ -267,7 +267,9 @@ def test_healthcheck_hello_is_answered_then_closed() -> None:
         assert await client.at_eof()
         await client.close()
 
-    serve({}, body)
+    observer = Recorder()
+    serve({}, body, observer=observer)
+    assert observer.closed == [None]  # no DISCONNECT was exchanged (regression: status 0)
 
 
 def test_hello_timeout_and_protocol_errors_are_reported(caplog: pytest.LogCaptureFixture) -> None:
