@@ -20,6 +20,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from spoa.keymanager import trusted_transport
+from spoa.verifier.algorithms import HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS, same_signature
 from spoa.verifier.claims import SCOPE_TOKEN
 
 DEFAULT_POLICY = "default"
@@ -44,26 +45,6 @@ BUILTIN_VARS = frozenset(
         "process_time",
     }
 )
-SUPPORTED_ALGORITHMS = frozenset(
-    {
-        "RS256",
-        "RS384",
-        "RS512",
-        "PS256",
-        "PS384",
-        "PS512",
-        "ES256",
-        "ES384",
-        "ES512",
-        "EdDSA",
-        "Ed25519",
-        "Ed448",
-        "HS256",
-        "HS384",
-        "HS512",
-    }
-)
-HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*$", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -521,7 +502,7 @@ class _Reader:
                     " HMAC is never used with keys from a JWKS",
                 )
             for index, key in enumerate(values["keys"]):
-                if key.alg is not None and key.alg not in algorithms:
+                if key.alg is not None and not any(same_signature(key.alg, a) for a in algorithms):
                     with self.at("keys"), self.at(index):
                         self.fail(
                             "alg",

@@ -156,6 +156,21 @@ def test_a_key_pinned_to_an_algorithm_the_issuer_refuses_is_an_error() -> None:
     )
 
 
+@pytest.mark.parametrize(("pinned", "allowed"), [("Ed25519", "EdDSA"), ("EdDSA", "Ed25519")])
+def test_eddsa_names_are_one_signature_for_that_check(
+    pinned: str, allowed: str, tmp_path: Path
+) -> None:
+    """Regression of the check above: it compared names exactly, refusing working configs
+    the verifier accepts (EdDSA and the RFC 9864 names are the same signature)."""
+    key_file = tmp_path / "ed.pem"
+    key_file.write_text("checked when the keys load, not here")
+    text = MINIMAL.replace('algorithms = ["RS256"]', f'algorithms = ["{allowed}"]').replace(
+        'jwks_uri = "https://id.example.com/jwks.json"',
+        f'keys = [{{ file = "{key_file}", alg = "{pinned}" }}]',
+    )
+    assert parse_config(text).issuer("corp").keys[0].alg == pinned
+
+
 def test_forward_claims_names_are_checked() -> None:
     text = MINIMAL + 'forward_claims = { valid = "x", "Bad-Name" = "y", ok = "email" }\n'
     found = problems(text)

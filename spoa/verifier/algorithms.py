@@ -71,6 +71,14 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 SUPPORTED_ALGORITHMS: frozenset[str] = frozenset(ALGORITHMS)
 HMAC_ALGORITHMS: frozenset[str] = frozenset({"HS256", "HS384", "HS512"})
+_EDDSA_NAMES: frozenset[str] = frozenset({"EdDSA", "Ed25519", "Ed448"})
+
+
+def same_signature(pinned: str, alg: str) -> bool:
+    """Whether a key pinned to `pinned` may verify a token signed with `alg`. "EdDSA" and
+    the RFC 9864 names describe the same signature once the key's curve fits."""
+    return pinned == alg or (pinned in _EDDSA_NAMES and alg in _EDDSA_NAMES)
+
 
 _HASHES: dict[str, hashes.HashAlgorithm] = {
     "sha256": hashes.SHA256(),

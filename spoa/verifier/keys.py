@@ -25,6 +25,7 @@ from spoa.verifier.algorithms import (
     KeyKind,
     KeyMaterial,
     material_kind,
+    same_signature,
 )
 from spoa.verifier.errors import KeyLoadError, TokenRejected
 from spoa.verifier.parsing import parse_json_object
@@ -71,10 +72,7 @@ class VerificationKey:
             return False
         if algorithm.curves and self.curve not in algorithm.curves:
             return False
-        if self.alg is None or self.alg == alg:
-            return True
-        # "EdDSA" and the RFC 9864 names describe the same signature once the curve fits.
-        return self.alg in ("EdDSA", "Ed25519", "Ed448") and alg in ("EdDSA", "Ed25519", "Ed448")
+        return self.alg is None or same_signature(self.alg, alg)
 
 
 @dataclass(frozen=True, slots=True)
