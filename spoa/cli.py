@@ -273,19 +273,24 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _runs_an_agent(pid: int) -> bool:
-    """Whether process `pid` runs `jwtgate run` or `python -m spoa run`. A process that
-    does not exist passes, so that kill() reports it."""
+    """Whether process `pid` runs `jwtgate run` or `python -m spoa run` (the command right
+    before `run`). A process that does not exist passes, so that kill() reports it."""
+    if not Path("/proc/self/cmdline").exists():
+        raise CommandError("cannot check the process: /proc is not mounted; use kill -HUP")
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except FileNotFoundError:
         return True
     except OSError:
         return False
-    launched = any(
-        Path(os.fsdecode(arg)).name == "jwtgate" or (arg == b"-m" and following == b"spoa")
-        for arg, following in zip(argv, [*argv[1:], b""], strict=True)
-    )
-    return launched and b"run" in argv
+    for index, arg in enumerate(argv[:-1]):
+        if argv[index + 1] != b"run":
+            continue
+        if Path(os.fsdecode(arg)).name == "jwtgate":
+            return True
+        if arg == b"spoa" and index > 0 and argv[index - 1] == b"-m":
+            return True
+    return False
 
 
 def cmd_token(args: argparse.Namespace) -> int:

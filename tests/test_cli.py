@@ -168,10 +168,14 @@ def test_reload_of_a_missing_process_is_a_clear_error(tmp_path: Path) -> None:
     assert f"no process {process.pid}" in result.stderr
 
 
-def test_reload_never_signals_a_process_that_is_not_an_agent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["run", "--name", "jwtgate"], ["run", "jwtgate"]])
+def test_reload_never_signals_a_process_that_is_not_an_agent(
+    extra: list[str], tmp_path: Path
+) -> None:
     """Regression: a pid file left by a killed agent sent SIGHUP to whatever process had
-    taken its number since, which ended it, and reported success."""
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    taken its number since, which ended it, and reported success. `jwtgate` and `run`
+    elsewhere on a command line (`docker run --name jwtgate`) do not make an agent."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *extra])
     try:
         pid_file = tmp_path / "agent.pid"
         pid_file.write_text(f"{other.pid}\n")
