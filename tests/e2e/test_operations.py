@@ -584,3 +584,25 @@ def test_a_restart_while_the_idp_is_down_serves_the_saved_keys(tmp_path: Path) -
         finally:
             second.terminate()
             second.wait(15)
+
+
+def test_an_accepted_reload_saves_the_key_sets_of_its_new_sources(tmp_path: Path) -> None:
+    """A reload's key manager holds what it fetches until the reload is accepted (a
+    rejected one must not replace the running sets); the worker must then release it."""
+    saved = tmp_path / "state" / "local.jwks.json"
+    extra = f'[cache]\nkeys_dir = "{saved.parent}"\n'
+    with LocalIssuer() as issuer:
+        process, log, metrics_port = start_agent(tmp_path, issuer, 1, agent_extra=extra)
+        try:
+            wait_ready(metrics_port)
+            assert json.loads(saved.read_text())["source"].startswith("jwks_uri ")
+            config = tmp_path / "jwtgate.toml"
+            config.write_text(
+                config.read_text().replace(f'jwks_uri = "{issuer.jwks_url}"', "discovery = true")
+            )
+            process.send_signal(signal.SIGHUP)
+            wait_until(lambda: '"event": "reloaded"' in log.read_text(), 15, "the reload")
+            assert json.loads(saved.read_text())["source"].startswith("discovery ")
+        finally:
+            process.terminate()
+            process.wait(15)
