@@ -26,6 +26,9 @@ class Route:
     headers: tuple[tuple[str, str], ...] = ()
     trickle: float = 0.0  # seconds between the body's bytes; 0 sends it at once
     trickle_head: bool = False  # the status line and headers too
+    # Never answer, but keep the connection busy every `trickle` seconds: "continue" sends
+    # `100 Continue` after `100 Continue`; "chunk-line" a chunk-size line that never ends.
+    endless: str = ""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -41,6 +44,9 @@ class _Handler(BaseHTTPRequestHandler):
         if route.delay > 0:
             self.server.release.wait(route.delay)
         try:
+            if route.endless:
+                self._endless(route)
+                return
             if route.trickle_head:
                 self._trickle_head(route)
                 return
@@ -62,6 +68,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(route.body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout tests); nothing to do
+
+    def _endless(self, route: Route) -> None:
+        if route.endless == "chunk-line":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"HTTP/1.1 100 Continue\r\n\r\n" if route.endless == "continue" else b"0"
+        while True:
+            self.wfile.write(piece)
+            self.wfile.flush()
+            if self.server.release.wait(route.trickle):
+                return
 
     def _trickle_head(self, route: Route) -> None:
         head = [f"HTTP/1.1 {route.status} Slow", f"Content-Length: {len(route.body)}"]
@@ -128,6 +144,7 @@ class JwksServer:
         headers: dict[str, str] | None = None,
         trickle: float = 0.0,
         trickle_head: bool = False,
+        endless: str = "",
     ) -> None:
         if isinstance(body, dict):
             raw = json.dumps(body).encode()
@@ -145,6 +162,7 @@ class JwksServer:
                 headers=extra,
                 trickle=trickle,
                 trickle_head=trickle_head,
+                endless=endless,
             )
 
     def requests(self, path: str) -> int:

@@ -415,11 +415,18 @@ def test_a_body_sent_a_byte_at_a_time_stops_at_the_fetch_timeout(server: JwksSer
     assert time.monotonic() - started < 2.0
 
 
-def test_headers_sent_a_byte_at_a_time_stop_at_the_fetch_timeout(server: JwksServer) -> None:
-    """Each read returns at once, so the socket timeout never fires: only shutting the
-    socket down at the deadline ends such a fetch (a guard that refused new fetches of
-    the URL meanwhile blocked its refreshes for as long as the server kept trickling)."""
-    server.set("/jwks", b"{}", trickle=0.05, trickle_head=True, headers={"X-Pad": "p" * 200})
+@pytest.mark.parametrize("slow", ["head", "continue", "chunk-line"])
+def test_a_server_that_keeps_the_connection_busy_stops_at_the_fetch_timeout(
+    slow: str, server: JwksServer
+) -> None:
+    """Headers a byte at a time, `100 Continue` after `100 Continue`, a chunk-size line
+    that never ends: each read returns at once, so the socket timeout never fires, and
+    only shutting the socket down at the deadline ends the fetch (a guard that refused new
+    fetches of the URL meanwhile blocked its refreshes for as long as this went on)."""
+    if slow == "head":
+        server.set("/jwks", b"{}", trickle=0.05, trickle_head=True, headers={"X-Pad": "p" * 200})
+    else:
+        server.set("/jwks", b"{}", trickle=0.05, endless=slow)
     fetch = UrllibFetch()
     url = server.url("/jwks")
     for _ in range(2):  # the next fetch of the URL starts, and is cut off the same way
