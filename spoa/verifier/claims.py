@@ -105,7 +105,7 @@ def token_audiences(payload: Mapping[str, Any]) -> frozenset[str]:
 # RFC 6749 section 3.3 (used by RFC 9068): scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 # The common case in one match: scope-tokens separated by single spaces.
-_SCOPE_LIST = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*")
+_SCOPE_LIST = re.compile(f"{SCOPE_TOKEN.pattern}(?: {SCOPE_TOKEN.pattern})*")
 
 
 def scope_tokens(payload: Mapping[str, Any]) -> tuple[str, ...]:
