@@ -1,0 +1,158 @@
+"""`Verifier.verify_many`: the batch path gives each request the verdict `verify` gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from verifier_helpers import (
+    AUDIENCE,
+    CONTEXT,
+    NOW,
+    POLICY,
+    KeyPair,
+    default_claims,
+    make_key,
+    mint,
+    rules,
+    verifier_for,
+)
+
+from spoa.verifier import Policy, Reason, Verdict, Verifier
+from spoa.verifier.keystore import MemoryKeyStore
+
+SCOPED = Policy(name="scoped", issuers=("main",), require_scopes=frozenset({"orders:write"}))
+OTHER_AUDIENCE = Policy(name="elsewhere", issuers=("main",), audiences=frozenset({"api://x"}))
+
+
+@pytest.fixture(scope="module")
+def key() -> KeyPair:
+    return make_key("ES256", kid="k1")
+
+
+@pytest.fixture(scope="module")
+def stranger() -> KeyPair:
+    return make_key("ES256", kid="k1")  # same kid, another key: a bad signature
+
+
+def _fields(verdict: Verdict) -> tuple[Any, ...]:
+    """Everything but cache_hit, which depends on what was verified before."""
+    return (
+        verdict.ok,
+        verdict.status,
+        verdict.reason,
+        dict(verdict.claims),
+        verdict.expires_at,
+        verdict.issuer,
+        verdict.kid,
+        verdict.alg,
+        verdict.required_scopes,
+    )
+
+
+def _requests(key: KeyPair, stranger: KeyPair) -> list[tuple[str | bytes, Policy]]:
+    valid = mint(key)
+    return [
+        (valid, POLICY),
+        (mint(key, default_claims(sub="someone-else")), POLICY),
+        (mint(stranger), POLICY),  # bad signature
+        (mint(key, default_claims(exp=int(NOW) - 3600)), POLICY),  # expired
+        (mint(key, default_claims(iss="https://unknown.example")), POLICY),
+        (mint(key, default_claims(exp="soon")), POLICY),  # malformed exp, signed
+        (valid, SCOPED),  # insufficient scope, after a good signature
+        (mint(key, default_claims(scope="orders:write")), SCOPED),
+        (mint(key), OTHER_AUDIENCE),
+        ("not.a.token", POLICY),
+        ("", POLICY),
+        ("é" * 10, POLICY),  # not ASCII
+        ("x" * 9000, POLICY),  # over the size limit
+        (mint(key, default_claims(aud=[AUDIENCE, "api://x"])), OTHER_AUDIENCE),
+        (valid.encode(), POLICY),
+    ]
+
+
+def test_each_verdict_is_what_verify_gives(key: KeyPair, stranger: KeyPair) -> None:
+    requests = _requests(key, stranger)
+    one_by_one, _ = verifier_for([key.verification_key()], {"ES256"})
+    batched, _ = verifier_for([key.verification_key()], {"ES256"})
+    expected = [one_by_one.verify(token, policy, CONTEXT, NOW) for token, policy in requests]
+    got = batched.verify_many([(token, policy, CONTEXT) for token, policy in requests], NOW)
+    assert [_fields(verdict) for verdict in got] == [_fields(verdict) for verdict in expected]
+    # Every reason the list was built for is there, so the comparison covers them.
+    assert {verdict.reason for verdict in got} >= {
+        Reason.OK,
+        Reason.BAD_SIGNATURE,
+        Reason.EXPIRED,
+        Reason.BAD_ISSUER,
+        Reason.MALFORMED,
+        Reason.INSUFFICIENT_SCOPE,
+        Reason.BAD_AUDIENCE,
+        Reason.MISSING_TOKEN,
+        Reason.TOKEN_TOO_LARGE,
+    }
+
+
+def test_a_second_batch_is_served_from_the_cache(key: KeyPair, stranger: KeyPair) -> None:
+    requests = [(token, policy, CONTEXT) for token, policy in _requests(key, stranger)]
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    first = verifier.verify_many(requests, NOW)
+    second = verifier.verify_many(requests, NOW + 1)
+    assert [_fields(verdict) for verdict in second] == [_fields(verdict) for verdict in first]
+    accepted = [verdict for verdict in second if verdict.ok]
+    assert accepted
+    assert all(verdict.cache_hit for verdict in accepted)
+    assert not any(verdict.cache_hit for verdict in first if verdict.ok)
+
+
+def test_a_token_twice_in_one_batch_is_accepted_twice(key: KeyPair) -> None:
+    token = mint(key)
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    verdicts = verifier.verify_many([(token, POLICY, CONTEXT)] * 2, NOW)
+    assert [verdict.ok for verdict in verdicts] == [True, True]
+    assert len(verifier.cache) == 1
+
+
+def test_an_empty_batch_has_no_verdicts(key: KeyPair) -> None:
+    verifier, _ = verifier_for([key.verification_key()], {"ES256"})
+    assert verifier.verify_many([], NOW) == []
+
+
+class _FailingFor:
+    """A key store that breaks (not a TokenRejected) for one kid."""
+
+    def __init__(self, inner: MemoryKeyStore, broken_kid: str) -> None:
+        self._inner = inner
+        self._broken = broken_kid
+
+    def candidates(self, issuer: str, kid: str | None, alg: str, now: float) -> Any:
+        if kid == self._broken:
+            raise RuntimeError("key store failure")
+        return self._inner.candidates(issuer, kid, alg, now)
+
+    def generation(self, issuer: str, now: float) -> int | None:
+        return self._inner.generation(issuer, now)
+
+    def holds(self, issuer: str, key: Any) -> bool:
+        return self._inner.holds(issuer, key)
+
+    def usable_until(self, issuer: str) -> float | None:
+        return self._inner.usable_until(issuer)
+
+
+def test_an_unforeseen_failure_rejects_only_its_own_token(key: KeyPair) -> None:
+    other = make_key("ES256", kid="broken")
+    _, store = verifier_for([key.verification_key(), other.verification_key()], {"ES256"})
+    verifier = Verifier([rules({"ES256"})], _FailingFor(store, "broken"))
+    verdicts = verifier.verify_many(
+        [
+            (mint(key), POLICY, CONTEXT),
+            (mint(other), POLICY, CONTEXT),
+            (mint(key), POLICY, CONTEXT),
+        ],
+        NOW,
+    )
+    assert [verdict.reason for verdict in verdicts] == [
+        Reason.OK,
+        Reason.INTERNAL_ERROR,
+        Reason.OK,
+    ]
