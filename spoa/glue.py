@@ -79,6 +79,13 @@ class PolicyRuntime:
     realm: str = "jwtgate"
 
 
+# A message on its way through CheckJwtHandler.many: (message, policy name, policy,
+# token, request context, verdict when the glue itself decided it).
+_Prepared = tuple[
+    Message, str, PolicyRuntime | None, str | None, RequestContext | None, Verdict | None
+]
+
+
 class KidRefetcher(Protocol):
     async def refetch_unknown_kid(self, issuer_name: str, kid: str | None) -> bool: ...
 
@@ -153,48 +160,78 @@ class CheckJwtHandler:
             self.memo.rekey(replay_key_args(runtime))
 
     def __call__(self, message: Message) -> Sequence[Action] | Awaitable[Sequence[Action]]:
+        return self.many((message,))[0]
+
+    def many(
+        self, messages: Sequence[Message]
+    ) -> list[Sequence[Action] | Awaitable[Sequence[Action]]]:
+        """The answers to `check-jwt` messages read together, in order. Their tokens are
+        verified as one batch (Verifier.verify_many); each verdict's recorded duration
+        is its share of the batch's time."""
         # The per-request path: kept flat (no helper call where a line does); one ending,
         # _finish, shared with the refetch path.
         started = self._timer()
-        runtime = self._runtime  # one reference for the whole request, across a reload
+        runtime = self._runtime  # one reference for the whole batch, across a reload
         memo = self.memo
-        epoch = memo.epoch if memo is not None else 0  # read before the verdict is
-        args = dict(reversed(message.args))  # the first of a repeated name wins
-        policy_name = args.get(ARG_POLICY)
-        if type(policy_name) is not str or not policy_name:
-            # Unset (NULL) or empty: the default policy. Any type but text (a wrong fetch
-            # in haproxy.cfg) names no policy, never the default: unknown_policy, 500.
-            if policy_name is None or policy_name in ("", b""):
-                policy_name = DEFAULT_POLICY
-            else:
-                policy_name = _text(policy_name) or _NOT_A_POLICY_NAME
-        selected = runtime.policies.get(policy_name)
-        token, problem = _extract_token(args, runtime.token_query_param)
+        epoch = memo.epoch if memo is not None else 0  # read before the verdicts are
         now = self._clock()
-        if selected is None:
-            verdict = _UNKNOWN_POLICY
-        elif problem is not None:
-            verdict = problem
-        else:
-            assert token is not None
-            method, path, host = args.get(ARG_METHOD), args.get(ARG_PATH), args.get(ARG_HOST)
-            context = RequestContext(
-                method if type(method) is str else _text(method),
-                path if type(path) is str else _text(path),
-                host if type(host) is str else _text(host),
-            )
-            verdict = runtime.verifier.verify(token, selected.policy, context, now)
-            if (
-                verdict.reason is Reason.UNKNOWN_KID
-                and runtime.refetcher is not None
-                and verdict.issuer is not None
-            ):
-                return self._after_refetch(runtime, selected, token, context, verdict, started)
-            # Remembered from the second sighting on (a cache hit): a token seen once
-            # may never come back, and remembering costs a miss a few microseconds.
-            if verdict.cache_hit and verdict.ok and memo is not None and memo.admit():
-                _remember(memo, epoch, message, runtime, verdict, selected, token, now)
-        return self._finish(verdict, policy_name, selected, token, now, started)
+        prepared: list[_Prepared] = []
+        requests: list[tuple[str, Policy, RequestContext]] = []
+        for message in messages:
+            args = dict(reversed(message.args))  # the first of a repeated name wins
+            policy_name = args.get(ARG_POLICY)
+            if type(policy_name) is not str or not policy_name:
+                # Unset (NULL) or empty: the default policy. Any type but text (a wrong
+                # fetch in haproxy.cfg) names no policy, never the default:
+                # unknown_policy, 500.
+                if policy_name is None or policy_name in ("", b""):
+                    policy_name = DEFAULT_POLICY
+                else:
+                    policy_name = _text(policy_name) or _NOT_A_POLICY_NAME
+            selected = runtime.policies.get(policy_name)
+            token, problem = _extract_token(args, runtime.token_query_param)
+            context = None
+            if selected is None:
+                verdict: Verdict | None = _UNKNOWN_POLICY
+            elif problem is not None:
+                verdict = problem
+            else:
+                assert token is not None
+                method, path, host = args.get(ARG_METHOD), args.get(ARG_PATH), args.get(ARG_HOST)
+                context = RequestContext(
+                    method if type(method) is str else _text(method),
+                    path if type(path) is str else _text(path),
+                    host if type(host) is str else _text(host),
+                )
+                requests.append((token, selected.policy, context))
+                verdict = None  # the batch's verdict, below
+            prepared.append((message, policy_name, selected, token, context, verdict))
+        verdicts = iter(runtime.verifier.verify_many(requests, now) if requests else ())
+        seconds = (self._timer() - started) / len(messages)
+        results: list[Sequence[Action] | Awaitable[Sequence[Action]]] = []
+        for message, policy_name, selected, token, context, decided in prepared:
+            if decided is not None:
+                verdict = decided
+            else:
+                assert selected is not None
+                assert token is not None
+                assert context is not None
+                verdict = next(verdicts)
+                if (
+                    verdict.reason is Reason.UNKNOWN_KID
+                    and runtime.refetcher is not None
+                    and verdict.issuer is not None
+                ):
+                    results.append(
+                        self._after_refetch(runtime, selected, token, context, verdict, started)
+                    )
+                    continue
+                # Remembered from the second sighting on (a cache hit): a token seen once
+                # may never come back, and remembering costs a miss a few microseconds.
+                if verdict.cache_hit and verdict.ok and memo is not None and memo.admit():
+                    _remember(memo, epoch, message, runtime, verdict, selected, token, now)
+            results.append(self._finish(verdict, policy_name, selected, token, now, seconds))
+        return results
 
     async def _after_refetch(
         self,
@@ -216,7 +253,8 @@ class CheckJwtHandler:
             found = False  # the refetch goes on in the background for later requests
         if found:
             verdict = runtime.verifier.verify(token, selected.policy, context, self._clock())
-        return self._finish(verdict, selected.policy.name, selected, token, self._clock(), started)
+        seconds = self._timer() - started
+        return self._finish(verdict, selected.policy.name, selected, token, self._clock(), seconds)
 
     def _finish(
         self,
@@ -225,14 +263,12 @@ class CheckJwtHandler:
         selected: PolicyRuntime | None,
         token: str | None,
         now: float,
-        started: float,
+        seconds: float,
     ) -> Sequence[Action]:
         """Count and log the verdict, then turn it into actions."""
         if self._observer is not None:
             report_only = selected is not None and selected.report_only
-            self._observer.on_verdict(
-                verdict, policy_name, self._timer() - started, token, report_only
-            )
+            self._observer.on_verdict(verdict, policy_name, seconds, token, report_only)
         return verdict_actions(verdict, selected, token, now)
 
 

@@ -15,9 +15,9 @@ import inspect
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol, TypeGuard, cast
 
 from .protocol import (
     DEFAULT_FRAME_TIMEOUT,
@@ -43,7 +43,11 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Message], Sequence[Action] | Awaitable[Sequence[Action]]]
+HandlerResult = Sequence[Action] | Awaitable[Sequence[Action]]
+Handler = Callable[[Message], HandlerResult]
+# A handler may also answer every message of its name that one read brought, at once:
+# `handler.many(messages)`, the results in order (see CheckJwtHandler.many).
+BatchAnswer = Callable[[Sequence[Message]], Sequence[HandlerResult]]
 ReplayObserver = Callable[[list[Hashable]], None]
 
 
@@ -128,6 +132,35 @@ def _close_unstarted(pending: list[tuple[str, Awaitable[Sequence[Action]]]]) -> 
             awaitable.close()
 
 
+class _Failed:
+    """A handler's exception, kept as its answer until its NOTIFY is acknowledged."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+_Answer = HandlerResult | _Failed | None
+
+
+def _call(handler: Handler, message: Message) -> HandlerResult | _Failed:
+    try:
+        return handler(message)
+    except Exception as error:
+        return _Failed(error)
+
+
+def _is_awaitable(answer: _Answer) -> TypeGuard[Awaitable[Sequence[Action]]]:
+    return (
+        answer is not None
+        and type(answer) is not _Failed
+        and type(answer) is not list
+        and type(answer) is not tuple
+        and inspect.isawaitable(answer)
+    )
+
+
 class SpoaServer:
     """Serves SPOP to HAProxy; handlers are looked up by message name.
 
@@ -147,6 +180,11 @@ class SpoaServer:
         if not fallback_actions:
             raise ValueError("fallback_actions must hold at least one action")
         self.handlers = dict(handlers)
+        self.batch_handlers: dict[str, BatchAnswer] = {
+            name: many
+            for name, handler in handlers.items()
+            if callable(many := getattr(handler, "many", None))
+        }
         self.fallback_actions = tuple(fallback_actions)
         self.limits = limits
         self.observer: ServerObserver = observer or NullObserver()
@@ -337,6 +375,7 @@ class _AgentProtocol(asyncio.Protocol):
         self._on_made = on_made
         self._observer = server.observer
         self._handlers = server.handlers
+        self._batch_handlers = server.batch_handlers
         self._fallback = server.fallback_actions
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -437,10 +476,22 @@ class _AgentProtocol(asyncio.Protocol):
 
     def _handle_events(self, events: list[Event]) -> None:
         notifies = 0
+        answers: Iterator[_Answer] = iter(())
+        if any(type(event) is NotifyReceived for event in events):
+            answers = iter(
+                self._answer(
+                    [
+                        message
+                        for event in events
+                        if type(event) is NotifyReceived
+                        for message in event.messages
+                    ]
+                )
+            )
         for event in events:
             if type(event) is NotifyReceived:
                 notifies += 1
-                self._dispatch(event)
+                self._dispatch(event, [next(answers) for _ in event.messages])
             elif type(event) is AnswersReplayed:
                 notifies += len(event.tags)
                 if self._server.on_replayed is not None:
@@ -463,18 +514,49 @@ class _AgentProtocol(asyncio.Protocol):
             self._observer.inflight_changed(inflight - self._reported_inflight)
             self._reported_inflight = inflight
 
-    def _dispatch(self, event: NotifyReceived) -> None:
+    def _answer(self, messages: list[Message]) -> list[_Answer]:
+        """Each message's handler result: None when no handler has its name, a _Failed
+        when the handler raised. The messages of one read that a batch handler takes go
+        to it together."""
+        answers: list[_Answer] = [None] * len(messages)
+        batches: dict[str, list[int]] = {}
+        for index, message in enumerate(messages):
+            if message.name in self._batch_handlers:
+                batches.setdefault(message.name, []).append(index)
+                continue
+            handler = self._handlers.get(message.name)
+            if handler is not None:
+                answers[index] = _call(handler, message)
+        for name, indices in batches.items():
+            results: Sequence[_Answer]
+            try:
+                results = self._batch_handlers[name]([messages[index] for index in indices])
+                if len(results) != len(indices):
+                    raise ValueError(f"{len(results)} answers to {len(indices)} messages")
+            except Exception:
+                # One by one, so that a failure stays with the message that caused it.
+                handler = self._handlers[name]
+                results = [_call(handler, messages[index]) for index in indices]
+            for index, result in zip(indices, results, strict=True):
+                answers[index] = result
+        return answers
+
+    def _dispatch(self, event: NotifyReceived, answers: list[_Answer]) -> None:
         actions: list[Action] = []
         pending: list[tuple[str, Awaitable[Sequence[Action]]]] = []
-        for message in event.messages:
-            handler = self._handlers.get(message.name)
-            if handler is None:
+        for message, result in zip(event.messages, answers, strict=True):
+            if result is None:
                 continue
-            try:
-                result = handler(message)
-            except Exception as error:
-                _close_unstarted(pending)
-                self._handler_failed(message.name, error)
+            if type(result) is _Failed:
+                # The event's other answers will never be awaited.
+                _close_unstarted(
+                    [
+                        (other_message.name, other)
+                        for other_message, other in zip(event.messages, answers, strict=True)
+                        if _is_awaitable(other)
+                    ]
+                )
+                self._handler_failed(message.name, result.error)
                 self._ack(event, self._fallback)
                 return
             # A plain list or tuple first: inspect.isawaitable goes through ABC checks,
@@ -484,7 +566,7 @@ class _AgentProtocol(asyncio.Protocol):
             elif inspect.isawaitable(result):
                 pending.append((message.name, result))
             else:
-                actions.extend(result)
+                actions.extend(cast(Sequence[Action], result))
         if not pending:
             self._ack(event, actions)
             return

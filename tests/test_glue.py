@@ -641,3 +641,66 @@ def test_only_http_white_space_is_trimmed_around_a_token(
         assert run(handler, message(authorization=header))["valid"] is False
     assert run(handler, message(token=f"{good}{around}"))["valid"] is False
     assert run(handler, message(authorization=f"\tBearer {good} \t"))["valid"] is True
+
+
+# --- messages read together are answered together -------------------------------------------
+
+
+def _decoded(actions: Sequence[Action]) -> dict[str, object]:
+    encoded = encode_actions(actions)
+    return {
+        action.name: action.value
+        for action in decode_actions(encoded, 0, len(encoded))
+        if isinstance(action, SetVar)
+    }
+
+
+def test_a_batch_gets_the_answers_its_messages_get_one_by_one() -> None:
+    valid = token()
+    messages = [
+        message(authorization=f"Bearer {valid}"),
+        message(authorization=f"Bearer {token(scope='read admin')}", policy="admin"),
+        message(authorization=f"Bearer {valid}", policy="admin"),  # insufficient scope
+        message(authorization="Bearer not.a.token"),
+        message(policy="nowhere", authorization=f"Bearer {valid}"),  # unknown policy
+        message(authorization="Bearer a b"),  # a malformed request: 400
+        message(),  # no token
+        message(authorization=f"Bearer {token(sub='bob')}", policy="shadow"),  # report only
+        message(authorization=f"Bearer {valid}"),  # the first again
+    ]
+    one_by_one = CheckJwtHandler(make_runtime(), clock=lambda: NOW)
+    batched = CheckJwtHandler(make_runtime(), clock=lambda: NOW)
+    expected = [run(one_by_one, msg) for msg in messages]
+    results = batched.many(messages)
+    assert all(isinstance(result, Sequence) for result in results)
+    got = [_decoded(result) for result in results if isinstance(result, Sequence)]
+    assert got == expected
+    assert {variables["status"] for variables in got} == {200, 400, 401, 403, 500}
+
+
+def test_each_verdict_of_a_batch_is_observed_with_its_share_of_the_time() -> None:
+    recorder = Recorder()
+    seconds: list[float] = []
+
+    class Timing(Recorder):
+        def on_verdict(
+            self,
+            verdict: Verdict,
+            policy: str,
+            spent: float,
+            token: str | None,
+            report_only: bool,
+        ) -> None:
+            seconds.append(spent)
+            recorder.on_verdict(verdict, policy, spent, token, report_only)
+
+    ticks = iter([10.0, 13.0])  # the batch starts, its verdicts are in
+    handler = CheckJwtHandler(make_runtime(), clock=lambda: NOW, observer=Timing())
+    handler._timer = lambda: next(ticks)
+    handler.many([message(authorization=f"Bearer {token()}"), message(), message(policy="x")])
+    assert recorder.calls == [
+        ("ok", "default", True, False),
+        ("missing_token", "default", False, False),
+        ("unknown_policy", "x", False, False),
+    ]
+    assert seconds == [1.0, 1.0, 1.0]

@@ -274,14 +274,14 @@ def test_an_answer_computed_before_a_clear_is_not_remembered() -> None:
     memo = agent.memo
     assert memo is not None
     verifier = runtime.verifier
-    real_verify = verifier.verify
+    real_verify_many = verifier.verify_many
 
     def verify_then_clear(*args: Any) -> Any:
-        verdict = real_verify(*args)
+        verdicts = real_verify_many(*args)
         memo.clear()  # keys changed while this request was being verified
-        return verdict
+        return verdicts
 
-    verifier.verify = verify_then_clear  # type: ignore[method-assign]
+    verifier.verify_many = verify_then_clear  # type: ignore[method-assign]
     msg = bearer(token())
     agent.ask(msg)
     agent.ask(msg)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import pytest
@@ -448,3 +448,73 @@ def test_a_peer_that_stops_reading_loses_its_connection_after_the_close(
     serve(
         {"x": answer}, body, ServerLimits(idle_timeout=0.3, max_inflight=4000), None, loop_factory
     )
+
+
+class BatchEcho:
+    """A handler that also answers all the messages of its name one read brought."""
+
+    def __init__(self, *, fail_batches: bool = False) -> None:
+        self.batches: list[int] = []
+        self.fail_batches = fail_batches
+
+    def __call__(self, message: Message) -> list[Action]:
+        if message.get("id") == "explode":
+            raise ValueError("this one message is bad")
+        return sync_echo(message)
+
+    def many(self, messages: Sequence[Message]) -> list[list[Action]]:
+        self.batches.append(len(messages))
+        if self.fail_batches:
+            raise RuntimeError("the batch as a whole failed")
+        return [self(message) for message in messages]
+
+
+def test_a_batch_handler_answers_the_messages_of_one_read_together() -> None:
+    batch = BatchEcho()
+
+    async def body(server: SpoaServer, port: int) -> None:
+        client = await Client.connect(port)
+        await client.send(
+            notify(1, msg("batch", id="a"))
+            + notify(2, msg("batch", id="b"), msg("echo", id="plain"), msg("batch", id="c"))
+            + notify(3, msg("batch", id="d"))
+        )
+        assert [await client.ack() for _ in range(3)] == [
+            (1, [SetVar(Scope.TXN, "echo", "a")]),
+            (
+                2,
+                [
+                    SetVar(Scope.TXN, "echo", "b"),
+                    SetVar(Scope.TXN, "echo", "plain"),
+                    SetVar(Scope.TXN, "echo", "c"),
+                ],
+            ),
+            (3, [SetVar(Scope.TXN, "echo", "d")]),
+        ]
+        await client.close()
+
+    serve({"batch": batch, "echo": sync_echo}, body)
+    assert batch.batches == [4]  # one write, one read: every batch message at once
+
+
+def test_a_failing_batch_is_answered_one_by_one_and_only_the_bad_message_fails() -> None:
+    batch = BatchEcho(fail_batches=True)
+    observer = Recorder()
+
+    async def body(server: SpoaServer, port: int) -> None:
+        client = await Client.connect(port)
+        await client.send(
+            notify(1, msg("batch", id="a"))
+            + notify(2, msg("batch", id="explode"))
+            + notify(3, msg("batch", id="c"))
+        )
+        assert [await client.ack() for _ in range(3)] == [
+            (1, [SetVar(Scope.TXN, "echo", "a")]),
+            (2, FALLBACK),
+            (3, [SetVar(Scope.TXN, "echo", "c")]),
+        ]
+        await client.close()
+
+    serve({"batch": batch}, body, observer=observer)
+    assert batch.batches == [3]
+    assert observer.handler_failures == 1
