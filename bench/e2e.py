@@ -406,6 +406,7 @@ class Bench:
     def run(self, scenario: Scenario, rate_guess: float, *, paced: bool = True) -> ScenarioResult:
         token = None if scenario.kind in ("noauth",) else self.tokens[scenario.alg]
         token_file = paced_file = None
+        supply = 0
         cycle = scenario.pool > 0
         if cycle:
             token_file = paced_file = self.token_file(scenario.alg, scenario.pool, "pool")
@@ -431,6 +432,9 @@ class Bench:
                 token_file=token_file,
                 cycle=cycle,
             )
+            if scenario.unique and saturated.requests + WRK_CONNECTIONS >= supply:
+                # wrk stopped sending when the tokens ran out: the rate is a lower bound.
+                self.log(f"    WARNING: all {supply} tokens were used; raise RATE_GUESS")
             rate = max(saturated.rps / 2, 100.0)
             if not paced:
                 return ScenarioResult(scenario, saturated, WrkRun(), 0.0)
@@ -453,10 +457,10 @@ class Bench:
 # supply (RS256 signing costs ~1 ms per token). Too small a supply only ends that run
 # early: wrk stops at the end.
 RATE_GUESS = {
-    ("RS256", 1): 5000.0,
-    ("ES256", 1): 5000.0,
-    ("RS256", 2): 7000.0,
-    ("ES256", 2): 7000.0,
+    ("RS256", 1): 9000.0,
+    ("ES256", 1): 8000.0,
+    ("RS256", 2): 10000.0,
+    ("ES256", 2): 9000.0,
 }
 
 
