@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     report["e2e"] = [
-        e2e.as_dict(r) for r in e2e.run_all(seconds, log, scenarios, 2500.0 if args.short else None)
+        e2e.as_dict(r) for r in e2e.run_all(seconds, log, scenarios, 6000.0 if args.short else None)
     ]
     rounds = 2 if args.short else 3
     round_scenarios = e2e.HEADLINE if args.short else e2e.ROUNDS_FULL
