@@ -104,36 +104,59 @@ class Verifier:
         self, requests: Sequence[tuple[str | bytes, Policy, RequestContext]], now: float
     ) -> list[Verdict]:
         """`verify` for each request, in order, at one instant: the batch a read from
-        HAProxy brings. The cache misses among them go through the stages together."""
-        verdicts: list[Verdict] = []
-        misses: list[_Miss] = []
-        missed_at: list[int] = []
-        for token, policy, context in requests:
-            if not token or len(token) > self.max_token_bytes:
-                verdicts.append(self.verify(token, policy, context, now))
-                continue
-            try:
-                if isinstance(token, str) and not token.isascii():
-                    verdicts.append(Verdict.rejected(Reason.MALFORMED))
-                    continue
-                key = token_digest(token)
-                entry = self.cache.get(key)
-                if entry is not None:
-                    verdict = self._verify_cached(key, entry, policy, now)
-                    if verdict is not None:
-                        verdicts.append(verdict)
-                        continue
-            except Exception:
-                verdicts.append(_INTERNAL_ERROR)
-                continue
-            missed_at.append(len(verdicts))
-            verdicts.append(_INTERNAL_ERROR)  # until its stages decide
-            misses.append(_Miss(token, key, policy))
-        if misses:
-            self._verify_misses(misses, now)
-            for index, miss in zip(missed_at, misses, strict=True):
-                verdicts[index] = miss.verdict
+        HAProxy brings. The cache misses among them go through the stages together.
+
+        A token repeated in the batch is verified once, and its repeats then take the
+        cache as they would one after the other (a later round, when its first sighting
+        was still a miss in this one)."""
+        verdicts: list[Verdict] = [_INTERNAL_ERROR] * len(requests)
+        todo: Sequence[int] = range(len(requests))
+        while todo:
+            todo = self._verify_round(requests, todo, now, verdicts)
         return verdicts
+
+    def _verify_round(
+        self,
+        requests: Sequence[tuple[str | bytes, Policy, RequestContext]],
+        todo: Sequence[int],
+        now: float,
+        verdicts: list[Verdict],
+    ) -> list[int]:
+        """Decide what it can of `todo` into `verdicts`; give back the repeats of tokens
+        that were misses in this round, for the next."""
+        misses: dict[bytes, _Miss] = {}
+        missed_at: list[tuple[int, _Miss]] = []
+        repeats: list[int] = []
+        try:
+            for index in todo:
+                token, policy, context = requests[index]
+                try:
+                    if not token or len(token) > self.max_token_bytes:
+                        verdicts[index] = self.verify(token, policy, context, now)
+                        continue
+                    if isinstance(token, str) and not token.isascii():
+                        verdicts[index] = Verdict.rejected(Reason.MALFORMED)
+                        continue
+                    key = token_digest(token)
+                    if key in misses:
+                        repeats.append(index)
+                        continue
+                    entry = self.cache.get(key)
+                    if entry is not None:
+                        verdict = self._verify_cached(key, entry, policy, now)
+                        if verdict is not None:
+                            verdicts[index] = verdict
+                            continue
+                    miss = misses[key] = _Miss(token, key, policy)
+                    missed_at.append((index, miss))
+                except Exception:
+                    verdicts[index] = _INTERNAL_ERROR
+            self._verify_misses(list(misses.values()), now)
+            for index, miss in missed_at:
+                verdicts[index] = miss.verdict
+        except Exception:  # fail closed; what is not decided stays internal_error
+            return []
+        return repeats
 
     def replay_window(self, token: str | bytes, now: float) -> tuple[float, float] | None:
         """While an accepted verdict for `token`, just given, stays exactly the same:
