@@ -180,11 +180,6 @@ class SpoaServer:
         if not fallback_actions:
             raise ValueError("fallback_actions must hold at least one action")
         self.handlers = dict(handlers)
-        self.batch_handlers: dict[str, BatchAnswer] = {
-            name: many
-            for name, handler in handlers.items()
-            if callable(many := getattr(handler, "many", None))
-        }
         self.fallback_actions = tuple(fallback_actions)
         self.limits = limits
         self.observer: ServerObserver = observer or NullObserver()
@@ -375,7 +370,6 @@ class _AgentProtocol(asyncio.Protocol):
         self._on_made = on_made
         self._observer = server.observer
         self._handlers = server.handlers
-        self._batch_handlers = server.batch_handlers
         self._fallback = server.fallback_actions
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -521,21 +515,26 @@ class _AgentProtocol(asyncio.Protocol):
         answers: list[_Answer] = [None] * len(messages)
         batches: dict[str, list[int]] = {}
         for index, message in enumerate(messages):
-            if message.name in self._batch_handlers:
-                batches.setdefault(message.name, []).append(index)
+            if message.name in batches:
+                batches[message.name].append(index)
                 continue
             handler = self._handlers.get(message.name)
-            if handler is not None:
+            if handler is None:
+                continue
+            if callable(getattr(handler, "many", None)):
+                batches[message.name] = [index]
+            else:
                 answers[index] = _call(handler, message)
         for name, indices in batches.items():
+            handler = self._handlers[name]
             results: Sequence[_Answer]
             try:
-                results = self._batch_handlers[name]([messages[index] for index in indices])
+                many: BatchAnswer = getattr(handler, "many")  # noqa: B009 (not on Handler)
+                results = many([messages[index] for index in indices])
                 if len(results) != len(indices):
                     raise ValueError(f"{len(results)} answers to {len(indices)} messages")
             except Exception:
                 # One by one, so that a failure stays with the message that caused it.
-                handler = self._handlers[name]
                 results = [_call(handler, messages[index]) for index in indices]
             for index, result in zip(indices, results, strict=True):
                 answers[index] = result

@@ -518,3 +518,20 @@ def test_a_failing_batch_is_answered_one_by_one_and_only_the_bad_message_fails()
     serve({"batch": batch}, body, observer=observer)
     assert batch.batches == [3]
     assert observer.handler_failures == 1
+
+
+def test_a_batch_handler_put_in_after_the_start_is_the_one_asked() -> None:
+    first, second = BatchEcho(), BatchEcho()
+
+    async def body(server: SpoaServer, port: int) -> None:
+        server.handlers["batch"] = second
+        client = await Client.connect(port)
+        await client.send(notify(1, msg("batch", id="a")) + notify(2, msg("batch", id="b")))
+        assert [await client.ack() for _ in range(2)] == [
+            (1, [SetVar(Scope.TXN, "echo", "a")]),
+            (2, [SetVar(Scope.TXN, "echo", "b")]),
+        ]
+        await client.close()
+
+    serve({"batch": first}, body)
+    assert (first.batches, second.batches) == ([], [2])
