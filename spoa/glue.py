@@ -8,6 +8,7 @@ the message's named arguments are read here, and every variable jwtgate sets is
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -166,10 +167,13 @@ class CheckJwtHandler:
         self, messages: Sequence[Message]
     ) -> list[Sequence[Action] | Awaitable[Sequence[Action]]]:
         """The answers to `check-jwt` messages read together, in order. Their tokens are
-        verified as one batch (Verifier.verify_many); each verdict's recorded duration
-        is its share of the batch's time."""
+        verified as one batch (Verifier.verify_many). Each verdict's recorded duration is
+        an equal share of reading the messages, plus, for a verified token, an equal share
+        of the batch's verification: stages over the whole batch cannot be timed per token."""
         # The per-request path: kept flat (no helper call where a line does); one ending,
         # _finish, shared with the refetch path.
+        if not messages:
+            return []
         started = self._timer()
         runtime = self._runtime  # one reference for the whole batch, across a reload
         memo = self.memo
@@ -206,13 +210,20 @@ class CheckJwtHandler:
                 requests.append((token, selected.policy, context))
                 verdict = None  # the batch's verdict, below
             prepared.append((message, policy_name, selected, token, context, verdict))
+        verifying = self._timer()
         verdicts = iter(runtime.verifier.verify_many(requests, now) if requests else ())
-        seconds = (self._timer() - started) / len(messages)
+        reading = (verifying - started) / len(messages)
+        verified = reading
+        if requests:
+            verified += (self._timer() - verifying) / len(requests)
         results: list[Sequence[Action] | Awaitable[Sequence[Action]]] = []
-        for message, policy_name, selected, token, context, decided in prepared:
-            if decided is not None:
-                verdict = decided
-            else:
+        try:
+            for message, policy_name, selected, token, context, decided in prepared:
+                if decided is not None:
+                    results.append(
+                        self._finish(decided, policy_name, selected, token, now, reading)
+                    )
+                    continue
                 assert selected is not None
                 assert token is not None
                 assert context is not None
@@ -223,14 +234,20 @@ class CheckJwtHandler:
                     and verdict.issuer is not None
                 ):
                     results.append(
-                        self._after_refetch(runtime, selected, token, context, verdict, started)
+                        self._after_refetch(runtime, selected, token, context, verdict, verified)
                     )
                     continue
                 # Remembered from the second sighting on (a cache hit): a token seen once
                 # may never come back, and remembering costs a miss a few microseconds.
                 if verdict.cache_hit and verdict.ok and memo is not None and memo.admit():
                     _remember(memo, epoch, message, runtime, verdict, selected, token, now)
-            results.append(self._finish(verdict, policy_name, selected, token, now, seconds))
+                results.append(self._finish(verdict, policy_name, selected, token, now, verified))
+        except BaseException:
+            # The caller asks each message again alone: the refetches begun here never run.
+            for result in results:
+                if inspect.iscoroutine(result):
+                    result.close()
+            raise
         return results
 
     async def _after_refetch(
@@ -240,8 +257,10 @@ class CheckJwtHandler:
         token: str,
         context: RequestContext,
         verdict: Verdict,
-        started: float,
+        spent: float,
     ) -> Sequence[Action]:
+        """`spent`: the request's time before the refetch, added to the time it waits."""
+        started = self._timer()
         assert runtime.refetcher is not None
         assert verdict.issuer is not None
         try:
@@ -253,7 +272,7 @@ class CheckJwtHandler:
             found = False  # the refetch goes on in the background for later requests
         if found:
             verdict = runtime.verifier.verify(token, selected.policy, context, self._clock())
-        seconds = self._timer() - started
+        seconds = spent + self._timer() - started
         return self._finish(verdict, selected.policy.name, selected, token, self._clock(), seconds)
 
     def _finish(
