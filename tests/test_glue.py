@@ -454,14 +454,19 @@ def test_fallback_is_fail_closed() -> None:
 
 
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, *, fail_on_policy: str | None = None) -> None:
         self.calls: list[tuple[str, str, bool, bool]] = []
+        self.seconds: list[float] = []
+        self.fail_on_policy = fail_on_policy
 
     def on_verdict(
         self, verdict: Verdict, policy: str, seconds: float, token: str | None, report_only: bool
     ) -> None:
+        if policy == self.fail_on_policy:
+            raise RuntimeError("observer broke")
         assert seconds >= 0
         self.calls.append((verdict.reason.value, policy, token is not None, report_only))
+        self.seconds.append(seconds)
 
 
 def test_every_verdict_is_observed() -> None:
@@ -682,22 +687,8 @@ def test_a_batch_gets_the_answers_its_messages_get_one_by_one() -> None:
 
 def test_each_verdict_of_a_batch_is_observed_with_its_share_of_the_time() -> None:
     recorder = Recorder()
-    seconds: list[float] = []
-
-    class Timing(Recorder):
-        def on_verdict(
-            self,
-            verdict: Verdict,
-            policy: str,
-            spent: float,
-            token: str | None,
-            report_only: bool,
-        ) -> None:
-            seconds.append(spent)
-            recorder.on_verdict(verdict, policy, spent, token, report_only)
-
     ticks = iter([10.0, 13.0, 15.0])  # the batch starts, is read, is verified
-    handler = CheckJwtHandler(make_runtime(), clock=lambda: NOW, observer=Timing())
+    handler = CheckJwtHandler(make_runtime(), clock=lambda: NOW, observer=recorder)
     handler._timer = lambda: next(ticks)
     handler.many([message(authorization=f"Bearer {token()}"), message(), message(policy="x")])
     assert recorder.calls == [
@@ -706,7 +697,7 @@ def test_each_verdict_of_a_batch_is_observed_with_its_share_of_the_time() -> Non
         ("unknown_policy", "x", False, False),
     ]
     # Reading is shared by all three; verifying by the one token verified.
-    assert seconds == [3.0, 1.0, 1.0]
+    assert recorder.seconds == [3.0, 1.0, 1.0]
     assert handler.many([]) == []
 
 
@@ -718,21 +709,9 @@ class _NoNewKeys:
 def test_a_batch_that_fails_leaves_no_refetch_unawaited() -> None:
     # Regression: a refetch begun for one message was dropped without a close when a
     # later message of the batch raised, and Python warned it was never awaited.
-    class FailsOnAdmin(Recorder):
-        def on_verdict(
-            self,
-            verdict: Verdict,
-            policy: str,
-            seconds: float,
-            token: str | None,
-            report_only: bool,
-        ) -> None:
-            if policy == "admin":
-                raise RuntimeError("observer broke")
-
     base = make_runtime()
     runtime = Runtime(base.verifier, base.policies, refetcher=_NoNewKeys())
-    handler = CheckJwtHandler(runtime, clock=lambda: NOW, observer=FailsOnAdmin())
+    handler = CheckJwtHandler(runtime, clock=lambda: NOW, observer=Recorder(fail_on_policy="admin"))
     stranger = generate_signing_key("ES256")
     unknown_kid = mint_token(stranger, {"iss": ISS, "aud": AUD}, now=NOW - 10, lifetime=600)
     with warnings.catch_warnings(record=True) as caught:
