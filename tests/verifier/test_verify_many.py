@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from verifier_helpers import (
     AUDIENCE,
     CONTEXT,
@@ -20,6 +23,7 @@ from verifier_helpers import (
 
 from spoa.verifier import Policy, Reason, Verdict, Verifier
 from spoa.verifier.keystore import MemoryKeyStore
+from tests.support.fuzz import fuzz_examples
 
 SCOPED = Policy(name="scoped", issuers=("main",), require_scopes=frozenset({"orders:write"}))
 OTHER_AUDIENCE = Policy(name="elsewhere", issuers=("main",), audiences=frozenset({"api://x"}))
@@ -169,3 +173,39 @@ def test_an_unforeseen_failure_rejects_only_its_own_token(key: KeyPair) -> None:
         Reason.INTERNAL_ERROR,
         Reason.OK,
     ]
+
+
+_POOL_SIZE = 15  # len(_requests(...))
+
+
+@settings(max_examples=fuzz_examples(60), deadline=None)
+@given(
+    picks=st.lists(st.integers(0, _POOL_SIZE - 1), max_size=30),
+    cuts=st.lists(st.integers(0, 30), max_size=4),
+)
+def test_any_mix_of_batches_matches_verify_in_turn(
+    pool: list[tuple[str | bytes, Policy]], picks: list[int], cuts: list[int]
+) -> None:
+    """Random sequences of the pool (repeats, hits, rejections), cut into batches: each
+    verdict, its cache_hit and the cache's counters are what verify in turn gives."""
+    requests = [pool[pick] for pick in picks]
+    one_by_one, _ = verifier_for([_POOL_KEY.verification_key()], {"ES256"})
+    batched, _ = verifier_for([_POOL_KEY.verification_key()], {"ES256"})
+    expected = [one_by_one.verify(token, policy, CONTEXT, NOW) for token, policy in requests]
+    got: list[Verdict] = []
+    bounds = [0, *sorted(cut for cut in cuts if cut < len(requests)), len(requests)]
+    for start, stop in itertools.pairwise(bounds):
+        chunk = requests[start:stop]
+        got += batched.verify_many([(token, policy, CONTEXT) for token, policy in chunk], NOW)
+    assert [_fields(verdict) for verdict in got] == [_fields(verdict) for verdict in expected]
+    assert batched.cache.stats() == one_by_one.cache.stats()
+
+
+_POOL_KEY = make_key("ES256", kid="k1")
+
+
+@pytest.fixture(scope="module")
+def pool() -> list[tuple[str | bytes, Policy]]:
+    requests = _requests(_POOL_KEY, make_key("ES256", kid="k1"))
+    assert len(requests) == _POOL_SIZE
+    return requests
