@@ -80,20 +80,13 @@ class Verifier:
         self, token: str | bytes, policy: Policy, context: RequestContext, now: float
     ) -> Verdict:
         try:
-            if not token:
-                return Verdict.rejected(Reason.MISSING_TOKEN)
-            if len(token) > self.max_token_bytes:  # before hashing; parsing checks bytes
-                return Verdict.rejected(Reason.TOKEN_TOO_LARGE)
-            if isinstance(token, str) and not token.isascii():
-                # A compact JWS is ASCII; this also keeps undecodable input (lone
-                # surrogates) away from the digest, which would raise.
-                return Verdict.rejected(Reason.MALFORMED)
+            verdict = self._refused_unread(token)
+            if verdict is not None:
+                return verdict
             key = token_digest(token)
-            entry = self.cache.get(key)
-            if entry is not None:
-                verdict = self._verify_cached(key, entry, policy, now)
-                if verdict is not None:
-                    return verdict
+            verdict = self._from_cache(key, policy, now)
+            if verdict is not None:
+                return verdict
             miss = _Miss(token, key, policy)
             self._verify_misses([miss], now)
             return miss.verdict
@@ -129,24 +122,18 @@ class Verifier:
         repeats: list[int] = []
         try:
             for index in todo:
-                token, policy, context = requests[index]
+                token, policy, _context = requests[index]
                 try:
-                    if not token or len(token) > self.max_token_bytes:
-                        verdicts[index] = self.verify(token, policy, context, now)
-                        continue
-                    if isinstance(token, str) and not token.isascii():
-                        verdicts[index] = Verdict.rejected(Reason.MALFORMED)
-                        continue
-                    key = token_digest(token)
-                    if key in misses:
-                        repeats.append(index)
-                        continue
-                    entry = self.cache.get(key)
-                    if entry is not None:
-                        verdict = self._verify_cached(key, entry, policy, now)
-                        if verdict is not None:
-                            verdicts[index] = verdict
+                    verdict = self._refused_unread(token)
+                    if verdict is None:
+                        key = token_digest(token)
+                        if key in misses:
+                            repeats.append(index)
                             continue
+                        verdict = self._from_cache(key, policy, now)
+                    if verdict is not None:
+                        verdicts[index] = verdict
+                        continue
                     miss = misses[key] = _Miss(token, key, policy)
                     missed_at.append((index, miss))
                 except Exception:
@@ -188,6 +175,25 @@ class Verifier:
         if not valid_from <= now < valid_until:
             return None
         return valid_from, valid_until
+
+    def _refused_unread(self, token: str | bytes) -> Verdict | None:
+        """The refusals decided before the token is hashed or read."""
+        if not token:
+            return _MISSING_TOKEN
+        if len(token) > self.max_token_bytes:  # before hashing; parsing checks bytes
+            return _TOKEN_TOO_LARGE
+        if isinstance(token, str) and not token.isascii():
+            # A compact JWS is ASCII; this also keeps undecodable input (lone
+            # surrogates) away from the digest, which would raise.
+            return _MALFORMED
+        return None
+
+    def _from_cache(self, key: bytes, policy: Policy, now: float) -> Verdict | None:
+        """The cached token's verdict; None on a miss, or when the entry no longer holds."""
+        entry = self.cache.get(key)
+        if entry is None:
+            return None
+        return self._verify_cached(key, entry, policy, now)
 
     def _verify_cached(
         self, key: bytes, entry: CacheEntry, policy: Policy, now: float
@@ -292,12 +298,10 @@ class Verifier:
         """Everything before the signature: parse, issuer, alg, candidate keys."""
         parsed = parse_compact(miss.token, self.max_token_bytes)
         miss.parsed = parsed
-        miss.kid, miss.alg = parsed.kid, parsed.alg
         iss = parsed.payload.get("iss")
         rules = self._by_issuer.get(iss) if isinstance(iss, str) else None
         if rules is None:
             raise TokenRejected("issuer is not trusted", reason=Reason.BAD_ISSUER)
-        miss.issuer_name = rules.name
         miss.rules = rules
         if rules.name not in miss.policy.issuers:
             raise TokenRejected("policy does not trust this issuer", reason=Reason.BAD_ISSUER)
@@ -335,7 +339,7 @@ class Verifier:
         audiences = shared(token_audiences(payload))
         scopes = shared(frozenset(scope_tokens(payload)))
         check_times(exp, nbf, rules.leeway, now)
-        kid, alg = miss.kid, miss.alg
+        kid, alg = parsed.kid, parsed.alg
         ok_verdict = Verdict.accepted(claims, exp, rules.name, kid, alg, cache_hit=True)
         self.cache.put(
             miss.cache_key,
@@ -360,6 +364,9 @@ class Verifier:
 
 
 _INTERNAL_ERROR = Verdict.rejected(Reason.INTERNAL_ERROR)
+_MISSING_TOKEN = Verdict.rejected(Reason.MISSING_TOKEN)
+_TOKEN_TOO_LARGE = Verdict.rejected(Reason.TOKEN_TOO_LARGE)
+_MALFORMED = Verdict.rejected(Reason.MALFORMED)
 
 
 class _Miss:
@@ -367,15 +374,12 @@ class _Miss:
     is known of the token so far, which a rejection reports."""
 
     __slots__ = (
-        "alg",
         "algorithm",
         "cache_key",
         "candidates",
         "claims",
         "expires_at",
         "generation",
-        "issuer_name",
-        "kid",
         "parsed",
         "policy",
         "rules",
@@ -394,21 +398,19 @@ class _Miss:
         self.generation = 0
         self.candidates: tuple[VerificationKey, ...] = ()
         self.signing_key: VerificationKey | None = None
-        self.issuer_name: str | None = None
-        self.kid: str | None = None
-        self.alg: str | None = None
         self.claims: Mapping[str, Any] = EMPTY_CLAIMS
         self.expires_at: float | None = None
         self.verdict: Verdict = _INTERNAL_ERROR  # until a stage decides
 
     def reject(self, reason: Reason) -> None:
+        parsed = self.parsed
         self.verdict = Verdict.rejected(
             reason,
             claims=self.claims,
             expires_at=self.expires_at,
-            issuer=self.issuer_name,
-            kid=self.kid,
-            alg=self.alg,
+            issuer=self.rules.name if self.rules is not None else None,
+            kid=parsed.kid if parsed is not None else None,
+            alg=parsed.alg if parsed is not None else None,
             required_scopes=(
                 self.policy.require_scopes if reason is Reason.INSUFFICIENT_SCOPE else frozenset()
             ),
