@@ -15,7 +15,7 @@ import inspect
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeGuard, cast
 
@@ -470,18 +470,16 @@ class _AgentProtocol(asyncio.Protocol):
 
     def _handle_events(self, events: list[Event]) -> None:
         notifies = 0
-        answers: Iterator[_Answer] = iter(())
-        if any(type(event) is NotifyReceived for event in events):
-            answers = iter(
-                self._answer(
-                    [
-                        message
-                        for event in events
-                        if type(event) is NotifyReceived
-                        for message in event.messages
-                    ]
-                )
+        answers = iter(
+            self._answer(
+                [
+                    message
+                    for event in events
+                    if type(event) is NotifyReceived
+                    for message in event.messages
+                ]
             )
+        )
         for event in events:
             if type(event) is NotifyReceived:
                 notifies += 1
@@ -513,28 +511,29 @@ class _AgentProtocol(asyncio.Protocol):
         when the handler raised. The messages of one read that a batch handler takes go
         to it together."""
         answers: list[_Answer] = [None] * len(messages)
-        batches: dict[str, list[int]] = {}
+        batches: dict[str, tuple[BatchAnswer, list[int]]] = {}
         for index, message in enumerate(messages):
-            if message.name in batches:
-                batches[message.name].append(index)
+            batch = batches.get(message.name)
+            if batch is not None:
+                batch[1].append(index)
                 continue
             handler = self._handlers.get(message.name)
             if handler is None:
                 continue
-            if callable(getattr(handler, "many", None)):
-                batches[message.name] = [index]
+            many = getattr(handler, "many", None)
+            if callable(many):
+                batches[message.name] = (many, [index])
             else:
                 answers[index] = _call(handler, message)
-        for name, indices in batches.items():
-            handler = self._handlers[name]
+        for name, (many, indices) in batches.items():
             results: Sequence[_Answer]
             try:
-                many: BatchAnswer = getattr(handler, "many")  # noqa: B009 (not on Handler)
                 results = many([messages[index] for index in indices])
                 if len(results) != len(indices):
                     raise ValueError(f"{len(results)} answers to {len(indices)} messages")
             except Exception:
                 # One by one, so that a failure stays with the message that caused it.
+                handler = self._handlers[name]
                 results = [_call(handler, messages[index]) for index in indices]
             for index, result in zip(indices, results, strict=True):
                 answers[index] = result
