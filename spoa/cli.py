@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -186,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
         "for trying it by hand, until Ctrl-C)",
     )
     demo.set_defaults(handler=cmd_demo)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark suite (from a source checkout)",
+        description="Run scripts/bench of the source checkout this jwtgate comes from: "
+        "micro-benchmarks, the agent alone under the SPOP load generator, memory, and "
+        "HAProxy 2.6 end to end against native jwt_verify, all on 127.0.0.1. It installs "
+        "what it needs (haproxy, wrk, the bench extras) and writes "
+        "bench/results/<timestamp>.{json,md} and PNG plots. About 17-20 minutes on 2 "
+        "cores; see bench/README.md.",
+    )
+    bench.add_argument("--short", action="store_true", help="a quick pass, under 2 minutes")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
@@ -367,6 +381,20 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot read {path}: {exc.strerror or exc}") from None
     return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench"
+    if not os.access(script, os.X_OK):
+        raise CommandError(
+            "the benchmark suite lives in the source checkout (scripts/bench, bench/); "
+            "run this from an editable install of it"
+        )
+    # scripts/bench sets up, bounds the run's time and stops every process it starts;
+    # Ctrl-C reaches it too, as it shares the terminal's process group.
+    sys.stdout.flush()
+    argv = [str(script), *(["--short"] if args.short else [])]
+    return subprocess.run(argv, check=False).returncode
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+import spoa
 from spoa.devkit.stack import free_port, http_get
 
 
@@ -28,7 +31,17 @@ def jwtgate(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["run"], ["check-config"], ["reload"], ["token"], ["keys"], ["keys", "init"], ["demo"]],
+    [
+        [],
+        ["run"],
+        ["check-config"],
+        ["reload"],
+        ["token"],
+        ["keys"],
+        ["keys", "init"],
+        ["demo"],
+        ["bench"],
+    ],
 )
 def test_every_command_has_useful_help(command: list[str]) -> None:
     result = jwtgate(*command, "--help")
@@ -241,3 +254,46 @@ def test_run_refuses_a_busy_port(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot listen on" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def _package_copy(root: Path) -> Path:
+    """This checkout's `spoa` package alone under `root`, as a tree without scripts/."""
+    shutil.copytree(
+        Path(spoa.__file__).parent, root / "spoa", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return root
+
+
+def test_bench_runs_the_checkouts_script_and_passes_its_exit_code(tmp_path: Path) -> None:
+    root = _package_copy(tmp_path)
+    (root / "scripts").mkdir()
+    script = root / "scripts" / "bench"
+    script.write_text('#!/bin/sh\necho "bench was run with: $*" > "$(dirname "$0")/ran"\nexit 3\n')
+    script.chmod(0o755)
+    result = subprocess.run(
+        [sys.executable, "-m", "spoa", "bench", "--short"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 3
+    assert (root / "scripts" / "ran").read_text() == "bench was run with: --short\n"
+
+
+def test_bench_outside_a_checkout_says_where_the_suite_is(tmp_path: Path) -> None:
+    root = _package_copy(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "spoa", "bench"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("jwtgate: the benchmark suite lives in the source checkout")
+    assert "Traceback" not in result.stderr
