@@ -264,36 +264,33 @@ def _package_copy(root: Path) -> Path:
     return root
 
 
+def _jwtgate_from(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command line of the package copy under `root`."""
+    return subprocess.run(
+        [sys.executable, "-m", "spoa", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+
+
 def test_bench_runs_the_checkouts_script_and_passes_its_exit_code(tmp_path: Path) -> None:
     root = _package_copy(tmp_path)
     (root / "scripts").mkdir()
     script = root / "scripts" / "bench"
     script.write_text('#!/bin/sh\necho "bench was run with: $*" > "$(dirname "$0")/ran"\nexit 3\n')
     script.chmod(0o755)
-    result = subprocess.run(
-        [sys.executable, "-m", "spoa", "bench", "--short"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
+    result = _jwtgate_from(root, "bench", "--short")
     assert result.returncode == 3
     assert (root / "scripts" / "ran").read_text() == "bench was run with: --short\n"
 
 
 def test_bench_outside_a_checkout_says_where_the_suite_is(tmp_path: Path) -> None:
     root = _package_copy(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "spoa", "bench"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
+    result = _jwtgate_from(root, "bench")
     assert result.returncode == 1
     assert result.stderr.startswith("jwtgate: the benchmark suite lives in the source checkout")
     assert "Traceback" not in result.stderr
