@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -259,40 +259,26 @@ class Verifier:
         signatures, then the claims. One stage's code stays hot in the CPU's caches for
         the batch (measured: a miss costs 15-25% less than verifying each in turn). Every
         miss leaves with its `verdict` set; one failing stage rejects only its own token."""
-        signing: list[_Miss] = []
+        signing = self._stage(self._prepare, misses, now)
+        verified = self._stage(self._check_signature, signing, now)
+        self._stage(self._conclude, verified, now)
+
+    @staticmethod
+    def _stage(
+        step: Callable[[_Miss, float], None], misses: list[_Miss], now: float
+    ) -> list[_Miss]:
+        """Run one stage over the batch; give back the misses it let through."""
+        passed: list[_Miss] = []
         for miss in misses:
             try:
-                self._prepare(miss, now)
-                signing.append(miss)
+                step(miss, now)
             except TokenRejected as exc:
                 miss.reject(exc.reason)
             except Exception:  # fail closed on anything unforeseen
                 miss.verdict = _INTERNAL_ERROR
-        verified: list[_Miss] = []
-        for miss in signing:
-            parsed = miss.parsed
-            algorithm = miss.algorithm
-            assert parsed is not None
-            assert algorithm is not None
-            try:
-                for key in miss.candidates:
-                    if verify_signature(
-                        algorithm, key.material, key.curve, parsed.signing_input, parsed.signature
-                    ):
-                        miss.signing_key = key
-                        verified.append(miss)
-                        break
-                else:
-                    miss.reject(Reason.BAD_SIGNATURE)
-            except Exception:
-                miss.verdict = _INTERNAL_ERROR
-        for miss in verified:
-            try:
-                self._conclude(miss, now)
-            except TokenRejected as exc:
-                miss.reject(exc.reason)
-            except Exception:
-                miss.verdict = _INTERNAL_ERROR
+            else:
+                passed.append(miss)
+        return passed
 
     def _prepare(self, miss: _Miss, now: float) -> None:
         """Everything before the signature: parse, issuer, alg, candidate keys."""
@@ -312,6 +298,19 @@ class Verifier:
         miss.generation, miss.candidates = self._keys.candidates(
             rules.name, parsed.kid, parsed.alg, now
         )
+
+    def _check_signature(self, miss: _Miss, now: float) -> None:
+        """The signature, against each candidate key in turn."""
+        parsed, algorithm = miss.parsed, miss.algorithm
+        assert parsed is not None
+        assert algorithm is not None
+        for key in miss.candidates:
+            if verify_signature(
+                algorithm, key.material, key.curve, parsed.signing_input, parsed.signature
+            ):
+                miss.signing_key = key
+                return
+        raise TokenRejected("signature does not verify", reason=Reason.BAD_SIGNATURE)
 
     def _conclude(self, miss: _Miss, now: float) -> None:
         """After the signature verified: claims, cache entry, then the policy's checks."""
