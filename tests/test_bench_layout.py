@@ -1,4 +1,5 @@
-"""The benchmark's HAProxy runs where the layout says: one thread, on CPU 0.
+"""The benchmark's HAProxy and the load generator's agent run where the layout says:
+one thread of HAProxy on CPU 0; the agent alone on CPU 0 when the client takes CPU 1.
 
 Regression: the layout once relied on `cpu-map`, which HAProxy 2.6 ignores in the
 foreground (-db) mode the benchmark uses, so HAProxy floated over both cores.
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import agent_config, make_keys, write_public_keys
 from bench.e2e import bench_config, run_haproxy
+from bench.loadgen import AgentUnderTest
 from spoa.devkit.stack import free_port, wait_for_port
 
 
@@ -25,3 +28,20 @@ def test_the_benchmark_pins_haproxy_to_cpu_0(tmp_path: Path) -> None:
         threads = os.listdir(f"/proc/{haproxy.pid}/task")
         assert len(threads) == 1
         assert os.sched_getaffinity(haproxy.pid) == {0}
+
+
+@pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs CPUs 0 and 1")
+def test_the_load_generators_agent_runs_on_cpu_0_after_the_client_moved_to_cpu_1(
+    tmp_path: Path,
+) -> None:
+    """Regression: the client moved itself to CPU 1 first, and the agent it started then
+    inherited CPU 1, so both shared one core and the other idled."""
+    keys = make_keys(("RS256",))
+    config = agent_config(write_public_keys(keys, tmp_path))
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {1})  # what run_suites does before it starts the agent
+    try:
+        with AgentUnderTest(tmp_path, config) as agent:
+            assert os.sched_getaffinity(agent.process.pid) == {0}
+    finally:
+        os.sched_setaffinity(0, before)
