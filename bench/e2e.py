@@ -5,7 +5,7 @@ runs), `wrk -t1 -c32` pinned to CPU 1 with `taskset`, `http-request return` in p
 backend. The agents are not pinned (two cores are all there is). The jwtgate scenarios run
 the shipped haproxy/haproxy.cfg and spoe-jwt.conf through `spoa.devkit.stack.Stack`; the
 only edits are `nbthread 1`, the final `default_backend` turned into `http-request return`,
-and JWTGATE_MAX_WAITING_FRAMES=4 where two agent processes run (as docs/operations.md
+and JWTGATE_MAX_WAITING_FRAMES=8 where two agent processes run (as docs/operations.md
 advises). The no-auth and native `jwt_verify` configs (bench/haproxy/) take their global,
 defaults and log-format from that same file.
 
@@ -83,7 +83,7 @@ JWTGATE_ES256_UNIQUE_2_WORKERS = Scenario(
     "ES256",
     unique=True,
     workers=2,
-    max_waiting_frames=4,
+    max_waiting_frames=8,
 )
 
 SCENARIOS = (
@@ -98,7 +98,7 @@ SCENARIOS = (
     Scenario("jwtgate RS256, 2 000 tokens in turn", "jwtgate", "RS256", pool=2_000),
     Scenario("jwtgate RS256, 20 000 tokens in turn", "jwtgate", "RS256", pool=20_000),
     Scenario(
-        "jwtgate RS256 cache hits, 2 workers", "jwtgate", "RS256", workers=2, max_waiting_frames=4
+        "jwtgate RS256 cache hits, 2 workers", "jwtgate", "RS256", workers=2, max_waiting_frames=8
     ),
     Scenario(
         "jwtgate RS256 unique, 2 workers",
@@ -106,7 +106,7 @@ SCENARIOS = (
         "RS256",
         unique=True,
         workers=2,
-        max_waiting_frames=4,
+        max_waiting_frames=8,
     ),
     # The ES256 unique-token target does not say "one agent process": what a second
     # worker buys on this 2-core box, where HAProxy and wrk hold a core each.
@@ -117,7 +117,7 @@ SCENARIOS = (
         "RS256",
         unique=True,
         agents=2,
-        max_waiting_frames=4,
+        max_waiting_frames=8,
     ),
 )
 

@@ -415,7 +415,7 @@ def test_the_shipped_spoe_config_takes_max_waiting_frames_from_the_environment()
             check=False,
         )
 
-    assert check("4").returncode == 0
+    assert check("8").returncode == 0
     refused = check("0")
     assert refused.returncode != 0
     assert "max-waiting-frames" in refused.stderr
