@@ -82,6 +82,7 @@ from spoa.verifier import (
     Verdict,
     Verifier,
 )
+from spoa.verifier.parsing import SPEEDUPS as BASE64URL_SPEEDUPS
 
 log = structlog.get_logger("jwtgate")
 
@@ -509,6 +510,7 @@ class Worker:
             listen=agent.listen,
             pid=os.getpid(),
             notify_decoder="c" if SPEEDUPS else "python",
+            base64url_decoder="c" if BASE64URL_SPEEDUPS else "python",
             issuers=[i.name for i in self.config.issuers],
             policies=sorted(self.config.policies),
         )

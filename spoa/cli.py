@@ -22,6 +22,7 @@ from spoa import __version__
 from spoa.config import ConfigError, describe, load_config, parse_duration
 from spoa.protocol import SPEEDUPS
 from spoa.protocol.payloads import speedups_refused
+from spoa.verifier.parsing import SPEEDUPS as BASE64URL_SPEEDUPS
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -71,15 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if SPEEDUPS:
-        decoder = "C"
-    elif speedups_refused():
-        decoder = "pure Python (JWTGATE_NO_SPEEDUPS is set)"
-    else:
-        decoder = "pure Python (the C one was not built)"
-    parser.add_argument(
-        "--version", action="version", version=f"jwtgate {__version__}, {decoder} NOTIFY decoder"
+
+    def which(built: bool) -> str:
+        if built:
+            return "C"
+        if speedups_refused():
+            return "pure Python (JWTGATE_NO_SPEEDUPS is set)"
+        return "pure Python (the C one was not built)"
+
+    version = (
+        f"jwtgate {__version__}, {which(SPEEDUPS)} NOTIFY decoder, "
+        f"{which(BASE64URL_SPEEDUPS)} base64url decoder"
     )
+    parser.add_argument("--version", action="version", version=version)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     run = commands.add_parser(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import binascii
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -62,8 +63,9 @@ def _reject(message: str) -> TokenRejected:
     return TokenRejected(message, reason=Reason.MALFORMED)
 
 
-def b64url_decode(segment: bytes) -> bytes:
-    """Decode unpadded base64url, refusing padding, whitespace, `+`, `/` and non-canonical tails."""
+def b64url_decode_python(segment: bytes) -> bytes:
+    """Decode unpadded base64url, refusing padding, whitespace, `+`, `/` and non-canonical
+    tails. The reference for `_b64url.c`, which `b64url_decode` is when it was built."""
     remainder = len(segment) % 4
     if remainder == 1:
         raise _reject("segment has an impossible base64url length")
@@ -75,6 +77,34 @@ def b64url_decode(segment: bytes) -> bytes:
         )
     except (binascii.Error, ValueError) as exc:
         raise _reject("segment is not base64url") from exc
+
+
+def _load_speedups() -> Callable[[bytes], bytes] | None:
+    """The C decoder, unless it was not built or JWTGATE_NO_SPEEDUPS asks for Python (the
+    same switch as the SPOP decoder's, read here too: the two cores share no module)."""
+    if os.environ.get("JWTGATE_NO_SPEEDUPS", "").strip() not in ("", "0"):
+        return None
+    try:
+        from spoa.verifier._b64url import decode
+    except ImportError:
+        return None
+    return decode
+
+
+_decode_c = _load_speedups()
+SPEEDUPS = _decode_c is not None
+
+
+def b64url_decode(segment: bytes) -> bytes:
+    """Decode unpadded base64url, refusing padding, whitespace, `+`, `/` and non-canonical
+    tails: in C when it was built (a payload and a signature per cache miss took 2.5-4.5 µs
+    in binascii), else `b64url_decode_python`."""
+    if _decode_c is None:
+        return b64url_decode_python(segment)
+    try:
+        return _decode_c(segment)
+    except ValueError as exc:
+        raise _reject(str(exc)) from None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
