@@ -106,6 +106,12 @@ def token_audiences(payload: Mapping[str, Any]) -> frozenset[str]:
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 # The common case in one match: scope-tokens separated by single spaces.
 _SCOPE_LIST = re.compile(f"{SCOPE_TOKEN.pattern}(?: {SCOPE_TOKEN.pattern})*")
+# Its result per scope string: a pure function of the text, and the same few strings come
+# in token after token (each cache miss reads them twice: the claims, then the answer).
+# Bounded, and emptied when full.
+_SCOPES_OF: dict[str, tuple[str, ...]] = {}
+_SCOPES_OF_MAX = 1024
+_SCOPES_OF_MAX_CHARS = 512
 
 
 def scope_tokens(payload: Mapping[str, Any]) -> tuple[str, ...]:
@@ -116,10 +122,22 @@ def scope_tokens(payload: Mapping[str, Any]) -> tuple[str, ...]:
     `"read\u3000admin"` grant `admin`, and the forwarded `scope` is what was checked."""
     # A `scope` member, even null, is the source: `scp` never adds to it.
     value = payload["scope"] if "scope" in payload else payload.get("scp")
-    if isinstance(value, str):
+    if type(value) is str:
+        known = _SCOPES_OF.get(value)
+        if known is not None:
+            return known
+        if _SCOPE_LIST.fullmatch(value) is not None:
+            found = tuple(value.split(" "))
+            if len(value) <= _SCOPES_OF_MAX_CHARS:
+                if len(_SCOPES_OF) >= _SCOPES_OF_MAX:
+                    _SCOPES_OF.clear()
+                _SCOPES_OF[value] = found
+            return found
+        items: list[Any] = value.split(" ")
+    elif isinstance(value, str):  # a str subclass: never from JSON, never remembered
         if _SCOPE_LIST.fullmatch(value) is not None:
             return tuple(value.split(" "))
-        items: list[Any] = value.split(" ")
+        items = value.split(" ")
     elif isinstance(value, list):
         items = value
     else:

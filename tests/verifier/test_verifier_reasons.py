@@ -385,3 +385,21 @@ def test_scope_tokens_of_a_string(scope: str) -> None:
 @given(st.text(alphabet=st.sampled_from(' ab:"\\\t\u3000\x7f\x21~'), max_size=12))
 def test_scope_tokens_match_the_rule(scope: str) -> None:
     assert scope_tokens({"scope": scope}) == _scope_tokens_item_by_item(scope)
+
+
+@given(st.lists(st.text(alphabet=st.sampled_from(' ab:"\\\t\u3000\x7f\x21~'), max_size=12)))
+def test_scope_tokens_remembered_give_the_rule_too(scopes: list[str]) -> None:
+    # The scope string's result is remembered: a second reading must still follow the rule.
+    for scope in scopes + scopes:
+        assert scope_tokens({"scope": scope}) == _scope_tokens_item_by_item(scope)
+
+
+def test_remembered_scope_strings_stay_bounded() -> None:
+    from spoa.verifier import claims
+
+    for index in range(claims._SCOPES_OF_MAX + 100):
+        scope_tokens({"scope": f"read:{index} write"})
+    assert len(claims._SCOPES_OF) <= claims._SCOPES_OF_MAX
+    long_scope = "a " * claims._SCOPES_OF_MAX_CHARS + "b"
+    assert scope_tokens({"scope": long_scope})[-1] == "b"
+    assert long_scope not in claims._SCOPES_OF
