@@ -362,6 +362,21 @@ def _run_fast(coroutine: Coroutine[Any, Any, LoadResult]) -> LoadResult:
         return runner.run(coroutine)
 
 
+@contextlib.contextmanager
+def client_on_cpu_1() -> Iterator[None]:
+    """This process on CPU 1 while it drives the agent (on CPU 0), and back where it was
+    after: what it starts later, such as bench/run.py's end-to-end agents, must not
+    inherit CPU 1. (Regression: it did, so every full pass from then on ran its agents on
+    wrk's core, and two workers shared it.)"""
+    before = os.sched_getaffinity(0)
+    if 1 in before:
+        os.sched_setaffinity(0, {1})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def run_suites(
     suites: Sequence[tuple[str, str]],
     *,
@@ -374,10 +389,8 @@ def run_suites(
     """Start one agent (pinned to CPU 0; this process moves to CPU 1), run each
     (alg, mix) suite against it, and stop it."""
     keys = make_keys(sorted({alg for alg, _ in suites}))
-    if 1 in os.sched_getaffinity(0):
-        os.sched_setaffinity(0, {1})
     results = []
-    with tempfile.TemporaryDirectory(prefix="jwtgate-loadgen-") as tmp:
+    with client_on_cpu_1(), tempfile.TemporaryDirectory(prefix="jwtgate-loadgen-") as tmp:
         workdir = Path(tmp)
         key_files = write_public_keys(keys, workdir)
         with AgentUnderTest(workdir, agent_config(key_files)) as agent:

@@ -14,7 +14,7 @@ import pytest
 
 from bench.common import agent_config, make_keys, write_public_keys
 from bench.e2e import bench_config, run_haproxy
-from bench.loadgen import AgentUnderTest
+from bench.loadgen import AgentUnderTest, run_suites
 from spoa.devkit.stack import free_port, wait_for_port
 
 
@@ -45,3 +45,14 @@ def test_the_load_generators_agent_runs_on_cpu_0_after_the_client_moved_to_cpu_1
             assert os.sched_getaffinity(agent.process.pid) == {0}
     finally:
         os.sched_setaffinity(0, before)
+
+
+@pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs CPUs 0 and 1")
+def test_the_load_generator_gives_back_the_cpus_it_found() -> None:
+    """Regression: bench/run.py runs the load generator before the end-to-end scenarios,
+    and the client stayed on CPU 1 after it, so every agent started later inherited
+    wrk's core."""
+    before = os.sched_getaffinity(0)
+    (result,) = run_suites([("RS256", "hits")], duration=0.3, warmup=0.1, progress=False)
+    assert result.verdicts > 0
+    assert os.sched_getaffinity(0) == before
