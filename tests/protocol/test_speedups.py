@@ -5,9 +5,6 @@ encoder: the reference's bytes, or it declines and the reference encodes or rais
 from __future__ import annotations
 
 import enum
-import os
-import subprocess
-import sys
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -28,6 +25,7 @@ from spoa.protocol import (
 from tests.protocol.strategies import messages as message_strategy
 from tests.protocol.strategies import mutate, names
 from tests.support.fuzz import fuzz_examples
+from tests.support.speedups import speedups_with_switch
 
 messages = st.lists(message_strategy, max_size=4)
 # Hand-made typed data the encoder never produces: INT32/UINT32, flags on NULL and
@@ -82,12 +80,7 @@ def test_the_c_decoder_is_built_and_in_use() -> None:
 @pytest.mark.parametrize(("value", "c_in_use"), [("1", False), ("0", True), ("", True)])
 def test_the_python_decoder_can_be_forced(value: str, c_in_use: bool) -> None:
     # Regression: "0" used to turn the C code off too (any non-empty value did).
-    code = "from spoa.protocol import payloads; print(payloads.SPEEDUPS)"
-    env = {**os.environ, "JWTGATE_NO_SPEEDUPS": value}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == str(c_in_use)
+    assert speedups_with_switch("spoa.protocol.payloads", value) is c_in_use
 
 
 @given(messages)

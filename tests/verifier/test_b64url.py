@@ -7,9 +7,6 @@ must give the same bytes, or refuse with the same message, for any input.
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +16,7 @@ from spoa.verifier import parsing
 from spoa.verifier.errors import TokenRejected
 from spoa.verifier.reasons import Reason
 from tests.support.fuzz import fuzz_examples
+from tests.support.speedups import speedups_with_switch
 
 ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
@@ -47,12 +45,7 @@ def test_the_c_decoder_is_built_and_in_use() -> None:
 
 @pytest.mark.parametrize(("value", "c_in_use"), [("1", False), ("0", True), ("", True)])
 def test_the_python_decoder_can_be_forced(value: str, c_in_use: bool) -> None:
-    code = "from spoa.verifier import parsing; print(parsing.SPEEDUPS)"
-    env = {**os.environ, "JWTGATE_NO_SPEEDUPS": value}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == str(c_in_use)
+    assert speedups_with_switch("spoa.verifier.parsing", value) is c_in_use
 
 
 @pytest.mark.parametrize(
