@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         "micro-benchmarks, the agent alone under the SPOP load generator, memory, and "
         "HAProxy 2.6 end to end against native jwt_verify, all on 127.0.0.1. It installs "
         "what it needs (haproxy, wrk, the bench extras) and writes "
-        "bench/results/<timestamp>.{json,md} and PNG plots. About 17-20 minutes on 2 "
-        "cores; see bench/README.md.",
+        "bench/results/<timestamp>.{json,md} and PNG plots. 12-20 minutes on 2 cores, "
+        "by host; see bench/README.md.",
     )
     bench.add_argument("--short", action="store_true", help="a quick pass, under 2 minutes")
     bench.set_defaults(handler=cmd_bench)
