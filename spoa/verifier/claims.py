@@ -122,22 +122,19 @@ def scope_tokens(payload: Mapping[str, Any]) -> tuple[str, ...]:
     `"read\u3000admin"` grant `admin`, and the forwarded `scope` is what was checked."""
     # A `scope` member, even null, is the source: `scp` never adds to it.
     value = payload["scope"] if "scope" in payload else payload.get("scp")
-    if type(value) is str:
+    if isinstance(value, str):
         known = _SCOPES_OF.get(value)
         if known is not None:
             return known
         if _SCOPE_LIST.fullmatch(value) is not None:
             found = tuple(value.split(" "))
-            if len(value) <= _SCOPES_OF_MAX_CHARS:
+            # Only exact str (what JSON gives) is kept: a subclass may redefine equality.
+            if type(value) is str and len(value) <= _SCOPES_OF_MAX_CHARS:
                 if len(_SCOPES_OF) >= _SCOPES_OF_MAX:
                     _SCOPES_OF.clear()
                 _SCOPES_OF[value] = found
             return found
         items: list[Any] = value.split(" ")
-    elif isinstance(value, str):  # a str subclass: never from JSON, never remembered
-        if _SCOPE_LIST.fullmatch(value) is not None:
-            return tuple(value.split(" "))
-        items = value.split(" ")
     elif isinstance(value, list):
         items = value
     else:
