@@ -155,9 +155,29 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+# Deeper nesting is refused as malformed. No token, key set or discovery document comes
+# near it, and the answer must not depend on how much of Python's recursion budget is
+# left: the C scanner recurses once per level, the surrogate walk below twice.
+MAX_JSON_DEPTH = 128
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels (the top one is level 1).
+    A walk with its own stack: it must not recurse at the depths it refuses."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        container, depth = pending.pop()
+        if depth > limit:
+            return True
+        items = container.values() if isinstance(container, dict) else container
+        pending.extend((item, depth + 1) for item in items if isinstance(item, dict | list))
+    return False
+
+
 def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON object strictly: UTF-8, no duplicates, no NaN/Infinity, bounded depth,
-    and no lone surrogate escapes (every string must be text another parser reads alike)."""
+    """Parse a JSON object strictly: UTF-8, no duplicates, no NaN/Infinity, at most
+    MAX_JSON_DEPTH levels, and no lone surrogate escapes (every string must be text another
+    parser reads alike)."""
     try:
         text = raw.decode("utf-8")
         if text[:1] == "{":
@@ -169,6 +189,14 @@ def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
                 value = _DECODER.decode(text)  # trailing whitespace, or an error to raise
         else:
             value = _DECODER.decode(text)
+        # Nesting cannot be deeper than the count of opening brackets: only texts with
+        # more of them than the limit are walked.
+        if (
+            raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH
+            and isinstance(value, dict | list)
+            and _nested_deeper_than(value, MAX_JSON_DEPTH)
+        ):
+            raise _reject(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
         # Only texts holding a surrogate escape are walked: the common case costs one scan.
         if _SURROGATE_ESCAPE.search(raw) is not None and _has_lone_surrogate(value):
             raise _reject(f"{what} holds a lone surrogate escape")

@@ -28,6 +28,7 @@ from verifier_helpers import (
 
 from spoa.verifier import KeyLoadError, KeySet, Reason, Verdict, load_jwks, load_pem
 from spoa.verifier.algorithms import CURVE_ORDERS
+from spoa.verifier.parsing import MAX_JSON_DEPTH
 
 P256_ORDER = CURVE_ORDERS["P-256"]
 
@@ -339,6 +340,23 @@ def test_deeply_nested_json_is_malformed_not_a_crash(es_key: KeyPair) -> None:
     verifier.max_token_bytes = len(token) + 1
     verdict = verifier.verify(token, POLICY, CONTEXT, NOW)
     assert verdict.reason is Reason.MALFORMED
+
+
+@pytest.mark.parametrize("name", ["plain", "\N{GRINNING FACE}"])
+def test_a_signed_tokens_nesting_limit_does_not_move_with_its_strings(
+    name: str, es_key: KeyPair
+) -> None:
+    """Regression (audit): with an escaped surrogate pair in a claim, a valid token nested
+    329 levels deep was malformed, and without it accepted up to about 950."""
+    for depth, accepted in ((MAX_JSON_DEPTH - 1, True), (MAX_JSON_DEPTH, False), (329, False)):
+        claims = default_claims(name=name, n=json.loads("[" * depth + "]" * depth))
+        token = mint(es_key, raw_payload=json.dumps(claims).encode())  # ensure_ascii: \ud83d
+        verifier, _ = verifier_for([es_key.verification_key()], {"ES256"})
+        verifier.max_token_bytes = len(token) + 1
+        verdict = verifier.verify(token, POLICY, CONTEXT, NOW)
+        assert verdict.ok is accepted, depth
+        if not accepted:
+            assert verdict.reason is Reason.MALFORMED
 
 
 # --- Token type confusion (RFC 8725 §3.11, RFC 9068) -------------------------------------

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from spoa.verifier import parsing
 from spoa.verifier.errors import TokenRejected
-from spoa.verifier.parsing import parse_compact, parse_json_object
+from spoa.verifier.parsing import MAX_JSON_DEPTH, parse_compact, parse_json_object
 from spoa.verifier.reasons import Reason
 from tests.support.fuzz import fuzz_examples
 
@@ -54,9 +54,19 @@ def reference(raw: bytes) -> dict[str, Any] | None:
         )
         # Every string must be text (no lone surrogate escape).
         json.dumps(value, ensure_ascii=False).encode("utf-8")
+        if _depth(value) > MAX_JSON_DEPTH:
+            return None
     except (_Refused, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
 
 
 def parsed(raw: bytes) -> dict[str, Any] | None:
@@ -97,6 +107,35 @@ def parsed(raw: bytes) -> dict[str, Any] | None:
 def test_examples(raw: bytes, accepted: bool) -> None:
     assert (parsed(raw) is not None) is accepted
     assert parsed(raw) == reference(raw)
+
+
+def _nested(depth: int, opening: str, closing: str, inner: str = "1") -> bytes:
+    """An object whose member nests arrays or objects until `depth` levels in all."""
+    return ('{"a":' + opening * (depth - 1) + inner + closing * (depth - 1) + "}").encode()
+
+
+@pytest.mark.parametrize(("opening", "closing"), [("[", "]"), ('{"b":', "}")])
+@pytest.mark.parametrize("inner", ["1", '"\\ud83d\\ude00"'])
+def test_nesting_is_refused_beyond_the_limit_whatever_the_strings_hold(
+    opening: str, closing: str, inner: str
+) -> None:
+    """Regression (audit): a string with an escaped surrogate pair sent the nested value
+    through a recursive walk that ran out of stack at about half the depth the scanner
+    took, so the same nesting passed or failed by whether an emoji was in it."""
+    for depth in (MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH):
+        raw = _nested(depth, opening, closing, inner)
+        assert parsed(raw) is not None, depth
+        assert parsed(raw) == reference(raw)
+    for depth in (MAX_JSON_DEPTH + 1, 400, 900, 5000):
+        raw = _nested(depth, opening, closing, inner)
+        with pytest.raises(TokenRejected, match=r"nested more than|not valid JSON"):
+            parse_json_object(raw, "payload")
+        assert reference(raw) is None
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    raw = ('{"a":"' + "[" * 500 + '","b":["' + "{" * 500 + '"]}').encode()
+    assert parsed(raw) == {"a": "[" * 500, "b": ["{" * 500]}
 
 
 _json_values = st.recursive(
