@@ -28,7 +28,14 @@ from typing import Any
 import structlog
 
 from spoa.balance import ConnectionTable, WorkerShare
-from spoa.config import Config, ConfigError, IssuerSettings, describe, load_config
+from spoa.config import (
+    Config,
+    ConfigError,
+    IssuerSettings,
+    describe,
+    load_config,
+    read_config,
+)
 from spoa.glue import (
     FALLBACK_ACTIONS,
     MESSAGE_NAME,
@@ -423,9 +430,17 @@ def key_event_logger(metrics: Metrics) -> Callable[[KeyEvent], None]:
 class Worker:
     """Serves SPOP on a listening socket until told to stop."""
 
-    def __init__(self, config: Config, config_path: str | None, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        metrics: Metrics,
+        config_snapshot: str | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        self.config_snapshot = config_snapshot  # a supervisor's copy of the file, read instead
+        self.on_reloaded: Callable[[bool], None] | None = None  # tells the supervisor
         self.metrics = metrics
         self.recorder = VerdictRecorder(metrics, config)
         self.engine: Engine | None = None
@@ -581,7 +596,12 @@ class Worker:
             self._reload_pending = True
             return
         self._reload_pending = False
-        self._tasks.append(asyncio.create_task(self.reload()))
+        self._tasks.append(asyncio.create_task(self._reload_and_report()))
+
+    async def _reload_and_report(self) -> None:
+        applied = await self.reload()
+        if self.on_reloaded is not None:
+            self.on_reloaded(applied)
 
     async def reload(self) -> bool:
         """Swap in the configuration file's current content; keep the old one on any error."""
@@ -590,7 +610,7 @@ class Worker:
             if self.config_path is None:
                 return False
             try:
-                config = load_config(self.config_path)
+                config = load_config(self.config_path, text_from=self.config_snapshot)
                 _check_restart_only(self.config, config)
                 engine = await build_engine(config, key_event_logger(self.metrics), self.engine)
             except Exception as exc:  # a reload must never take the running agent down
@@ -725,10 +745,12 @@ def _worker_main(
     ready_fd: int | None = None,
     reload_requested: Callable[[], bool] = lambda: False,
     balancer: AcceptBalancer | None = None,
+    config_snapshot: str | None = None,
 ) -> int:
     """Run one worker to completion in this process. With `ready_fd` (a supervisor's
-    pipe), "R" is written there once the worker serves, then "." every HEARTBEAT_EVERY.
-    With a `balancer`, it takes its share of the connections on a shared listener."""
+    pipe), "R" is written there once the worker serves, then "." every HEARTBEAT_EVERY,
+    and after each reload "A" (applied) or "J" (rejected). With a `balancer`, it takes
+    its share of the connections on a shared listener."""
 
     def report_serving() -> None:
         if ready_fd is not None:
@@ -752,8 +774,15 @@ def _worker_main(
                 log.error("supervisor_gone", pid=os.getpid())
                 os.kill(os.getpid(), signal.SIGTERM)
 
+    def report_reload(applied: bool) -> None:
+        assert ready_fd is not None
+        with contextlib.suppress(OSError):  # a full pipe or a gone supervisor: see heartbeat
+            os.write(ready_fd, b"A" if applied else b"J")
+
     metrics = make_metrics(config)
-    worker = Worker(config, config_path, metrics)
+    worker = Worker(config, config_path, metrics, config_snapshot)
+    if ready_fd is not None:
+        worker.on_reloaded = report_reload
     server: MetricsServer | None = None
     if config.metrics.address is not None and not metrics.multiprocess:
         host, port = config.metrics.address
@@ -793,6 +822,10 @@ def _worker_share(share: tuple[int, int]) -> WorkerShare:
         raise StartupError(f"connection table: {exc}") from None
 
 
+# The supervisor's copy of the configuration, in its private directory.
+SNAPSHOT_NAME = "config.toml"
+
+
 def _leave_metrics_dir(pid: int) -> None:
     """An orphaned worker's exit: remove its own files and those of processes gone (the
     supervisor's) from the multiprocess metrics directory, and the directory once the
@@ -804,6 +837,8 @@ def _leave_metrics_dir(pid: int) -> None:
         owner = path.stem.rpartition("_")[2]
         if owner.isdigit() and (int(owner) == pid or not _alive(int(owner))):
             path.unlink(missing_ok=True)
+    if not any(Path(directory).glob("*.db")):  # the last worker out
+        (Path(directory) / SNAPSHOT_NAME).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         Path(directory).rmdir()
 
@@ -835,11 +870,13 @@ def run_agent(
     ready_fd: int | None = None,
     share: tuple[int, int] | None = None,
     reload_requested: Callable[[], bool] = lambda: False,
+    config_snapshot: str | None = None,
 ) -> int:
     """Run the agent until stopped. A supervisor starts each worker with `worker_fd` (the
-    shared listener), `ready_fd` (its pipe) and `share` (the connection table's file
-    descriptor and the worker's slot in it). `reload_requested` tells whether a SIGHUP came in
-    before the agent's own handlers were installed (the CLI catches it that early)."""
+    shared listener), `ready_fd` (its pipe), `share` (the connection table's file
+    descriptor and the worker's slot in it) and `config_snapshot` (its copy of the file).
+    `reload_requested` tells whether a SIGHUP came in before the agent's own handlers
+    were installed (the CLI catches it that early)."""
     configure_logging(config.log.level, config.log.format)
     if worker_fd is not None:  # started by a supervisor, sharing its listener
         try:
@@ -851,6 +888,7 @@ def run_agent(
                 ready_fd,
                 reload_requested,
                 balancer,
+                config_snapshot,
             )
         except StartupError as exc:
             log.error("worker_startup_failed", error=str(exc))
@@ -901,6 +939,14 @@ class Supervisor:
     def __init__(self, config: Config, config_path: str | None, sock: socket.socket) -> None:
         self.config = config
         self.config_path = config_path
+        # The configuration the workers run, as text. They read the supervisor's copy of
+        # it, never the file, so a worker started later (a restart) runs what its siblings
+        # run, even when the file changed since or a reload of it was refused.
+        self.config_text: str | None = None
+        if config_path is not None:
+            self.config_text, self.config = read_config(config_path)
+        self.round: _ReloadRound | None = None
+        self.diverged = False  # a reload left the workers on different configurations
         self.sock = sock
         self.children: dict[int, int] = {}  # pid -> slot
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -916,33 +962,40 @@ class Supervisor:
         self.exit_code = 0
         self.ever_served = False
         self.reload_requested = False
+        # Private to the supervisor and its workers: their metric files, and the copy of
+        # the configuration (SNAPSHOT_NAME).
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="jwtgate-metrics-"))
+        self.snapshot = self.metrics_dir / SNAPSHOT_NAME
         self.metrics: Metrics | None = None
         # Connections held per slot, published by the workers to spread them evenly.
         self.connections = ConnectionTable.create(config.agent.workers)
 
     def run(self, reload_requested: Callable[[], bool] = lambda: False) -> int:
-        prepare_multiprocess_dir(self.metrics_dir)
-        # The supervisor's own series (rejected reloads) merge with the workers'. It names
-        # no issuers: its issuer_ready series would otherwise join the workers' minimum.
-        self.metrics = Metrics(reasons=[r.value for r in Reason])
         server: MetricsServer | None = None
-        if self.config.metrics.address is not None:
-            host, port = self.config.metrics.address
-            server = MetricsServer(
-                multiprocess_registry(self.metrics_dir), host, port, readiness=self.ready
-            )
-            try:
-                server.start()
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {self.config.metrics.listen}: {exc.strerror}"
-                ) from None
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        self.reload_requested = self.reload_requested or reload_requested()
-        try:
+        try:  # from here on, whatever fails, the private directory goes
+            prepare_multiprocess_dir(self.metrics_dir)
+            if self.config_text is not None:
+                self._write_snapshot(self.config_text)
+            # The supervisor's own series (rejected reloads) merge with the workers'. It
+            # names no issuers: its issuer_ready series would otherwise join the workers'
+            # minimum.
+            self.metrics = Metrics(reasons=[r.value for r in Reason])
+            if self.config.metrics.address is not None:
+                host, port = self.config.metrics.address
+                listener = MetricsServer(
+                    multiprocess_registry(self.metrics_dir), host, port, readiness=self.ready
+                )
+                try:
+                    listener.start()
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot listen on {self.config.metrics.listen}: {exc.strerror}"
+                    ) from None
+                server = listener
+            signal.signal(signal.SIGTERM, self._on_stop)
+            signal.signal(signal.SIGINT, self._on_stop)
+            signal.signal(signal.SIGHUP, self._on_hup)
+            self.reload_requested = self.reload_requested or reload_requested()
             for slot in range(self.config.agent.workers):
                 self._spawn(slot)
             self._watch()
@@ -957,14 +1010,27 @@ class Supervisor:
         return self.exit_code
 
     def ready(self) -> tuple[bool, Any]:
-        """Ready when every worker serves and none reports an issuer without usable keys."""
+        """Ready when every worker serves, on one configuration, and none reports an
+        issuer without usable keys."""
         serving = len(self.serving)
         try:
             states = _issuer_ready_samples(self.metrics_dir)
         except (OSError, ValueError):  # a worker's file being created right now
             return False, {"workers": serving, "issuers": "unreadable, retry"}
         ok = serving == self.config.agent.workers and bool(states) and all(states.values())
-        return ok, {"workers": serving, "issuers": states}
+        detail: dict[str, Any] = {"workers": serving, "issuers": states}
+        if self.diverged:
+            detail["configuration"] = "the workers run different ones: reload again"
+        return ok and not self.diverged, detail
+
+    def _write_snapshot(self, text: str) -> None:
+        """Replace the workers' copy of the configuration in one step (no worker reads
+        half of one)."""
+        staging = self.snapshot.with_name(SNAPSHOT_NAME + ".new")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(staging, self.snapshot)
 
     def _spawn(self, slot: int) -> None:
         # A fresh interpreter per worker rather than fork(): the supervisor has a metrics
@@ -975,6 +1041,8 @@ class Supervisor:
         os.set_blocking(ready_read, False)
         table = self.connections.fileno()
         argv = [sys.executable, "-m", "spoa", "run", "--config", str(self.config_path)]
+        if self.config_text is not None:
+            argv += ["--config-snapshot", str(self.snapshot)]
         argv += ["--worker-fd", str(self.sock.fileno()), "--ready-fd", str(ready_write)]
         argv += ["--connection-table", f"{table}:{slot}"]
         try:
@@ -984,6 +1052,8 @@ class Supervisor:
         finally:
             os.close(ready_write)
         self.children[process.pid] = slot
+        if self.round is not None:
+            self.round.fresh.add(process.pid)  # it reads the copy a reload just replaced
         self.processes[process.pid] = process
         self.started_at[process.pid] = time.monotonic()
         self.ready_pipes[process.pid] = ready_read
@@ -1001,6 +1071,10 @@ class Supervisor:
                 del self.ready_pipes[pid]
                 continue
             self.last_beat[pid] = now
+            for _ in range(data.count(b"A")):
+                self._reload_outcome(pid, applied=True)
+            for _ in range(data.count(b"J")):
+                self._reload_outcome(pid, applied=False)
             if pid not in self.serving and b"R" in data:
                 self.serving.add(pid)
                 self.ever_served = True
@@ -1053,11 +1127,12 @@ class Supervisor:
                         os.kill(pid, signal.SIGTERM)
                 self._reap(block=True)
                 return
-            if self.reload_requested:
+            if self.reload_requested and self.round is None:  # one reload at a time
                 self.reload_requested = False
                 self._reload()
             self._reap(block=False)
             self._collect_serving()
+            self._settle_round()
             self._kill_hung()
             now = time.monotonic()
             for slot, due in list(self.restart_at.items()):
@@ -1076,6 +1151,8 @@ class Supervisor:
             if pid == 0:
                 return
             slot = self.children.pop(pid, None)
+            if self.round is not None:
+                self.round.waiting.discard(pid)
             self.processes.pop(pid, None)
             self.serving.discard(pid)
             self.reload_owed.discard(pid)
@@ -1111,22 +1188,109 @@ class Supervisor:
                 self.stopping = True
 
     def _reload(self) -> None:
-        if self.config_path is None:
+        """Check the file, hand it to the workers as their copy, and tell them. The
+        round ends in _settle_round, once each worker said whether it applied it."""
+        if self.config_path is None or self.config_text is None:
             return
         try:
-            config = load_config(self.config_path)
+            text, config = read_config(self.config_path)
             _check_restart_only(self.config, config)
+            previous = _ReloadRound(
+                self.config_text,
+                self.config,
+                waiting=set(self.children),
+                deadline=time.monotonic() + self._answer_within(config),
+            )
+            self._write_snapshot(text)
         except Exception as exc:  # the supervisor must outlive any bad file
             _reject_reload(exc, self.metrics)
             return
-        self.config = config
+        self.round = previous
+        self.config_text, self.config = text, config
+        self._tell_workers()
+        log.info("reload_forwarded", workers=len(self.children))
+
+    def _answer_within(self, config: Config) -> float:
+        # A reload may wait for new keys as long as a start does; then it is refused.
+        return config.agent.ready_timeout + self.STALL_AFTER
+
+    def _tell_workers(self) -> None:
+        """SIGHUP each serving worker; one still starting gets it once it serves (it may
+        have read the copy before it changed)."""
         for pid in self.children:
             if pid not in self.serving:
                 self.reload_owed.add(pid)
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
-        log.info("reload_forwarded", workers=len(self.children))
+
+    def _reload_outcome(self, pid: int, *, applied: bool) -> None:
+        current = self.round
+        if current is None or pid not in current.waiting:
+            return  # a reload of its own (a SIGHUP before it served)
+        current.waiting.discard(pid)
+        if applied:
+            current.applied += 1
+        else:
+            current.rejected += 1
+
+    def _settle_round(self) -> None:
+        """Once every worker told (or the time is up): if any refused the new copy, all
+        go back to the previous one, so that no two run different configurations and a
+        restarted worker runs what its siblings do."""
+        current = self.round
+        if current is None or (current.waiting and time.monotonic() < current.deadline):
+            return
+        self.round = None
+        refused = current.rejected + len(current.waiting)  # silence counts as a refusal
+        if not refused:
+            if current.reverting:
+                log.warning("reload_reverted", workers=current.applied)
+            self.diverged = False
+            return
+        if current.reverting:
+            self.diverged = True
+            log.error(
+                "config_diverged",
+                reverted=current.applied,
+                refused=current.rejected,
+                unanswered=len(current.waiting),
+            )
+            return
+        self._write_snapshot(current.previous_text)
+        self.config_text, self.config = current.previous_text, current.previous_config
+        if not current.applied and not current.fresh:
+            # Every worker kept the previous configuration: nothing to undo.
+            log.error("reload_refused_by_workers", refused=refused)
+            return
+        log.error(
+            "reload_refused_by_workers",
+            refused=refused,
+            applied=current.applied,
+            action="every worker goes back to the previous configuration",
+        )
+        self.round = _ReloadRound(
+            current.previous_text,
+            current.previous_config,
+            waiting=set(self.children),
+            deadline=time.monotonic() + self._answer_within(current.previous_config),
+            reverting=True,
+        )
+        self._tell_workers()
+
+
+@dataclass
+class _ReloadRound:
+    """A reload the workers were told of, until each says whether it applied it."""
+
+    previous_text: str
+    previous_config: Config
+    waiting: set[int]  # workers yet to answer
+    deadline: float  # monotonic; a worker silent past it counts as refusing
+    reverting: bool = False  # this round takes every worker back to previous_text
+    applied: int = 0
+    rejected: int = 0
+    fresh: set[int] = dataclasses.field(default_factory=set)  # started during the round
 
 
 def _issuer_ready_samples(metrics_dir: Path) -> dict[str, bool]:

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--connection-table", type=_fd_and_slot, help=argparse.SUPPRESS)
+    run.add_argument("--config-snapshot", help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser(
@@ -239,11 +240,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from spoa.app import StartupError, run_agent
 
-    config = load_config(args.config)
+    # A supervisor's worker reads the supervisor's copy of the file: the one its siblings run.
+    config = load_config(args.config, text_from=args.config_snapshot)
     try:
         return run_agent(
             config,
             config_path=args.config,
+            config_snapshot=args.config_snapshot,
             pid_file=args.pid_file,
             worker_fd=args.worker_fd,
             ready_fd=args.ready_fd,

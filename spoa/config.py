@@ -232,11 +232,23 @@ class Config:
 # --- loading -------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a TOML file. Raises ConfigError listing every problem."""
+def load_config(
+    path: str | os.PathLike[str], *, text_from: str | os.PathLike[str] | None = None
+) -> Config:
+    """Read and validate a TOML file. Raises ConfigError listing every problem.
+
+    `text_from`: read the text there instead (a supervisor's snapshot of `path`), still
+    naming `path` in problems and resolving relative paths from its directory."""
+    return read_config(path, text_from=text_from)[1]
+
+
+def read_config(
+    path: str | os.PathLike[str], *, text_from: str | os.PathLike[str] | None = None
+) -> tuple[str, Config]:
+    """`load_config`, and the text it read."""
     file = Path(path)
     try:
-        data = file.read_bytes()
+        data = Path(text_from if text_from is not None else file).read_bytes()
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from None
     try:
@@ -246,7 +258,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             [f"{file}: line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); TOML files are UTF-8"]
         ) from None
-    return parse_config(text, source=str(file), base_dir=file.parent)
+    return text, parse_config(text, source=str(file), base_dir=file.parent)
 
 
 def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:

@@ -31,6 +31,7 @@ from spoa.keymanager import JwksUrlSource, KeyManager, OidcDiscoverySource, Stat
 from spoa.metrics import Metrics
 from spoa.protocol import AnswerMemo
 from spoa.verifier import MemoryKeyStore, Reason, Verdict
+from tests.support.polling import wait_until
 from tests.test_config import MINIMAL
 
 
@@ -219,3 +220,87 @@ def test_a_reload_carries_keys_with_their_monotonic_age() -> None:
     (carried,) = carried_keys(previous, {"corp": source}).values()
     assert carried.key_set is key_set
     assert abs((time.time() - carried.refreshed_at) - 500.0) < 5.0
+
+
+_HUP_COUNTER = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGHUP, lambda *_: out.write_text(out.read_text() + "H"))
+out.write_text("")
+time.sleep(60)
+"""
+
+
+def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configuration(
+    tmp_path: Path,
+) -> None:
+    """One worker applied a reload, the other refused it: the supervisor puts its copy of
+    the configuration back and tells every worker to reload it, so no two run different
+    ones. If that fails too, /readyz says so."""
+    config_file = tmp_path / "jwtgate.toml"
+    config_file.write_text(MINIMAL)
+    supervisor = Supervisor(parse_config(MINIMAL), str(config_file), socket.socket())
+    huped = [tmp_path / f"hup-{n}" for n in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", _HUP_COUNTER, str(p)]) for p in huped]
+    try:
+        wait_until(lambda: all(p.exists() for p in huped), 10, "the workers' start")
+        applied, refused = (w.pid for w in workers)
+        for pid in (applied, refused):
+            supervisor.children[pid] = 0
+            supervisor.serving.add(pid)
+        assert supervisor.config_text is not None
+        supervisor._write_snapshot(supervisor.config_text)
+        edited = MINIMAL.replace('audiences = ["api"]', 'audiences = ["api", "other"]')
+        config_file.write_text(edited)
+
+        supervisor._reload()
+        wait_until(lambda: all(p.read_text() == "H" for p in huped), 10, "both SIGHUPs")
+        assert supervisor.snapshot.read_text() == edited
+        supervisor._reload_outcome(applied, applied=True)
+        supervisor._settle_round()
+        assert supervisor.round is not None
+        assert not supervisor.round.reverting
+        supervisor._reload_outcome(refused, applied=False)
+        supervisor._settle_round()
+
+        assert supervisor.snapshot.read_text() == MINIMAL
+        assert supervisor.config.issuers[0].audiences == ("api",)
+        assert supervisor.round is not None
+        assert supervisor.round.reverting
+        wait_until(lambda: all(p.read_text() == "HH" for p in huped), 10, "the second SIGHUPs")
+        supervisor._reload_outcome(applied, applied=True)
+        supervisor._reload_outcome(refused, applied=False)  # cannot even go back
+        supervisor._settle_round()
+        assert supervisor.round is None
+        assert supervisor.diverged
+        assert "different" in str(supervisor.ready()[1])
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(5)
+        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
+        supervisor.sock.close()
+        supervisor.connections.close()
+
+
+def test_a_reload_every_worker_refuses_changes_nothing(tmp_path: Path) -> None:
+    config_file = tmp_path / "jwtgate.toml"
+    config_file.write_text(MINIMAL)
+    supervisor = Supervisor(parse_config(MINIMAL), str(config_file), socket.socket())
+    try:
+        assert supervisor.config_text is not None
+        supervisor._write_snapshot(supervisor.config_text)
+        supervisor.children.update({101: 0, 102: 1})  # still starting: owed, not signalled
+        config_file.write_text(MINIMAL.replace("api", "other"))
+        supervisor._reload()
+        assert supervisor.reload_owed == {101, 102}
+        supervisor._reload_outcome(101, applied=False)
+        supervisor._reload_outcome(102, applied=False)
+        supervisor._settle_round()
+        assert supervisor.round is None
+        assert supervisor.snapshot.read_text() == MINIMAL
+        assert not supervisor.diverged
+    finally:
+        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
+        supervisor.sock.close()
+        supervisor.connections.close()

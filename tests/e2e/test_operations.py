@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from spoa.devkit.tokens import forge_signature
 from spoa.protocol import FrameType
 from tests.e2e.test_limits import hello_frame, read_frame
 from tests.support.gateway import AUD, agent_config, mint, request
+from tests.support.polling import wait_until
 
 
 def scrape(agent: AgentProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -41,15 +42,6 @@ def total(
 ) -> float:
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -562,6 +554,47 @@ def test_a_worker_restarts_after_workers_changed_in_the_file(tmp_path: Path) -> 
             )
             wait_ready(metrics_port)
             assert "Traceback" not in log.read_text()
+        finally:
+            process.terminate()
+            process.wait(15)
+
+
+@pytest.mark.parametrize("reload", [True, False])
+def test_a_restarted_worker_runs_what_its_siblings_run(tmp_path: Path, reload: bool) -> None:
+    """Regression (audit): a restarted worker read the file as it was then. After a reload
+    every worker refused (or an edit nobody reloaded), the file and the running workers
+    differed, and one restart put two configurations behind one listener (the same token
+    200 on one worker, 401 on the other). Workers now read the supervisor's copy of the
+    configuration they run, which a refused reload leaves as it was."""
+    with LocalIssuer() as issuer:
+        process, log, metrics_port = start_agent(tmp_path, issuer, 2)
+        try:
+            wait_ready(metrics_port)
+            config = tmp_path / "jwtgate.toml"
+            # Parses (the supervisor takes it), but no worker can load its keys.
+            (tmp_path / "not-a-key.pem").write_text("not a key\n")
+            config.write_text(
+                config.read_text().replace(
+                    f'jwks_uri = "{issuer.jwks_url}"', 'keys = [{ file = "not-a-key.pem" }]'
+                )
+            )
+            if reload:
+                process.send_signal(signal.SIGHUP)
+                wait_until(
+                    lambda: "reload_refused_by_workers" in log.read_text(), 30, "the refusal"
+                )
+                assert log.read_text().count('"event": "reload_rejected"') == 2
+            victim = min(_children(process.pid))
+            os.kill(victim, signal.SIGKILL)
+            wait_until(
+                lambda: victim not in _children(process.pid) and len(_children(process.pid)) == 2,
+                10,
+                "the worker's restart",
+            )
+            wait_ready(metrics_port)
+            text = log.read_text()
+            assert "worker_startup_failed" not in text
+            assert "Traceback" not in text
         finally:
             process.terminate()
             process.wait(15)
