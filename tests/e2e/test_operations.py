@@ -432,6 +432,31 @@ def test_a_supervisor_whose_workers_cannot_start_exits_1(tmp_path: Path) -> None
         assert "Traceback" not in log.read_text()
 
 
+def test_a_supervisor_that_cannot_start_leaves_no_private_directory(tmp_path: Path) -> None:
+    """Regression (audit): with workers = 2 and the metrics port taken, the agent exited 1
+    as it should, but left its private directory in $TMPDIR, one per attempt."""
+    private = tmp_path / "tmp"
+    private.mkdir()
+    with LocalIssuer() as issuer, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = tmp_path / "jwtgate.toml"
+        config.write_text(
+            f'[agent]\nlisten = "127.0.0.1:{free_port()}"\nworkers = 2\n'
+            f'[metrics]\nlisten = "127.0.0.1:{taken.getsockname()[1]}"\n' + agent_config(issuer)
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "spoa", "run", "--config", str(config)],
+            env={**os.environ, "TMPDIR": str(private)},
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert b"cannot listen on" in done.stdout + done.stderr
+    assert list(private.iterdir()) == []
+
+
 def _connections_held(pid: int, port: int) -> int:
     """Established TCP connections on local `port` held by process `pid`."""
     inodes = set()
