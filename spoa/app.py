@@ -572,8 +572,8 @@ class Worker:
             if engine is not None:
                 try:
                     await engine.keys.run_due(time.monotonic())
-                except Exception:  # a refresh bug must not stop future refreshes
-                    log.exception("jwks_refresh_error")
+                except Exception as exc:  # a refresh bug must not stop future refreshes
+                    log.error("jwks_refresh_error", error_type=type(exc).__name__, error=str(exc))
                 self._publish_readiness()
 
     async def _metrics_tick(self) -> None:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from bisect import bisect_left
@@ -643,8 +644,14 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # The stdlib prints a traceback to stderr; log it as one event instead.
-        _log.exception("metrics_http_error")
+        # The stdlib prints a traceback to stderr; log one line instead. A client that
+        # hung up or stalled (a probe's own timeout) is no error of ours: a debug line,
+        # or anyone who reaches the port could fill the log.
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            _log.debug("metrics_client_gone", error_type=type(error).__name__)
+            return
+        _log.error("metrics_http_error", error_type=type(error).__name__, error=str(error))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -672,8 +679,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 status, body = HTTPStatus.NOT_FOUND, b"not found\n"
                 content_type = "text/plain; charset=utf-8"
-        except Exception:
-            _log.exception("metrics_endpoint_failed", path=path)
+        except Exception as exc:
+            _log.error(
+                "metrics_endpoint_failed", path=path, error_type=type(exc).__name__, error=str(exc)
+            )
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n"
             content_type = "text/plain; charset=utf-8"
         self.send_response(status)
@@ -691,8 +700,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             try:
                 ready, detail = check()
-            except Exception:
-                _log.exception("readiness_check_failed")
+            except Exception as exc:
+                _log.error("readiness_check_failed", error_type=type(exc).__name__, error=str(exc))
                 ready, detail = False, "readiness check failed"
         document = {"ready": bool(ready), "detail": detail}
         body = json.dumps(document, default=str, sort_keys=True).encode() + b"\n"

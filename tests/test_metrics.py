@@ -6,7 +6,9 @@ import json
 import multiprocessing
 import os
 import socket
+import struct
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -480,3 +482,38 @@ def test_per_request_counts_are_exact_after_a_flush() -> None:
         (("issuer", "corp"), ("outcome", "accept"), ("policy", "api"), ("reason", "ok")),
     )
     assert samples[verdicts] == 5
+
+
+class _RecordingLog:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self.events.append(("debug", event, fields))
+
+    def error(self, event: str, **fields: Any) -> None:
+        self.events.append(("error", event, fields))
+
+
+def test_a_client_that_hangs_up_is_a_debug_line_not_an_error(
+    server: MetricsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (audit): each client that reset its connection mid-request logged
+    metrics_http_error with a traceback, so anyone who reached the port could flood the
+    log with them."""
+    import spoa.metrics as metrics_module
+
+    recorded = _RecordingLog()
+    monkeypatch.setattr(metrics_module, "_log", recorded)
+    for _ in range(3):
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        raw.sendall(b"GET /metrics HTTP/1.0\r\n")  # headers never finished
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()  # a reset, not a FIN
+    deadline = time.monotonic() + 5
+    while len(recorded.events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [(level, event) for level, event, _ in recorded.events] == [
+        ("debug", "metrics_client_gone")
+    ] * 3
+    assert fetch(server.port, "/healthz")[0] == 200
