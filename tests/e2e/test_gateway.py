@@ -421,6 +421,19 @@ def test_the_shipped_spoe_config_takes_max_waiting_frames_from_the_environment()
     assert "max-waiting-frames" in refused.stderr
 
 
+def test_the_agents_health_checks_give_up_after_a_second() -> None:
+    """Regression (audit): with no `timeout check`, a check on a stopped agent waited
+    `inter` (2 s), and the agent took about 7 s to be marked DOWN, not the 4-5 the docs
+    gave; every check sent to it meanwhile was a 503."""
+    text = (haproxy_config_dir() / "haproxy.cfg").read_text()
+    backend = text.partition("\nbackend jwtgate-agents\n")[2].partition("\n\n")[0]
+    settings = [line.split() for line in backend.splitlines() if not line.strip().startswith("#")]
+    assert ["timeout", "check", "1s"] in settings
+    servers = [words for words in settings if words[:1] == ["server"]]
+    assert servers
+    assert all(words[words.index("inter") + 1] == "2s" for words in servers)
+
+
 def test_the_demo_runs_in_short_mode(tmp_path: Path) -> None:
     # The demo keeps its logs for the user in a fresh temporary directory: put that
     # under this test's own, so runs of the suite leave nothing in /tmp.
