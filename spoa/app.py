@@ -419,6 +419,7 @@ def key_event_logger(metrics: Metrics) -> Callable[[KeyEvent], None]:
             log.info("jwks_stale_serving_ended", issuer=event.issuer)
         elif isinstance(event, KeysUnavailable):
             metrics.issuer_ready(event.issuer, False)
+            metrics.jwks_keys_expired(event.issuer)
             log.error("jwks_keys_unavailable", issuer=event.issuer)
 
     return on_event

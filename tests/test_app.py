@@ -23,11 +23,19 @@ from spoa.app import (
     configure_replay,
     issuer_rules,
     jwks_timing,
+    key_event_logger,
     key_source,
     policy_runtimes,
 )
 from spoa.config import ConfigError, parse_config
-from spoa.keymanager import JwksUrlSource, KeyManager, OidcDiscoverySource, StaticKeySource
+from spoa.keymanager import (
+    JwksUrlSource,
+    KeyManager,
+    KeysFetched,
+    KeysUnavailable,
+    OidcDiscoverySource,
+    StaticKeySource,
+)
 from spoa.metrics import Metrics
 from spoa.protocol import AnswerMemo
 from spoa.verifier import MemoryKeyStore, Reason, Verdict
@@ -304,3 +312,25 @@ def test_a_reload_every_worker_refuses_changes_nothing(tmp_path: Path) -> None:
         shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
         supervisor.sock.close()
         supervisor.connections.close()
+
+
+def test_keys_that_outlive_max_stale_count_as_none_held() -> None:
+    """Regression (audit): jwtgate_jwks_keys stayed at the last fetch's count after the
+    keys expired (issuer not ready, every token refused), so dashboards showed keys that
+    could not be used."""
+    metrics = Metrics(issuers=["corp"], reasons=[r.value for r in Reason])
+    on_event = key_event_logger(metrics)
+    on_event(KeysFetched("corp", key_count=2, lifetime=300.0))
+    assert metrics.registry.get_sample_value("jwtgate_jwks_keys", {"issuer": "corp"}) == 2
+    fetched = metrics.registry.get_sample_value(
+        "jwtgate_jwks_keyset_timestamp_seconds", {"issuer": "corp"}
+    )
+    on_event(KeysUnavailable("corp", last_success=fetched))
+    assert metrics.registry.get_sample_value("jwtgate_jwks_keys", {"issuer": "corp"}) == 0
+    assert metrics.registry.get_sample_value("jwtgate_issuer_ready", {"issuer": "corp"}) == 0
+    assert (
+        metrics.registry.get_sample_value(
+            "jwtgate_jwks_keyset_timestamp_seconds", {"issuer": "corp"}
+        )
+        == fetched
+    )
