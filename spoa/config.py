@@ -287,6 +287,9 @@ class _Reader:
         self.problems: list[str] = []
         self.path: list[str] = []
         self.issuer_audiences: dict[str, tuple[str, ...]] = {}
+        # Every issuer entry's name, valid or not: a policy naming one whose other keys
+        # are wrong gets no "unknown issuer" on top of that entry's own problem.
+        self.issuer_names: set[str] = set()
 
     # -- helpers --
 
@@ -361,7 +364,7 @@ class _Reader:
         cache = self.section(doc, "cache", CacheSettings, self.cache_field)
         issuers = self.issuers(doc.get("issuers"))
         self.issuer_audiences = {i.name: i.audiences for i in issuers}
-        policies = self.policies(doc.get("policies"), {i.name for i in issuers})
+        policies = self.policies(doc.get("policies"), self.issuer_names)
         return Config(agent, metrics, log, cache, tuple(issuers), policies, source)
 
     def section(
@@ -457,6 +460,8 @@ class _Reader:
             if required not in table:
                 self.fail(required, "required key is missing")
         name = self.get(table, "name", _name, None)
+        if name is not None:
+            self.issuer_names.add(name)
         issuer = self.get(table, "issuer", _string(), None)
         algorithms = self.get(table, "algorithms", _algorithms, None)
         sources = [k for k in ("jwks_uri", "jwks_file", "discovery", "keys") if k in table]

@@ -123,6 +123,16 @@ def test_unsafe_or_wrong_issuers_are_refused(change: tuple[str, str], expected: 
     assert any(expected in problem for problem in found), found
 
 
+@pytest.mark.parametrize("algorithms", ['["none"]', '["RS1"]', '"none"', "[]"])
+def test_an_issuer_with_a_problem_is_not_also_unknown_to_its_policies(algorithms: str) -> None:
+    """Regression (audit): `algorithms = ["none"]` gave its own problem plus an "unknown
+    issuer 'corp'" for each policy naming the issuer, which sent readers looking for a
+    typo in the name."""
+    found = problems(MINIMAL.replace('algorithms = ["RS256"]', f"algorithms = {algorithms}"))
+    assert found
+    assert all(problem.startswith("issuers[0].algorithms") for problem in found), found
+
+
 def test_hmac_needs_a_secret_that_exists(monkeypatch: pytest.MonkeyPatch) -> None:
     text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["HS256"]').replace(
         'jwks_uri = "https://id.example.com/jwks.json"',
@@ -271,7 +281,7 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
     ("content", "expected"),
     [
         (b"not a key\n", "neither PEM nor a JSON object"),
-        (b'{"keys": []}', "holds no"),
+        (b'{"keys": []}', "no usable key"),
         ("rsa1024", "1024 bits"),
         # Regression: a key that fits none of the issuer's algorithms passed.
         ("ec", "no key in it fits the issuer's algorithms (RS256)"),

@@ -287,7 +287,17 @@ def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None 
     except TokenRejected as exc:
         raise KeyLoadError("key file is neither PEM nor a JSON object") from exc
     if "keys" in document:
-        key_set, _report = load_jwks(document)
+        entries = document["keys"]
+        if isinstance(entries, list) and any(
+            isinstance(entry, dict) and not _PRIVATE_MEMBERS.isdisjoint(entry) for entry in entries
+        ):
+            # The operator wrote this file: a private key in it is a mistake to fix, and a
+            # secret on disk, not a key to skip as a published set's unusable ones are.
+            raise KeyLoadError("JWKS holds private key material; configure the public keys only")
+        key_set, report = load_jwks(document)
+        if not key_set.keys:
+            why = "; ".join(dict.fromkeys(report.skipped)) or "its keys array is empty"
+            raise KeyLoadError(f"no usable key in its JWKS ({why})")
         return key_set
     return KeySet((load_jwk(document),))
 

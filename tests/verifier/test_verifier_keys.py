@@ -100,6 +100,21 @@ def test_key_file_detection(rsa_key: KeyPair) -> None:
         load_key_file_bytes(b"garbage")
 
 
+def test_a_jwks_file_says_why_it_holds_no_usable_key(rsa_key: KeyPair) -> None:
+    """Regression (audit): a jwks_file with only a private key was refused as "holds no
+    usable keys", without a reason; one with a private and a public key dropped the
+    private one without a word."""
+    private = {**rsa_key.public_jwk(), "d": "AQAB", "p": "AQAB", "q": "AQAB"}
+    for keys in ([private], [private, rsa_key.public_jwk(kid="public")]):
+        with pytest.raises(KeyLoadError, match="private key material"):
+            load_key_file_bytes(json.dumps({"keys": keys}).encode())
+    encryption_only = json.dumps({"keys": [rsa_key.public_jwk(use="enc")]}).encode()
+    with pytest.raises(KeyLoadError, match=r"no usable key in its JWKS \(key is not for sig"):
+        load_key_file_bytes(encryption_only)
+    with pytest.raises(KeyLoadError, match="keys array is empty"):
+        load_key_file_bytes(b'{"keys": []}')
+
+
 def test_candidates_by_kid_and_alg(rsa_key: KeyPair, rsa_key_2: KeyPair) -> None:
     unnamed = make_key("ES256").verification_key(kid=None)
     key_set = KeySet((rsa_key.verification_key(), rsa_key_2.verification_key(), unnamed))
