@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,32 @@ from spoa.protocol import AnswerMemo
 from spoa.verifier import MemoryKeyStore, Reason, Verdict
 from tests.support.polling import wait_until
 from tests.test_config import MINIMAL
+
+
+@contextlib.contextmanager
+def supervisor_of(config_path: Path | None = None) -> Iterator[Supervisor]:
+    """A Supervisor that starts no worker; its private directory and table go after."""
+    supervisor = Supervisor(
+        parse_config(MINIMAL), None if config_path is None else str(config_path), socket.socket()
+    )
+    try:
+        yield supervisor
+    finally:
+        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
+        supervisor.sock.close()
+        supervisor.connections.close()
+
+
+@contextlib.contextmanager
+def stand_ins(argvs: list[list[str]]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes that stand in for workers (the supervisor signals real pids)."""
+    started = [subprocess.Popen(argv) for argv in argvs]
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.kill()
+            process.wait(5)
 
 
 def test_issuer_settings_become_rules_and_timing() -> None:
@@ -179,14 +206,10 @@ def test_the_supervisor_kills_silent_or_never_serving_workers() -> None:
     """A serving worker silent for STALL_AFTER, or one that has not served within
     ready_timeout plus that margin (regression: one stopped before it served stayed
     forever, and the agent's /readyz with it), is killed; others are left alone."""
-    config = parse_config(MINIMAL)
-    supervisor = Supervisor(config, None, socket.socket())
-    sleepers = [
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(4)
-    ]
-    try:
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with supervisor_of() as supervisor, stand_ins([sleep] * 4) as sleepers:
         now = time.monotonic()
-        long_ago = now - config.agent.ready_timeout - Supervisor.STALL_AFTER - 1
+        long_ago = now - supervisor.config.agent.ready_timeout - Supervisor.STALL_AFTER - 1
         silent, starting_too_long, fresh, starting = (p.pid for p in sleepers)
         for pid in (silent, starting_too_long, fresh, starting):
             supervisor.children[pid] = 0
@@ -199,12 +222,6 @@ def test_the_supervisor_kills_silent_or_never_serving_workers() -> None:
         assert sleepers[1].wait(5) == -signal.SIGKILL
         assert sleepers[2].poll() is None
         assert sleepers[3].poll() is None
-    finally:
-        for sleeper in sleepers:
-            sleeper.kill()
-            sleeper.wait(5)
-        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
-        supervisor.sock.close()
 
 
 def test_a_reload_carries_keys_with_their_monotonic_age() -> None:
@@ -247,10 +264,9 @@ def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configura
     ones. If that fails too, /readyz says so."""
     config_file = tmp_path / "jwtgate.toml"
     config_file.write_text(MINIMAL)
-    supervisor = Supervisor(parse_config(MINIMAL), str(config_file), socket.socket())
     huped = [tmp_path / f"hup-{n}" for n in range(2)]
-    workers = [subprocess.Popen([sys.executable, "-c", _HUP_COUNTER, str(p)]) for p in huped]
-    try:
+    counters = [[sys.executable, "-c", _HUP_COUNTER, str(path)] for path in huped]
+    with supervisor_of(config_file) as supervisor, stand_ins(counters) as workers:
         wait_until(lambda: all(p.exists() for p in huped), 10, "the workers' start")
         applied, refused = (w.pid for w in workers)
         for pid in (applied, refused):
@@ -282,20 +298,12 @@ def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configura
         assert supervisor.round is None
         assert supervisor.diverged
         assert "different" in str(supervisor.ready()[1])
-    finally:
-        for worker in workers:
-            worker.kill()
-            worker.wait(5)
-        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
-        supervisor.sock.close()
-        supervisor.connections.close()
 
 
 def test_a_reload_every_worker_refuses_changes_nothing(tmp_path: Path) -> None:
     config_file = tmp_path / "jwtgate.toml"
     config_file.write_text(MINIMAL)
-    supervisor = Supervisor(parse_config(MINIMAL), str(config_file), socket.socket())
-    try:
+    with supervisor_of(config_file) as supervisor:
         assert supervisor.config_text is not None
         supervisor._write_snapshot(supervisor.config_text)
         supervisor.children.update({101: 0, 102: 1})  # still starting: owed, not signalled
@@ -308,10 +316,6 @@ def test_a_reload_every_worker_refuses_changes_nothing(tmp_path: Path) -> None:
         assert supervisor.round is None
         assert supervisor.snapshot.read_text() == MINIMAL
         assert not supervisor.diverged
-    finally:
-        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
-        supervisor.sock.close()
-        supervisor.connections.close()
 
 
 def test_keys_that_outlive_max_stale_count_as_none_held() -> None:

@@ -560,6 +560,19 @@ def test_a_stopped_worker_does_not_hold_up_new_connections(tmp_path: Path) -> No
             process.wait(15)
 
 
+def kill_a_worker_and_wait_for_its_replacement(
+    supervisor: subprocess.Popen[bytes], metrics_port: int
+) -> None:
+    victim = min(_children(supervisor.pid))
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: victim not in _children(supervisor.pid) and len(_children(supervisor.pid)) == 2,
+        10,
+        "the worker's restart",
+    )
+    wait_ready(metrics_port)
+
+
 def test_a_worker_restarts_after_workers_changed_in_the_file(tmp_path: Path) -> None:
     """Regression: a worker sized the shared connection table from `workers` in the
     file; after an edit to it (a restart-only setting) a restarted worker crashed with a
@@ -570,14 +583,7 @@ def test_a_worker_restarts_after_workers_changed_in_the_file(tmp_path: Path) -> 
             wait_ready(metrics_port)
             config = tmp_path / "jwtgate.toml"
             config.write_text(config.read_text().replace("workers = 2", "workers = 3"))
-            victim = min(_children(process.pid))
-            os.kill(victim, signal.SIGKILL)
-            wait_until(
-                lambda: victim not in _children(process.pid) and len(_children(process.pid)) == 2,
-                10,
-                "the worker's restart",
-            )
-            wait_ready(metrics_port)
+            kill_a_worker_and_wait_for_its_replacement(process, metrics_port)
             assert "Traceback" not in log.read_text()
         finally:
             process.terminate()
@@ -609,14 +615,7 @@ def test_a_restarted_worker_runs_what_its_siblings_run(tmp_path: Path, reload: b
                     lambda: "reload_refused_by_workers" in log.read_text(), 30, "the refusal"
                 )
                 assert log.read_text().count('"event": "reload_rejected"') == 2
-            victim = min(_children(process.pid))
-            os.kill(victim, signal.SIGKILL)
-            wait_until(
-                lambda: victim not in _children(process.pid) and len(_children(process.pid)) == 2,
-                10,
-                "the worker's restart",
-            )
-            wait_ready(metrics_port)
+            kill_a_worker_and_wait_for_its_replacement(process, metrics_port)
             text = log.read_text()
             assert "worker_startup_failed" not in text
             assert "Traceback" not in text
