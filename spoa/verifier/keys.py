@@ -289,11 +289,15 @@ def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None 
     if "keys" in document:
         entries = document["keys"]
         if isinstance(entries, list) and any(
-            isinstance(entry, dict) and not _PRIVATE_MEMBERS.isdisjoint(entry) for entry in entries
+            isinstance(entry, dict) and (not _PRIVATE_MEMBERS.isdisjoint(entry) or "k" in entry)
+            for entry in entries
         ):
-            # The operator wrote this file: a private key in it is a mistake to fix, and a
-            # secret on disk, not a key to skip as a published set's unusable ones are.
-            raise KeyLoadError("JWKS holds private key material; configure the public keys only")
+            # The operator wrote this file: a private key (or a symmetric secret, `k`) in it
+            # is a mistake to fix, and a secret on disk, not a key to skip as a published
+            # set's unusable ones are. HMAC secrets have their own settings.
+            raise KeyLoadError(
+                "JWKS holds private key material or a secret; configure the public keys only"
+            )
         key_set, report = load_jwks(document)
         if not key_set.keys:
             why = "; ".join(dict.fromkeys(report.skipped)) or "its keys array is empty"

@@ -111,6 +111,9 @@ def test_a_jwks_file_says_why_it_holds_no_usable_key(rsa_key: KeyPair) -> None:
     encryption_only = json.dumps({"keys": [rsa_key.public_jwk(use="enc")]}).encode()
     with pytest.raises(KeyLoadError, match=r"no usable key in its JWKS \(key is not for sig"):
         load_key_file_bytes(encryption_only)
+    secret = {"kty": "oct", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA", "kid": "h"}
+    with pytest.raises(KeyLoadError, match="or a secret"):
+        load_key_file_bytes(json.dumps({"keys": [secret, rsa_key.public_jwk()]}).encode())
     with pytest.raises(KeyLoadError, match="keys array is empty"):
         load_key_file_bytes(b'{"keys": []}')
 
