@@ -13,14 +13,16 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,6 @@ from spoa.config import (
     ConfigError,
     IssuerSettings,
     describe,
-    load_config,
     read_config,
 )
 from spoa.glue import (
@@ -419,7 +420,7 @@ def key_event_logger(metrics: Metrics) -> Callable[[KeyEvent], None]:
             log.info("jwks_stale_serving_ended", issuer=event.issuer)
         elif isinstance(event, KeysUnavailable):
             metrics.issuer_ready(event.issuer, False)
-            metrics.jwks_keys_expired(event.issuer)
+            metrics.jwks_keys_held(event.issuer, 0)
             log.error("jwks_keys_unavailable", issuer=event.issuer)
 
     return on_event
@@ -441,7 +442,8 @@ class Worker:
         self.config = config
         self.config_path = config_path
         self.config_snapshot = config_snapshot  # a supervisor's copy of the file, read instead
-        self.on_reloaded: Callable[[bool], None] | None = None  # tells the supervisor
+        self.config_digest = ""  # config_digest() of the text it runs, for the supervisor
+        self.on_reloaded: Callable[[str], None] | None = None  # tells the supervisor
         self.metrics = metrics
         self.recorder = VerdictRecorder(metrics, config)
         self.engine: Engine | None = None
@@ -558,8 +560,13 @@ class Worker:
 
     def _publish_readiness(self) -> None:
         _, detail = self.ready()
+        engine = self.engine
         for name, ready in detail.get("issuers", {}).items():
             self.metrics.issuer_ready(name, bool(ready))
+            # Also after a reload made expired keys usable again (a raised max_stale),
+            # which no fetch announces.
+            held = engine.store.get(name) if engine is not None and ready else None
+            self.metrics.jwks_keys_held(name, len(held.key_set.keys) if held else 0)
 
     async def _refresh_keys(self) -> None:
         while True:
@@ -600,9 +607,9 @@ class Worker:
         self._tasks.append(asyncio.create_task(self._reload_and_report()))
 
     async def _reload_and_report(self) -> None:
-        applied = await self.reload()
+        await self.reload()
         if self.on_reloaded is not None:
-            self.on_reloaded(applied)
+            self.on_reloaded(self.config_digest)
 
     async def reload(self) -> bool:
         """Swap in the configuration file's current content; keep the old one on any error."""
@@ -611,7 +618,7 @@ class Worker:
             if self.config_path is None:
                 return False
             try:
-                config = load_config(self.config_path, text_from=self.config_snapshot)
+                text, config = read_config(self.config_path, text_from=self.config_snapshot)
                 _check_restart_only(self.config, config)
                 engine = await build_engine(config, key_event_logger(self.metrics), self.engine)
             except Exception as exc:  # a reload must never take the running agent down
@@ -620,6 +627,7 @@ class Worker:
             old, self.engine = self.engine, engine
             engine.keys.release_archive()
             self.config = config
+            self.config_digest = config_digest(text)
             self.recorder.configure(config)
             assert self.handler is not None
             memo = self.handler.memo
@@ -747,17 +755,18 @@ def _worker_main(
     reload_requested: Callable[[], bool] = lambda: False,
     balancer: AcceptBalancer | None = None,
     config_snapshot: str | None = None,
+    config_text: str = "",
 ) -> int:
     """Run one worker to completion in this process. With `ready_fd` (a supervisor's
-    pipe), "R" is written there once the worker serves, then "." every HEARTBEAT_EVERY,
-    and after each reload "A" (applied) or "J" (rejected). With a `balancer`, it takes
-    its share of the connections on a shared listener."""
+    pipe), "R" is written there once the worker serves, then "." every HEARTBEAT_EVERY;
+    and "C<digest>\n", the configuration it runs, once it serves and after each reload.
+    With a `balancer`, it takes its share of the connections on a shared listener."""
 
     def report_serving() -> None:
         if ready_fd is not None:
             with contextlib.suppress(OSError):
                 os.set_blocking(ready_fd, False)
-                os.write(ready_fd, b"R")
+                os.write(ready_fd, b"C%s\nR" % worker.config_digest.encode())
 
     orphaned: list[bool] = []
 
@@ -775,13 +784,14 @@ def _worker_main(
                 log.error("supervisor_gone", pid=os.getpid())
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    def report_reload(applied: bool) -> None:
+    def report_reload(digest: str) -> None:
         assert ready_fd is not None
         with contextlib.suppress(OSError):  # a full pipe or a gone supervisor: see heartbeat
-            os.write(ready_fd, b"A" if applied else b"J")
+            os.write(ready_fd, b"C%s\n" % digest.encode())
 
     metrics = make_metrics(config)
     worker = Worker(config, config_path, metrics, config_snapshot)
+    worker.config_digest = config_digest(config_text)
     if ready_fd is not None:
         worker.on_reloaded = report_reload
     server: MetricsServer | None = None
@@ -839,7 +849,8 @@ def _leave_metrics_dir(pid: int) -> None:
         if owner.isdigit() and (int(owner) == pid or not _alive(int(owner))):
             path.unlink(missing_ok=True)
     if not any(Path(directory).glob("*.db")):  # the last worker out
-        (Path(directory) / SNAPSHOT_NAME).unlink(missing_ok=True)
+        for name in (SNAPSHOT_NAME, SNAPSHOT_NAME + ".new"):
+            (Path(directory) / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         Path(directory).rmdir()
 
@@ -872,12 +883,14 @@ def run_agent(
     share: tuple[int, int] | None = None,
     reload_requested: Callable[[], bool] = lambda: False,
     config_snapshot: str | None = None,
+    config_text: str = "",
 ) -> int:
-    """Run the agent until stopped. A supervisor starts each worker with `worker_fd` (the
-    shared listener), `ready_fd` (its pipe), `share` (the connection table's file
-    descriptor and the worker's slot in it) and `config_snapshot` (its copy of the file).
-    `reload_requested` tells whether a SIGHUP came in before the agent's own handlers
-    were installed (the CLI catches it that early)."""
+    """Run the agent until stopped; `config_text` is the text `config` was read from. A
+    supervisor starts each worker with `worker_fd` (the shared listener), `ready_fd` (its
+    pipe), `share` (the connection table's file descriptor and the worker's slot in it)
+    and `config_snapshot` (its copy of the file). `reload_requested` tells whether a
+    SIGHUP came in before the agent's own handlers were installed (the CLI catches it
+    that early)."""
     configure_logging(config.log.level, config.log.format)
     if worker_fd is not None:  # started by a supervisor, sharing its listener
         try:
@@ -890,6 +903,7 @@ def run_agent(
                 reload_requested,
                 balancer,
                 config_snapshot,
+                config_text,
             )
         except StartupError as exc:
             log.error("worker_startup_failed", error=str(exc))
@@ -909,7 +923,7 @@ def run_agent(
         sock = bind_listener(config)
         if config.agent.workers == 1:
             return _worker_main(config, config_path, sock, None, reload_requested)
-        return Supervisor(config, config_path, sock).run(reload_requested)
+        return Supervisor(config, config_path, sock, config_text).run(reload_requested)
     except StartupError as exc:
         log.error("startup_failed", error=str(exc))
         return 1
@@ -937,17 +951,26 @@ class Supervisor:
     # configuration cannot start (keys, IdP): exit 1, as one worker would, for systemd.
     GIVE_UP_AFTER = 3
 
-    def __init__(self, config: Config, config_path: str | None, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        sock: socket.socket,
+        config_text: str | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
-        # The configuration the workers run, as text. They read the supervisor's copy of
-        # it, never the file, so a worker started later (a restart) runs what its siblings
-        # run, even when the file changed since or a reload of it was refused.
-        self.config_text: str | None = None
-        if config_path is not None:
-            self.config_text, self.config = read_config(config_path)
+        # The configuration the workers run, as text (what `config` was read from). They
+        # read the supervisor's copy of it, never the file, so a worker started later (a
+        # restart) runs what its siblings run, even when the file changed since or a
+        # reload of it was refused. Key files are read where they are.
+        self.config_text = config_text if config_path is not None else None
         self.round: _ReloadRound | None = None
-        self.diverged = False  # a reload left the workers on different configurations
+        self.runs: dict[int, str] = {}  # pid -> digest of the configuration it reported
+        self.unanswered: dict[int, int] = {}  # pid -> SIGHUPs it has not answered yet
+        self.healed: set[int] = set()  # told to reload the copy since it last changed
+        self.diverged_pids: set[int] = set()  # told, and still on another configuration
+        self.reports: dict[int, bytes] = {}  # pid -> the start of a report read in part
         self.sock = sock
         self.children: dict[int, int] = {}  # pid -> slot
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -1043,6 +1066,12 @@ class Supervisor:
         table = self.connections.fileno()
         argv = [sys.executable, "-m", "spoa", "run", "--config", str(self.config_path)]
         if self.config_text is not None:
+            # Written again for each worker: a copy removed meanwhile (a /tmp cleaner)
+            # must not keep every restart from starting.
+            try:
+                self._write_snapshot(self.config_text)
+            except OSError as exc:
+                log.error("config_copy_failed", cause=exc.strerror)
             argv += ["--config-snapshot", str(self.snapshot)]
         argv += ["--worker-fd", str(self.sock.fileno()), "--ready-fd", str(ready_write)]
         argv += ["--connection-table", f"{table}:{slot}"]
@@ -1053,8 +1082,6 @@ class Supervisor:
         finally:
             os.close(ready_write)
         self.children[process.pid] = slot
-        if self.round is not None:
-            self.round.fresh.add(process.pid)  # it reads the copy a reload just replaced
         self.processes[process.pid] = process
         self.started_at[process.pid] = time.monotonic()
         self.ready_pipes[process.pid] = ready_read
@@ -1072,17 +1099,18 @@ class Supervisor:
                 del self.ready_pipes[pid]
                 continue
             self.last_beat[pid] = now
-            for _ in range(data.count(b"A")):
-                self._reload_outcome(pid, applied=True)
-            for _ in range(data.count(b"J")):
-                self._reload_outcome(pid, applied=False)
+            pending = self.reports.pop(pid, b"") + data
+            for match in _REPORT.finditer(pending):
+                self._reported(pid, match.group(1).decode())
+            tail = pending[pending.rfind(b"\n") + 1 :]
+            if b"C" in tail:
+                self.reports[pid] = tail[tail.index(b"C") :]
             if pid not in self.serving and b"R" in data:
                 self.serving.add(pid)
                 self.ever_served = True
-                if pid in self.reload_owed:  # it may have read the file before the change
+                if pid in self.reload_owed:  # it may have read the copy before the change
                     self.reload_owed.discard(pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGHUP)
+                    self._tell_workers((pid,))
 
     def _kill_hung(self) -> None:
         now = time.monotonic()
@@ -1154,6 +1182,10 @@ class Supervisor:
             slot = self.children.pop(pid, None)
             if self.round is not None:
                 self.round.waiting.discard(pid)
+            for table in (self.runs, self.unanswered, self.reports):
+                table.pop(pid, None)
+            self.healed.discard(pid)
+            self.diverged_pids.discard(pid)
             self.processes.pop(pid, None)
             self.serving.discard(pid)
             self.reload_owed.discard(pid)
@@ -1189,8 +1221,8 @@ class Supervisor:
                 self.stopping = True
 
     def _reload(self) -> None:
-        """Check the file, hand it to the workers as their copy, and tell them. The
-        round ends in _settle_round, once each worker said whether it applied it."""
+        """Check the file, make it the workers' copy, and tell them. _settle_round ends
+        the round once each worker said which configuration it runs."""
         if self.config_path is None or self.config_text is None:
             return
         try:
@@ -1208,90 +1240,131 @@ class Supervisor:
             return
         self.round = previous
         self.config_text, self.config = text, config
-        self._tell_workers()
+        self.healed.clear()
+        self.diverged_pids.clear()
+        self._tell_workers(self.children)
         log.info("reload_forwarded", workers=len(self.children))
 
     def _answer_within(self, config: Config) -> float:
-        # A reload may wait for new keys as long as a start does; then it is refused.
-        return config.agent.ready_timeout + self.STALL_AFTER
+        # A worker still starting serves within ready_timeout (then gets its SIGHUP), and
+        # a reload may wait as long again for new keys before it is refused.
+        return 2 * config.agent.ready_timeout + self.STALL_AFTER
 
-    def _tell_workers(self) -> None:
-        """SIGHUP each serving worker; one still starting gets it once it serves (it may
-        have read the copy before it changed)."""
-        for pid in self.children:
+    def _tell_workers(self, pids: Iterable[int]) -> None:
+        """SIGHUP each of `pids` that serves; one still starting gets it once it serves
+        (it may have read the copy before it changed)."""
+        for pid in list(pids):
             if pid not in self.serving:
                 self.reload_owed.add(pid)
                 continue
+            self.unanswered[pid] = self.unanswered.get(pid, 0) + 1
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
 
-    def _reload_outcome(self, pid: int, *, applied: bool) -> None:
-        current = self.round
-        if current is None or pid not in current.waiting:
-            return  # a reload of its own (a SIGHUP before it served)
-        current.waiting.discard(pid)
-        if applied:
-            current.applied += 1
+    def _reported(self, pid: int, digest: str) -> None:
+        """A worker says which configuration it runs: after it starts serving, and after
+        each reload it was asked for, applied or not."""
+        self.runs[pid] = digest
+        left = self.unanswered.get(pid, 0) - 1
+        if left > 0:
+            self.unanswered[pid] = left
         else:
-            current.rejected += 1
+            self.unanswered.pop(pid, None)
+        if self.round is not None and pid not in self.unanswered and pid not in self.reload_owed:
+            self.round.waiting.discard(pid)
+
+    def _off_copy(self) -> list[int]:
+        """Serving workers known to run something other than the copy."""
+        target = config_digest(self.config_text or "")
+        return [pid for pid in self.serving if self.runs.get(pid, target) != target]
 
     def _settle_round(self) -> None:
-        """Once every worker told (or the time is up): if any refused the new copy, all
-        go back to the previous one, so that no two run different configurations and a
-        restarted worker runs what its siblings do."""
+        """Once every worker answered (or the time is up): if any is not on the new copy,
+        the previous copy comes back and only the workers that took the new one reload
+        again, so that no two run different configurations and a restarted worker runs
+        what its siblings do. Outside a round, a worker found on another configuration
+        (a late answer) is told once to reload the copy."""
         current = self.round
-        if current is None or (current.waiting and time.monotonic() < current.deadline):
+        if current is None:
+            self._heal()
+            return
+        if current.waiting and time.monotonic() < current.deadline:
             return
         self.round = None
-        refused = current.rejected + len(current.waiting)  # silence counts as a refusal
-        if not refused:
+        laggards = self._off_copy()
+        silent = [pid for pid in current.waiting if pid in self.children]
+        if not laggards and not silent:
             if current.reverting:
-                log.warning("reload_reverted", workers=current.applied)
-            self.diverged = False
+                log.warning("reload_reverted")
             return
         if current.reverting:
-            self.diverged = True
-            log.error(
-                "config_diverged",
-                reverted=current.applied,
-                refused=current.rejected,
-                unanswered=len(current.waiting),
-            )
+            self.healed.update(laggards)  # told twice already: no third time
+            self.diverged_pids.update(laggards)
+            log.error("config_diverged", off_copy=len(laggards), unanswered=len(silent))
             return
-        self._write_snapshot(current.previous_text)
+        if silent and self.metrics is not None:
+            self.metrics.config_reload("error")  # a silent worker counts none itself
+        try:
+            self._write_snapshot(current.previous_text)
+        except OSError as exc:
+            log.error("config_diverged", cause=f"cannot restore the copy: {exc.strerror}")
+            return
         self.config_text, self.config = current.previous_text, current.previous_config
-        if not current.applied and not current.fresh:
-            # Every worker kept the previous configuration: nothing to undo.
-            log.error("reload_refused_by_workers", refused=refused)
-            return
+        moved = self._off_copy()
         log.error(
             "reload_refused_by_workers",
-            refused=refused,
-            applied=current.applied,
-            action="every worker goes back to the previous configuration",
+            refused=len(laggards) - len(moved) + len(silent),
+            going_back=len(moved),
         )
-        self.round = _ReloadRound(
-            current.previous_text,
-            current.previous_config,
-            waiting=set(self.children),
-            deadline=time.monotonic() + self._answer_within(current.previous_config),
-            reverting=True,
-        )
-        self._tell_workers()
+        self.healed.clear()
+        self.diverged_pids.clear()
+        if moved:
+            self.round = _ReloadRound(
+                current.previous_text,
+                current.previous_config,
+                waiting=set(moved),
+                deadline=time.monotonic() + self._answer_within(current.previous_config),
+                reverting=True,
+            )
+            self._tell_workers(moved)
+
+    def _heal(self) -> None:
+        for pid in self._off_copy():
+            if pid in self.unanswered:
+                continue
+            if pid in self.healed:
+                if pid not in self.diverged_pids:
+                    self.diverged_pids.add(pid)
+                    log.error("config_diverged", pid=pid)
+                continue
+            self.healed.add(pid)
+            log.warning("worker_off_copy", pid=pid)
+            self._tell_workers((pid,))
+
+    @property
+    def diverged(self) -> bool:
+        """A worker runs another configuration than the copy, and reloading did not
+        bring it back (outside a reload in progress)."""
+        return self.round is None and bool(self.diverged_pids.intersection(self._off_copy()))
 
 
 @dataclass
 class _ReloadRound:
-    """A reload the workers were told of, until each says whether it applied it."""
+    """A reload the workers were told of, until each says which configuration it runs."""
 
     previous_text: str
     previous_config: Config
     waiting: set[int]  # workers yet to answer
     deadline: float  # monotonic; a worker silent past it counts as refusing
-    reverting: bool = False  # this round takes every worker back to previous_text
-    applied: int = 0
-    rejected: int = 0
-    fresh: set[int] = dataclasses.field(default_factory=set)  # started during the round
+    reverting: bool = False  # this round takes workers back to previous_text
+
+
+def config_digest(text: str) -> str:
+    """What a worker reports of the configuration text it runs."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+_REPORT = re.compile(rb"C([0-9a-f]{16})\n")
 
 
 def _issuer_ready_samples(metrics_dir: Path) -> dict[str, bool]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spoa import __version__
-from spoa.config import ConfigError, describe, load_config, parse_duration
+from spoa.config import ConfigError, describe, load_config, parse_duration, read_config
 from spoa.protocol import SPEEDUPS
 from spoa.protocol.payloads import speedups_refused
 from spoa.verifier.parsing import SPEEDUPS as BASE64URL_SPEEDUPS
@@ -241,12 +241,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from spoa.app import StartupError, run_agent
 
     # A supervisor's worker reads the supervisor's copy of the file: the one its siblings run.
-    config = load_config(args.config, text_from=args.config_snapshot)
+    text, config = read_config(args.config, text_from=args.config_snapshot)
     try:
         return run_agent(
             config,
             config_path=args.config,
             config_snapshot=args.config_snapshot,
+            config_text=text,
             pid_file=args.pid_file,
             worker_fd=args.worker_fd,
             ready_fd=args.ready_fd,

@@ -500,10 +500,10 @@ class Metrics:
         self._jwks_keys.labels(issuer=label).set(count)
         self._keyset_fetched.labels(issuer=label).set(fetched_at)
 
-    def jwks_keys_expired(self, issuer: str) -> None:
-        """The issuer's keys outlived max_stale and were dropped: none is held. The key
-        set's timestamp stays, so its age goes on growing."""
-        self._jwks_keys.labels(issuer=self._issuer_label(issuer)).set(0)
+    def jwks_keys_held(self, issuer: str, count: int) -> None:
+        """The issuer's keys that may verify tokens now: 0 once they outlived max_stale.
+        The key set's timestamp stays, so its age goes on growing."""
+        self._jwks_keys.labels(issuer=self._issuer_label(issuer)).set(count)
 
     def jwks_max_stale(self, issuer: str, seconds: float) -> None:
         self._jwks_max_stale.labels(issuer=self._issuer_label(issuer)).set(seconds)

@@ -19,8 +19,10 @@ from spoa.app import (
     Engine,
     Supervisor,
     VerdictRecorder,
+    Worker,
     _check_restart_only,
     carried_keys,
+    config_digest,
     configure_replay,
     issuer_rules,
     jwks_timing,
@@ -47,10 +49,14 @@ from tests.test_config import MINIMAL
 @contextlib.contextmanager
 def supervisor_of(config_path: Path | None = None) -> Iterator[Supervisor]:
     """A Supervisor that starts no worker; its private directory and table go after."""
-    supervisor = Supervisor(
-        parse_config(MINIMAL), None if config_path is None else str(config_path), socket.socket()
-    )
+    if config_path is None:
+        supervisor = Supervisor(parse_config(MINIMAL), None, socket.socket())
+    else:
+        text = config_path.read_text()
+        supervisor = Supervisor(parse_config(text), str(config_path), socket.socket(), text)
     try:
+        if supervisor.config_text is not None:
+            supervisor._write_snapshot(supervisor.config_text)  # as run() does first
         yield supervisor
     finally:
         shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
@@ -260,10 +266,12 @@ def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configura
     tmp_path: Path,
 ) -> None:
     """One worker applied a reload, the other refused it: the supervisor puts its copy of
-    the configuration back and tells every worker to reload it, so no two run different
-    ones. If that fails too, /readyz says so."""
+    the configuration back and tells the worker that applied it to reload, so no two run
+    different ones. If that fails too, /readyz says so."""
     config_file = tmp_path / "jwtgate.toml"
     config_file.write_text(MINIMAL)
+    edited = MINIMAL.replace('audiences = ["api"]', 'audiences = ["api", "other"]')
+    old, new = config_digest(MINIMAL), config_digest(edited)
     huped = [tmp_path / f"hup-{n}" for n in range(2)]
     counters = [[sys.executable, "-c", _HUP_COUNTER, str(path)] for path in huped]
     with supervisor_of(config_file) as supervisor, stand_ins(counters) as workers:
@@ -272,28 +280,26 @@ def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configura
         for pid in (applied, refused):
             supervisor.children[pid] = 0
             supervisor.serving.add(pid)
-        assert supervisor.config_text is not None
-        supervisor._write_snapshot(supervisor.config_text)
-        edited = MINIMAL.replace('audiences = ["api"]', 'audiences = ["api", "other"]')
+            supervisor._reported(pid, old)
         config_file.write_text(edited)
 
         supervisor._reload()
-        wait_until(lambda: all(p.read_text() == "H" for p in huped), 10, "both SIGHUPs")
+        wait_until(lambda: [p.read_text() for p in huped] == ["H", "H"], 10, "both SIGHUPs")
         assert supervisor.snapshot.read_text() == edited
-        supervisor._reload_outcome(applied, applied=True)
+        supervisor._reported(applied, new)
         supervisor._settle_round()
         assert supervisor.round is not None
-        assert not supervisor.round.reverting
-        supervisor._reload_outcome(refused, applied=False)
+        assert not supervisor.round.reverting  # one answer to go
+        supervisor._reported(refused, old)
         supervisor._settle_round()
 
         assert supervisor.snapshot.read_text() == MINIMAL
         assert supervisor.config.issuers[0].audiences == ("api",)
         assert supervisor.round is not None
         assert supervisor.round.reverting
-        wait_until(lambda: all(p.read_text() == "HH" for p in huped), 10, "the second SIGHUPs")
-        supervisor._reload_outcome(applied, applied=True)
-        supervisor._reload_outcome(refused, applied=False)  # cannot even go back
+        # Only the worker that took the new copy reloads again.
+        wait_until(lambda: [p.read_text() for p in huped] == ["HH", "H"], 10, "one SIGHUP")
+        supervisor._reported(applied, new)  # it cannot even go back
         supervisor._settle_round()
         assert supervisor.round is None
         assert supervisor.diverged
@@ -303,18 +309,61 @@ def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configura
 def test_a_reload_every_worker_refuses_changes_nothing(tmp_path: Path) -> None:
     config_file = tmp_path / "jwtgate.toml"
     config_file.write_text(MINIMAL)
-    with supervisor_of(config_file) as supervisor:
-        assert supervisor.config_text is not None
-        supervisor._write_snapshot(supervisor.config_text)
-        supervisor.children.update({101: 0, 102: 1})  # still starting: owed, not signalled
+    huped = [tmp_path / f"hup-{n}" for n in range(2)]
+    counters = [[sys.executable, "-c", _HUP_COUNTER, str(path)] for path in huped]
+    with supervisor_of(config_file) as supervisor, stand_ins(counters) as workers:
+        wait_until(lambda: all(p.exists() for p in huped), 10, "the workers' start")
+        for worker in workers:
+            supervisor.children[worker.pid] = 0
+            supervisor.serving.add(worker.pid)
+            supervisor._reported(worker.pid, config_digest(MINIMAL))
         config_file.write_text(MINIMAL.replace("api", "other"))
         supervisor._reload()
-        assert supervisor.reload_owed == {101, 102}
-        supervisor._reload_outcome(101, applied=False)
-        supervisor._reload_outcome(102, applied=False)
+        for worker in workers:
+            supervisor._reported(worker.pid, config_digest(MINIMAL))
         supervisor._settle_round()
         assert supervisor.round is None
         assert supervisor.snapshot.read_text() == MINIMAL
+        assert not supervisor.diverged
+        time.sleep(0.2)  # a second SIGHUP would have been counted by now
+        assert [p.read_text() for p in huped] == ["H", "H"]
+
+
+def test_a_late_answer_is_brought_back_to_the_copy(tmp_path: Path) -> None:
+    """Regression (review): a worker that applied a reload after the supervisor had given
+    up on it and put the previous copy back ran the new configuration unnoticed, its
+    answer dropped as "a reload of its own". Any answer off the copy now gets one SIGHUP
+    to reload the copy, and the agent is not ready while that does not help."""
+    config_file = tmp_path / "jwtgate.toml"
+    config_file.write_text(MINIMAL)
+    edited = MINIMAL.replace("api", "other")
+    old, new = config_digest(MINIMAL), config_digest(edited)
+    huped = [tmp_path / f"hup-{n}" for n in range(2)]
+    counters = [[sys.executable, "-c", _HUP_COUNTER, str(path)] for path in huped]
+    with supervisor_of(config_file) as supervisor, stand_ins(counters) as workers:
+        wait_until(lambda: all(p.exists() for p in huped), 10, "the workers' start")
+        prompt, late = (w.pid for w in workers)
+        for pid in (prompt, late):
+            supervisor.children[pid] = 0
+            supervisor.serving.add(pid)
+            supervisor._reported(pid, old)
+        config_file.write_text(edited)
+        supervisor._reload()
+        supervisor._reported(prompt, old)  # refused
+        assert supervisor.round is not None
+        supervisor.round.deadline = 0.0  # `late` stays silent past it
+        supervisor._settle_round()
+        assert supervisor.snapshot.read_text() == MINIMAL
+        assert supervisor.round is None
+
+        supervisor._reported(late, new)  # it applied the new copy after all
+        supervisor._settle_round()
+        wait_until(lambda: huped[1].read_text() == "HH", 10, "the late worker's SIGHUP")
+        assert huped[0].read_text() == "H"
+        supervisor._reported(late, new)  # and does not come back
+        supervisor._settle_round()
+        assert supervisor.diverged
+        supervisor._reported(late, old)  # until it does
         assert not supervisor.diverged
 
 
@@ -338,3 +387,31 @@ def test_keys_that_outlive_max_stale_count_as_none_held() -> None:
         )
         == fetched
     )
+
+
+def test_the_keys_gauge_follows_what_the_store_can_use() -> None:
+    """Regression (review): after the keys expired (gauge 0), a reload that raised
+    max_stale made them usable again, announced by no fetch, and the gauge stayed 0.
+    Each readiness tick now publishes the count the store can use."""
+    import json
+
+    from spoa.devkit.keys import generate_signing_key, jwks_document
+    from spoa.verifier import load_jwks
+
+    config = parse_config(MINIMAL)
+    metrics = Metrics(issuers=["corp"], reasons=[r.value for r in Reason])
+    store = MemoryKeyStore()
+    keys = [generate_signing_key("RS256") for _ in range(2)]
+    key_set, _ = load_jwks(json.dumps(jwks_document(keys)).encode())
+    worker = Worker(config, None, metrics)
+    worker.engine = Engine(config, None, None, None, store)  # type: ignore[arg-type]
+
+    def held() -> float | None:
+        return metrics.registry.get_sample_value("jwtgate_jwks_keys", {"issuer": "corp"})
+
+    store.replace("corp", key_set, time.time() - 100.0, max_stale=10.0)  # too old
+    worker._publish_readiness()
+    assert held() == 0
+    store.replace("corp", key_set, time.time() - 100.0, max_stale=1000.0)  # usable again
+    worker._publish_readiness()
+    assert held() == 2

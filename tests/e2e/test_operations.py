@@ -624,6 +624,27 @@ def test_a_restarted_worker_runs_what_its_siblings_run(tmp_path: Path, reload: b
             process.wait(15)
 
 
+def test_a_worker_restarts_when_the_copy_of_the_configuration_was_removed(
+    tmp_path: Path,
+) -> None:
+    """Regression (review): the supervisor wrote its copy once; after a /tmp cleaner
+    removed it, every restarted worker failed to start until the next reload."""
+    with LocalIssuer() as issuer:
+        process, log, metrics_port = start_agent(tmp_path, issuer, 2)
+        try:
+            wait_ready(metrics_port)
+            environ = Path(f"/proc/{min(_children(process.pid))}/environ").read_bytes()
+            (setting,) = [e for e in environ.split(b"\0") if e.startswith(b"PROMETHEUS_MULTI")]
+            copy = Path(setting.partition(b"=")[2].decode()) / "config.toml"
+            copy.unlink()
+            kill_a_worker_and_wait_for_its_replacement(process, metrics_port)
+            assert copy.exists()
+            assert "worker_startup_failed" not in log.read_text()
+        finally:
+            process.terminate()
+            process.wait(15)
+
+
 def test_a_restart_while_the_idp_is_down_serves_the_saved_keys(tmp_path: Path) -> None:
     """Regression (fault injection): keys lived in memory only, so an agent restarted
     during an IdP outage refused every token although max_stale had not run out. With
