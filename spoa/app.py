@@ -1291,6 +1291,9 @@ class Supervisor:
         if current.waiting and time.monotonic() < current.deadline:
             return
         self.round = None
+        # Two SIGHUPs can arrive as one (signals do not queue): forget the counts, or a
+        # worker would look busy, and out of _heal's reach, for good.
+        self.unanswered.clear()
         laggards = self._off_copy()
         silent = [pid for pid in current.waiting if pid in self.children]
         if not laggards and not silent:
