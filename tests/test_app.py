@@ -262,28 +262,38 @@ time.sleep(60)
 """
 
 
+@contextlib.contextmanager
+def reload_of_two_workers(
+    tmp_path: Path, edited: str
+) -> Iterator[tuple[Supervisor, list[int], list[Path]]]:
+    """A supervisor on a MINIMAL file, with two stand-in workers serving it (each writes
+    an H to its file per SIGHUP), right after a reload to `edited`. Yields the
+    supervisor, the pids and their files."""
+    config_file = tmp_path / "jwtgate.toml"
+    config_file.write_text(MINIMAL)
+    huped = [tmp_path / f"hup-{n}" for n in range(2)]
+    counters = [[sys.executable, "-c", _HUP_COUNTER, str(path)] for path in huped]
+    with supervisor_of(config_file) as supervisor, stand_ins(counters) as workers:
+        wait_until(lambda: all(p.exists() for p in huped), 10, "the workers' start")
+        for worker in workers:
+            supervisor.children[worker.pid] = 0
+            supervisor.serving.add(worker.pid)
+            supervisor._reported(worker.pid, config_digest(MINIMAL))
+        config_file.write_text(edited)
+        supervisor._reload()
+        yield supervisor, [w.pid for w in workers], huped
+
+
 def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configuration(
     tmp_path: Path,
 ) -> None:
     """One worker applied a reload, the other refused it: the supervisor puts its copy of
     the configuration back and tells the worker that applied it to reload, so no two run
     different ones. If that fails too, /readyz says so."""
-    config_file = tmp_path / "jwtgate.toml"
-    config_file.write_text(MINIMAL)
     edited = MINIMAL.replace('audiences = ["api"]', 'audiences = ["api", "other"]')
     old, new = config_digest(MINIMAL), config_digest(edited)
-    huped = [tmp_path / f"hup-{n}" for n in range(2)]
-    counters = [[sys.executable, "-c", _HUP_COUNTER, str(path)] for path in huped]
-    with supervisor_of(config_file) as supervisor, stand_ins(counters) as workers:
-        wait_until(lambda: all(p.exists() for p in huped), 10, "the workers' start")
-        applied, refused = (w.pid for w in workers)
-        for pid in (applied, refused):
-            supervisor.children[pid] = 0
-            supervisor.serving.add(pid)
-            supervisor._reported(pid, old)
-        config_file.write_text(edited)
-
-        supervisor._reload()
+    with reload_of_two_workers(tmp_path, edited) as (supervisor, pids, huped):
+        applied, refused = pids
         wait_until(lambda: [p.read_text() for p in huped] == ["H", "H"], 10, "both SIGHUPs")
         assert supervisor.snapshot.read_text() == edited
         supervisor._reported(applied, new)
@@ -307,20 +317,13 @@ def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configura
 
 
 def test_a_reload_every_worker_refuses_changes_nothing(tmp_path: Path) -> None:
-    config_file = tmp_path / "jwtgate.toml"
-    config_file.write_text(MINIMAL)
-    huped = [tmp_path / f"hup-{n}" for n in range(2)]
-    counters = [[sys.executable, "-c", _HUP_COUNTER, str(path)] for path in huped]
-    with supervisor_of(config_file) as supervisor, stand_ins(counters) as workers:
-        wait_until(lambda: all(p.exists() for p in huped), 10, "the workers' start")
-        for worker in workers:
-            supervisor.children[worker.pid] = 0
-            supervisor.serving.add(worker.pid)
-            supervisor._reported(worker.pid, config_digest(MINIMAL))
-        config_file.write_text(MINIMAL.replace("api", "other"))
-        supervisor._reload()
-        for worker in workers:
-            supervisor._reported(worker.pid, config_digest(MINIMAL))
+    with reload_of_two_workers(tmp_path, MINIMAL.replace("api", "other")) as (
+        supervisor,
+        pids,
+        huped,
+    ):
+        for pid in pids:
+            supervisor._reported(pid, config_digest(MINIMAL))
         supervisor._settle_round()
         assert supervisor.round is None
         assert supervisor.snapshot.read_text() == MINIMAL
@@ -334,21 +337,10 @@ def test_a_late_answer_is_brought_back_to_the_copy(tmp_path: Path) -> None:
     up on it and put the previous copy back ran the new configuration unnoticed, its
     answer dropped as "a reload of its own". Any answer off the copy now gets one SIGHUP
     to reload the copy, and the agent is not ready while that does not help."""
-    config_file = tmp_path / "jwtgate.toml"
-    config_file.write_text(MINIMAL)
     edited = MINIMAL.replace("api", "other")
     old, new = config_digest(MINIMAL), config_digest(edited)
-    huped = [tmp_path / f"hup-{n}" for n in range(2)]
-    counters = [[sys.executable, "-c", _HUP_COUNTER, str(path)] for path in huped]
-    with supervisor_of(config_file) as supervisor, stand_ins(counters) as workers:
-        wait_until(lambda: all(p.exists() for p in huped), 10, "the workers' start")
-        prompt, late = (w.pid for w in workers)
-        for pid in (prompt, late):
-            supervisor.children[pid] = 0
-            supervisor.serving.add(pid)
-            supervisor._reported(pid, old)
-        config_file.write_text(edited)
-        supervisor._reload()
+    with reload_of_two_workers(tmp_path, edited) as (supervisor, pids, huped):
+        prompt, late = pids
         # Two SIGHUPs that reached `late` as one (signals do not queue) leave one
         # answer owed for good; settling the round must forget it.
         supervisor.unanswered[late] += 1
