@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import math
 import os
 import re
 import signal
@@ -443,7 +444,8 @@ class Worker:
         self.config_path = config_path
         self.config_snapshot = config_snapshot  # a supervisor's copy of the file, read instead
         self.config_digest = ""  # config_digest() of the text it runs, for the supervisor
-        self.on_reloaded: Callable[[str], None] | None = None  # tells the supervisor
+        self.read_digest = ""  # ... and of the text its last reload read ("": none)
+        self.on_reloaded: Callable[[str, str], None] | None = None  # tells the supervisor
         self.metrics = metrics
         self.recorder = VerdictRecorder(metrics, config)
         self.engine: Engine | None = None
@@ -609,7 +611,7 @@ class Worker:
     async def _reload_and_report(self) -> None:
         await self.reload()
         if self.on_reloaded is not None:
-            self.on_reloaded(self.config_digest)
+            self.on_reloaded(self.config_digest, self.read_digest)
 
     async def reload(self) -> bool:
         """Swap in the configuration file's current content; keep the old one on any error."""
@@ -617,8 +619,10 @@ class Worker:
         async with self._reloading:
             if self.config_path is None:
                 return False
+            self.read_digest = ""
             try:
                 text, config = read_config(self.config_path, text_from=self.config_snapshot)
+                self.read_digest = config_digest(text)
                 _check_restart_only(self.config, config)
                 engine = await build_engine(config, key_event_logger(self.metrics), self.engine)
             except Exception as exc:  # a reload must never take the running agent down
@@ -759,14 +763,16 @@ def _worker_main(
 ) -> int:
     """Run one worker to completion in this process. With `ready_fd` (a supervisor's
     pipe), "R" is written there once the worker serves, then "." every HEARTBEAT_EVERY;
-    and "C<digest>\n", the configuration it runs, once it serves and after each reload.
+    and "C<running>:<read>\n" (config_digest of the text it runs, and of the copy it last
+    read) once it serves and after each reload.
     With a `balancer`, it takes its share of the connections on a shared listener."""
 
     def report_serving() -> None:
         if ready_fd is not None:
             with contextlib.suppress(OSError):
                 os.set_blocking(ready_fd, False)
-                os.write(ready_fd, b"C%s\nR" % worker.config_digest.encode())
+                digest = worker.config_digest.encode()
+                os.write(ready_fd, b"C%s:%s\nR" % (digest, digest))
 
     orphaned: list[bool] = []
 
@@ -784,10 +790,10 @@ def _worker_main(
                 log.error("supervisor_gone", pid=os.getpid())
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    def report_reload(digest: str) -> None:
+    def report_reload(running: str, read: str) -> None:
         assert ready_fd is not None
         with contextlib.suppress(OSError):  # a full pipe or a gone supervisor: see heartbeat
-            os.write(ready_fd, b"C%s\n" % digest.encode())
+            os.write(ready_fd, b"C%s:%s\n" % (running.encode(), read.encode()))
 
     metrics = make_metrics(config)
     worker = Worker(config, config_path, metrics, config_snapshot)
@@ -967,8 +973,8 @@ class Supervisor:
         self.config_text = config_text if config_path is not None else None
         self.round: _ReloadRound | None = None
         self.runs: dict[int, str] = {}  # pid -> digest of the configuration it reported
-        self.unanswered: dict[int, int] = {}  # pid -> SIGHUPs it has not answered yet
-        self.healed: set[int] = set()  # told to reload the copy since it last changed
+        self.healing: dict[int, float] = {}  # pid -> when its answer to _heal is due
+        self.refusals: set[int] = set()  # read the current copy and kept another one
         self.diverged_pids: set[int] = set()  # told, and still on another configuration
         self.reports: dict[int, bytes] = {}  # pid -> the start of a report read in part
         self.sock = sock
@@ -1101,7 +1107,7 @@ class Supervisor:
             self.last_beat[pid] = now
             pending = self.reports.pop(pid, b"") + data
             for match in _REPORT.finditer(pending):
-                self._reported(pid, match.group(1).decode())
+                self._reported(pid, match.group(1).decode(), match.group(2).decode())
             tail = pending[pending.rfind(b"\n") + 1 :]
             if b"C" in tail:
                 self.reports[pid] = tail[tail.index(b"C") :]
@@ -1182,9 +1188,9 @@ class Supervisor:
             slot = self.children.pop(pid, None)
             if self.round is not None:
                 self.round.waiting.discard(pid)
-            for table in (self.runs, self.unanswered, self.reports):
+            for table in (self.runs, self.healing, self.reports):
                 table.pop(pid, None)
-            self.healed.discard(pid)
+            self.refusals.discard(pid)
             self.diverged_pids.discard(pid)
             self.processes.pop(pid, None)
             self.serving.discard(pid)
@@ -1222,33 +1228,41 @@ class Supervisor:
 
     def _reload(self) -> None:
         """Check the file, make it the workers' copy, and tell them. _settle_round ends
-        the round once each worker said which configuration it runs."""
+        the round once each worker said what it made of that copy."""
         if self.config_path is None or self.config_text is None:
             return
         try:
             text, config = read_config(self.config_path)
             _check_restart_only(self.config, config)
-            previous = _ReloadRound(
-                self.config_text,
-                self.config,
-                waiting=set(self.children),
-                deadline=time.monotonic() + self._answer_within(config),
-            )
             self._write_snapshot(text)
         except Exception as exc:  # the supervisor must outlive any bad file
             _reject_reload(exc, self.metrics)
             return
-        self.round = previous
+        previous_text, previous_config = self.config_text, self.config
         self.config_text, self.config = text, config
-        self.healed.clear()
-        self.diverged_pids.clear()
+        self.round = _ReloadRound(
+            previous_text,
+            previous_config,
+            waiting=set(self.children),
+            deadline=time.monotonic() + self._answer_within(config),
+        )
+        self._forget_answers()
         self._tell_workers(self.children)
         log.info("reload_forwarded", workers=len(self.children))
+
+    def _forget_answers(self) -> None:
+        """The copy changed: what workers said of the last one no longer counts."""
+        self.healing.clear()
+        self.refusals.clear()
+        self.diverged_pids.clear()
 
     def _answer_within(self, config: Config) -> float:
         # A worker still starting serves within ready_timeout (then gets its SIGHUP), and
         # a reload may wait as long again for new keys before it is refused.
         return 2 * config.agent.ready_timeout + self.STALL_AFTER
+
+    def _copy_digest(self) -> str:
+        return config_digest(self.config_text or "")
 
     def _tell_workers(self, pids: Iterable[int]) -> None:
         """SIGHUP each of `pids` that serves; one still starting gets it once it serves
@@ -1257,33 +1271,38 @@ class Supervisor:
             if pid not in self.serving:
                 self.reload_owed.add(pid)
                 continue
-            self.unanswered[pid] = self.unanswered.get(pid, 0) + 1
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
 
-    def _reported(self, pid: int, digest: str) -> None:
-        """A worker says which configuration it runs: after it starts serving, and after
-        each reload it was asked for, applied or not."""
-        self.runs[pid] = digest
-        left = self.unanswered.get(pid, 0) - 1
-        if left > 0:
-            self.unanswered[pid] = left
+    def _reported(self, pid: int, running: str, attempted: str) -> None:
+        """A worker says which configuration it runs, and which copy it last read: once
+        it serves (the same one), and after each reload, applied or not. Only a report on
+        the current copy answers for it: one from a reload of an older copy (a SIGHUP
+        sent to the whole process group, say) says nothing about this one."""
+        self.runs[pid] = running
+        if attempted != self._copy_digest():
+            return
+        self.healing.pop(pid, None)
+        if running != attempted:
+            self.refusals.add(pid)
         else:
-            self.unanswered.pop(pid, None)
-        if self.round is not None and pid not in self.unanswered and pid not in self.reload_owed:
-            self.round.waiting.discard(pid)
+            self.refusals.discard(pid)
+        current = self.round
+        if current is not None and pid not in self.reload_owed:
+            current.waiting.discard(pid)
 
     def _off_copy(self) -> list[int]:
-        """Serving workers known to run something other than the copy."""
-        target = config_digest(self.config_text or "")
-        return [pid for pid in self.serving if self.runs.get(pid, target) != target]
+        """Serving workers known to run something other than the copy. (Also called from
+        the metrics thread, through ready(): it reads copies of the shared tables.)"""
+        target = self._copy_digest()
+        runs = dict(self.runs)
+        return [pid for pid in tuple(self.serving) if runs.get(pid, target) != target]
 
     def _settle_round(self) -> None:
         """Once every worker answered (or the time is up): if any is not on the new copy,
-        the previous copy comes back and only the workers that took the new one reload
-        again, so that no two run different configurations and a restarted worker runs
-        what its siblings do. Outside a round, a worker found on another configuration
-        (a late answer) is told once to reload the copy."""
+        the previous copy comes back and the workers that may hold the new one (on it, or
+        silent) reload again, so that no two run different configurations and a restarted
+        worker runs what its siblings do. Outside a round, _heal looks after the rest."""
         current = self.round
         if current is None:
             self._heal()
@@ -1291,56 +1310,64 @@ class Supervisor:
         if current.waiting and time.monotonic() < current.deadline:
             return
         self.round = None
-        # Two SIGHUPs can arrive as one (signals do not queue): forget the counts, or a
-        # worker would look busy, and out of _heal's reach, for good.
-        self.unanswered.clear()
-        laggards = self._off_copy()
-        silent = [pid for pid in current.waiting if pid in self.children]
-        if not laggards and not silent:
-            if current.reverting:
+        silent = {pid for pid in current.waiting if pid in self.children}
+        off = set(self._off_copy())
+        if current.reverting:
+            # Told to go back and answered, yet not back: _heal will not try again.
+            stuck = {pid for pid in current.told - silent if pid in off}
+            if stuck:
+                self.diverged_pids.update(stuck)
+                self.healing.update(dict.fromkeys(stuck, math.inf))
+                log.error("config_diverged", off_copy=len(stuck))
+            else:
                 log.warning("reload_reverted")
             return
-        if current.reverting:
-            self.healed.update(laggards)  # told twice already: no third time
-            self.diverged_pids.update(laggards)
-            log.error("config_diverged", off_copy=len(laggards), unanswered=len(silent))
+        if not off and not silent:
             return
         if silent and self.metrics is not None:
             self.metrics.config_reload("error")  # a silent worker counts none itself
+        new_digest = self._copy_digest()
         try:
             self._write_snapshot(current.previous_text)
         except OSError as exc:
+            # The new copy stays; the workers that refused it are the ones off it now.
+            self.diverged_pids.update(off | silent)
             log.error("config_diverged", cause=f"cannot restore the copy: {exc.strerror}")
             return
         self.config_text, self.config = current.previous_text, current.previous_config
-        moved = self._off_copy()
-        log.error(
-            "reload_refused_by_workers",
-            refused=len(laggards) - len(moved) + len(silent),
-            going_back=len(moved),
-        )
-        self.healed.clear()
-        self.diverged_pids.clear()
-        if moved:
+        # Those that may hold the new text: on it, silent, or still starting (they may
+        # have read either copy).
+        told = {
+            pid
+            for pid in self.children
+            if pid in silent or self.runs.get(pid) == new_digest or pid not in self.serving
+        }
+        log.error("reload_refused_by_workers", refused=len(off | silent), going_back=len(told))
+        self._forget_answers()
+        if told:
             self.round = _ReloadRound(
                 current.previous_text,
                 current.previous_config,
-                waiting=set(moved),
+                waiting=set(told),
                 deadline=time.monotonic() + self._answer_within(current.previous_config),
                 reverting=True,
+                told=set(told),
             )
-            self._tell_workers(moved)
+            self._tell_workers(told)
 
     def _heal(self) -> None:
+        """A worker found off the copy (a late answer, a worker that started from a copy
+        since put back) is told to reload it; again if it does not answer in time."""
+        now = time.monotonic()
         for pid in self._off_copy():
-            if pid in self.unanswered:
+            if self.healing.get(pid, 0.0) > now:
+                continue  # told, waiting for its answer (or given up: inf)
+            if pid in self.refusals:
+                self.diverged_pids.add(pid)
+                self.healing[pid] = math.inf
+                log.error("config_diverged", pid=pid)
                 continue
-            if pid in self.healed:
-                if pid not in self.diverged_pids:
-                    self.diverged_pids.add(pid)
-                    log.error("config_diverged", pid=pid)
-                continue
-            self.healed.add(pid)
+            self.healing[pid] = now + self._answer_within(self.config)
             log.warning("worker_off_copy", pid=pid)
             self._tell_workers((pid,))
 
@@ -1348,26 +1375,29 @@ class Supervisor:
     def diverged(self) -> bool:
         """A worker runs another configuration than the copy, and reloading did not
         bring it back (outside a reload in progress)."""
-        return self.round is None and bool(self.diverged_pids.intersection(self._off_copy()))
+        return self.round is None and bool(frozenset(self.diverged_pids) & set(self._off_copy()))
 
 
 @dataclass
 class _ReloadRound:
-    """A reload the workers were told of, until each says which configuration it runs."""
+    """A reload the workers were told of, until each says what it made of the copy."""
 
     previous_text: str
     previous_config: Config
     waiting: set[int]  # workers yet to answer
     deadline: float  # monotonic; a worker silent past it counts as refusing
     reverting: bool = False  # this round takes workers back to previous_text
+    told: set[int] = dataclasses.field(default_factory=set)  # a revert's workers
 
 
 def config_digest(text: str) -> str:
-    """What a worker reports of the configuration text it runs."""
+    """What a worker reports of the configuration text it runs or read."""
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-_REPORT = re.compile(rb"C([0-9a-f]{16})\n")
+# "C<digest it runs>:<digest of the copy it last read>\n"; the second may be empty (the
+# copy could not be read).
+_REPORT = re.compile(rb"C([0-9a-f]{16}):([0-9a-f]{16}|)\n")
 
 
 def _issuer_ready_samples(metrics_dir: Path) -> dict[str, bool]:

@@ -278,7 +278,7 @@ def reload_of_two_workers(
         for worker in workers:
             supervisor.children[worker.pid] = 0
             supervisor.serving.add(worker.pid)
-            supervisor._reported(worker.pid, config_digest(MINIMAL))
+            supervisor._reported(worker.pid, config_digest(MINIMAL), config_digest(MINIMAL))
         config_file.write_text(edited)
         supervisor._reload()
         yield supervisor, [w.pid for w in workers], huped
@@ -296,11 +296,11 @@ def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configura
         applied, refused = pids
         wait_until(lambda: [p.read_text() for p in huped] == ["H", "H"], 10, "both SIGHUPs")
         assert supervisor.snapshot.read_text() == edited
-        supervisor._reported(applied, new)
+        supervisor._reported(applied, new, new)
         supervisor._settle_round()
         assert supervisor.round is not None
         assert not supervisor.round.reverting  # one answer to go
-        supervisor._reported(refused, old)
+        supervisor._reported(refused, old, new)
         supervisor._settle_round()
 
         assert supervisor.snapshot.read_text() == MINIMAL
@@ -309,7 +309,7 @@ def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configura
         assert supervisor.round.reverting
         # Only the worker that took the new copy reloads again.
         wait_until(lambda: [p.read_text() for p in huped] == ["HH", "H"], 10, "one SIGHUP")
-        supervisor._reported(applied, new)  # it cannot even go back
+        supervisor._reported(applied, new, old)  # it read the old copy, and kept the new
         supervisor._settle_round()
         assert supervisor.round is None
         assert supervisor.diverged
@@ -317,13 +317,14 @@ def test_workers_that_disagree_on_a_reload_all_go_back_to_the_previous_configura
 
 
 def test_a_reload_every_worker_refuses_changes_nothing(tmp_path: Path) -> None:
+    old, new = config_digest(MINIMAL), config_digest(MINIMAL.replace("api", "other"))
     with reload_of_two_workers(tmp_path, MINIMAL.replace("api", "other")) as (
         supervisor,
         pids,
         huped,
     ):
         for pid in pids:
-            supervisor._reported(pid, config_digest(MINIMAL))
+            supervisor._reported(pid, old, new)
         supervisor._settle_round()
         assert supervisor.round is None
         assert supervisor.snapshot.read_text() == MINIMAL
@@ -332,33 +333,78 @@ def test_a_reload_every_worker_refuses_changes_nothing(tmp_path: Path) -> None:
         assert [p.read_text() for p in huped] == ["H", "H"]
 
 
-def test_a_late_answer_is_brought_back_to_the_copy(tmp_path: Path) -> None:
-    """Regression (review): a worker that applied a reload after the supervisor had given
-    up on it and put the previous copy back ran the new configuration unnoticed, its
-    answer dropped as "a reload of its own". Any answer off the copy now gets one SIGHUP
-    to reload the copy, and the agent is not ready while that does not help."""
+def test_a_silent_worker_is_told_to_go_back_and_its_late_answer_does_not_count(
+    tmp_path: Path,
+) -> None:
+    """Regression (review): the answer of a worker that applied a reload after the round
+    had given up on it was dropped, or counted for the wrong round, and it could stay on
+    the new configuration unnoticed. A silent worker is now told to go back, and only a
+    report on the current copy answers for it."""
     edited = MINIMAL.replace("api", "other")
     old, new = config_digest(MINIMAL), config_digest(edited)
     with reload_of_two_workers(tmp_path, edited) as (supervisor, pids, huped):
         prompt, late = pids
-        # Two SIGHUPs that reached `late` as one (signals do not queue) leave one
-        # answer owed for good; settling the round must forget it.
-        supervisor.unanswered[late] += 1
-        supervisor._reported(prompt, old)  # refused
+        supervisor._reported(prompt, old, new)  # refused
         assert supervisor.round is not None
         supervisor.round.deadline = 0.0  # `late` stays silent past it
         supervisor._settle_round()
         assert supervisor.snapshot.read_text() == MINIMAL
-        assert supervisor.round is None
-
-        supervisor._reported(late, new)  # it applied the new copy after all
-        supervisor._settle_round()
-        wait_until(lambda: huped[1].read_text() == "HH", 10, "the late worker's SIGHUP")
+        assert supervisor.round is not None
+        assert supervisor.round.reverting
+        wait_until(lambda: huped[1].read_text() == "HH", 10, "the silent worker's SIGHUP")
         assert huped[0].read_text() == "H"
-        supervisor._reported(late, new)  # and does not come back
+        supervisor._reported(late, new, new)  # its answer to the first SIGHUP, at last
+        supervisor._settle_round()
+        assert supervisor.round is not None  # not an answer to this copy
+        supervisor._reported(late, old, old)
+        supervisor._settle_round()
+        assert supervisor.round is None
+        assert not supervisor.diverged
+        assert supervisor._off_copy() == []
+
+
+def test_reports_on_an_older_copy_do_not_answer_a_reload(tmp_path: Path) -> None:
+    """Regression (review): a SIGHUP sent to the whole process group (systemctl kill)
+    made each worker reload the old copy at once; those answers were taken for the new
+    copy's, and a valid reload was undone."""
+    edited = MINIMAL.replace("api", "other")
+    old, new = config_digest(MINIMAL), config_digest(edited)
+    with reload_of_two_workers(tmp_path, edited) as (supervisor, pids, _huped):
+        for pid in pids:
+            supervisor._reported(pid, old, old)  # the group SIGHUP's own reloads
+        supervisor._settle_round()
+        assert supervisor.round is not None
+        for pid in pids:  # one report for two SIGHUPs is enough, too
+            supervisor._reported(pid, new, new)
+        supervisor._settle_round()
+        assert supervisor.round is None
+        assert supervisor.snapshot.read_text() == edited
+        assert not supervisor.diverged
+
+
+def test_a_worker_found_off_the_copy_is_told_once_then_reported(tmp_path: Path) -> None:
+    """Outside a reload, a worker on another configuration (one started from a copy put
+    back since) gets a SIGHUP; if it reads the copy and still runs another one, /readyz
+    says so."""
+    edited = MINIMAL.replace("api", "other")
+    old, new = config_digest(MINIMAL), config_digest(edited)
+    with reload_of_two_workers(tmp_path, edited) as (supervisor, pids, huped):
+        for pid in pids:
+            supervisor._reported(pid, new, new)
+        supervisor._settle_round()
+        assert supervisor.round is None
+        odd = pids[0]
+        supervisor._reported(odd, old, "")  # a start from an older copy, say
+        supervisor._settle_round()
+        wait_until(lambda: huped[0].read_text() == "HH", 10, "its SIGHUP")
+        assert not supervisor.diverged
+        supervisor._settle_round()  # told already: not again before its answer
+        time.sleep(0.2)
+        assert huped[0].read_text() == "HH"
+        supervisor._reported(odd, old, new)  # read the copy, kept the other
         supervisor._settle_round()
         assert supervisor.diverged
-        supervisor._reported(late, old)  # until it does
+        supervisor._reported(odd, new, new)
         assert not supervisor.diverged
 
 
