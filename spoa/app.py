@@ -993,7 +993,7 @@ class Supervisor:
         self.ever_served = False
         self.reload_requested = False
         # Private to the supervisor and its workers: their metric files, and the copy of
-        # the configuration (SNAPSHOT_NAME).
+        # the configuration (SNAPSHOT_NAME, written before each worker starts).
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="jwtgate-metrics-"))
         self.snapshot = self.metrics_dir / SNAPSHOT_NAME
         self.metrics: Metrics | None = None
@@ -1004,8 +1004,6 @@ class Supervisor:
         server: MetricsServer | None = None
         try:  # from here on, whatever fails, the private directory goes
             prepare_multiprocess_dir(self.metrics_dir)
-            if self.config_text is not None:
-                self._write_snapshot(self.config_text)
             # The supervisor's own series (rejected reloads) merge with the workers'. It
             # names no issuers: its issuer_ready series would otherwise join the workers'
             # minimum.

@@ -56,7 +56,7 @@ def supervisor_of(config_path: Path | None = None) -> Iterator[Supervisor]:
         supervisor = Supervisor(parse_config(text), str(config_path), socket.socket(), text)
     try:
         if supervisor.config_text is not None:
-            supervisor._write_snapshot(supervisor.config_text)  # as run() does first
+            supervisor._write_snapshot(supervisor.config_text)  # as _spawn does first
         yield supervisor
     finally:
         shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
