@@ -496,9 +496,8 @@ class Metrics:
 
     def jwks_keys(self, issuer: str, count: int, fetched_at: float) -> None:
         """The issuer now holds `count` keys, fetched (or confirmed) at Unix time `fetched_at`."""
-        label = self._issuer_label(issuer)
-        self._jwks_keys.labels(issuer=label).set(count)
-        self._keyset_fetched.labels(issuer=label).set(fetched_at)
+        self.jwks_keys_held(issuer, count)
+        self._keyset_fetched.labels(issuer=self._issuer_label(issuer)).set(fetched_at)
 
     def jwks_keys_held(self, issuer: str, count: int) -> None:
         """The issuer's keys that may verify tokens now: 0 once they outlived max_stale.
