@@ -439,11 +439,13 @@ class Worker:
         config_path: str | None,
         metrics: Metrics,
         config_snapshot: str | None = None,
+        config_text: str = "",
     ) -> None:
+        """`config_text`: the text `config` was read from."""
         self.config = config
         self.config_path = config_path
         self.config_snapshot = config_snapshot  # a supervisor's copy of the file, read instead
-        self.config_digest = ""  # config_digest() of the text it runs, for the supervisor
+        self.config_digest = config_digest(config_text)  # of the text it runs, for the supervisor
         self.read_digest = ""  # ... and of the text its last reload read ("": none)
         self.on_reloaded: Callable[[str, str], None] | None = None  # tells the supervisor
         self.metrics = metrics
@@ -796,8 +798,7 @@ def _worker_main(
             os.write(ready_fd, b"C%s:%s\n" % (running.encode(), read.encode()))
 
     metrics = make_metrics(config)
-    worker = Worker(config, config_path, metrics, config_snapshot)
-    worker.config_digest = config_digest(config_text)
+    worker = Worker(config, config_path, metrics, config_snapshot, config_text)
     if ready_fd is not None:
         worker.on_reloaded = report_reload
     server: MetricsServer | None = None
