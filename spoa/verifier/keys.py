@@ -27,6 +27,7 @@ from spoa.verifier.algorithms import (
     material_kind,
     same_signature,
 )
+from spoa.verifier.edwards import edwards_key_problem
 from spoa.verifier.errors import KeyLoadError, TokenRejected
 from spoa.verifier.parsing import parse_json_object
 from spoa.verifier.reasons import Reason
@@ -168,10 +169,13 @@ def key_from_public(
         if curve is None:
             raise KeyLoadError(f"unsupported EC curve {public_key.curve.name}")
         kind = KeyKind.EC
-    elif isinstance(public_key, Ed25519PublicKey):
-        kind, curve = KeyKind.OKP, "Ed25519"
-    elif isinstance(public_key, Ed448PublicKey):
-        kind, curve = KeyKind.OKP, "Ed448"
+    elif isinstance(public_key, Ed25519PublicKey | Ed448PublicKey):
+        curve = "Ed25519" if isinstance(public_key, Ed25519PublicKey) else "Ed448"
+        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        problem = edwards_key_problem(curve, raw)
+        if problem is not None:
+            raise KeyLoadError(f"{curve} public key {problem}")
+        kind = KeyKind.OKP
     else:
         raise KeyLoadError("unsupported public key type")
     _check_pinned_alg(alg, kind)

@@ -213,3 +213,33 @@ def test_a_published_private_key_is_not_trusted(alg: str) -> None:
     keys, report = load_jwks({"keys": [private_jwk, key.public_jwk()]})
     assert len(keys.keys) == 1
     assert report.skipped
+
+
+def test_an_ed25519_key_of_small_order_is_not_trusted() -> None:
+    """Regression: OpenSSL takes any 32 bytes as an Ed25519 key. With the neutral element
+    as key, R = neutral and S = 0 verify for any header and payload, so one such key in
+    a JWKS let anyone sign. Such keys are now refused, from JWK, JWKS and PEM alike."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from spoa.verifier.algorithms import ALGORITHMS, verify_signature
+
+    neutral = b"\x01" + bytes(31)
+    forged_signature = neutral + bytes(32)
+    openssl_key = Ed25519PublicKey.from_public_bytes(neutral)
+    eddsa = ALGORITHMS["EdDSA"]
+    # The premise: without the check, the forgery verifies for any message.
+    assert verify_signature(eddsa, openssl_key, "Ed25519", b"any.thing", forged_signature)
+
+    weak = {"kty": "OKP", "crv": "Ed25519", "x": b64(neutral), "kid": "weak"}
+    with pytest.raises(KeyLoadError, match="small order"):
+        load_jwk(weak)
+    real = make_key("EdDSA", kid="real")
+    keys, report = load_jwks({"keys": [weak, real.public_jwk()]})
+    assert [key.kid for key in keys.keys] == ["real"]
+    assert any("small order" in why for why in report.skipped)
+    pem = openssl_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(KeyLoadError, match="small order"):
+        load_pem(pem)
