@@ -46,9 +46,11 @@ class IssuerRules:
 
 
 def normalize_type(value: str) -> str:
-    """RFC 7515 §4.1.9: `typ` compares case-insensitively, "application/" may be omitted."""
-    lowered = value.lower()
-    return lowered.removeprefix("application/")
+    """RFC 7515 §4.1.9: `typ` is a media type, compared without regard to ASCII case, and
+    a value without "/" stands for "application/" and itself (so `x/y` is not
+    `application/x/y`). Unicode case folding could make other letters equal: not used."""
+    lowered = value.lower() if value.isascii() else value
+    return lowered if "/" in lowered else "application/" + lowered
 
 
 @dataclass(frozen=True, slots=True)

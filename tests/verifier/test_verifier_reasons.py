@@ -254,6 +254,24 @@ def test_type_compares_case_insensitively_with_optional_prefix(typ: str, es_key:
     assert _verify(es_key, token, allowed_types=frozenset({"application/at+jwt"})).ok
 
 
+@pytest.mark.parametrize(
+    ("typ", "allowed"),
+    [
+        ("application/x/y", "x/y"),  # only a value without "/" takes the prefix
+        ("x/y", "application/x/y"),
+        ("application/at+jwt", "text/at+jwt"),
+        ("at+jw\u212a", "at+jwk"),  # KELVIN SIGN: Unicode folding makes it "k"
+    ],
+)
+def test_type_prefix_and_case_follow_the_media_type_rules(
+    typ: str, allowed: str, es_key: KeyPair
+) -> None:
+    """Regression: "application/" was stripped from every value, so `application/x/y`
+    matched `x/y`; and Unicode lowercasing folded non-ASCII letters into ASCII ones."""
+    token = mint(es_key, header={"typ": typ})
+    assert _verify(es_key, token, allowed_types=frozenset({allowed})).reason is Reason.BAD_TYPE
+
+
 def test_missing_type_is_refused_when_types_are_enforced(es_key: KeyPair) -> None:
     token = mint(es_key, header={"typ": None})
     assert _verify(es_key, token, allowed_types=frozenset({"at+jwt"})).reason is Reason.BAD_TYPE
