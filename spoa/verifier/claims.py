@@ -71,11 +71,10 @@ def check_issuer_claims(
             raise TokenRejected("token lifetime is too long", reason=Reason.LIFETIME_TOO_LONG)
         if iat is None:
             lifetime_floor = exp - rules.max_lifetime - rules.leeway
-    # RFC 7519 4.1.2 and 4.1.7: a subject or token id is a string; a number would forward
-    # as text no different from the string of its digits.
+    # RFC 7519 4.1.2 and 4.1.7: a subject or token id, when present, is a string (null
+    # too is refused); a number would forward as text no different from its digits.
     for claim in ("sub", "jti"):
-        value = payload.get(claim)
-        if value is not None and type(value) is not str:
+        if claim in payload and type(payload[claim]) is not str:
             raise TokenRejected(f"{claim} is not a string", reason=Reason.MALFORMED)
     for claim in rules.required_claims:
         if payload.get(claim) is None:

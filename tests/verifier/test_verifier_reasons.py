@@ -278,11 +278,14 @@ def test_missing_type_is_refused_when_types_are_enforced(es_key: KeyPair) -> Non
     assert _verify(es_key, token).ok  # not enforced by default
 
 
-@pytest.mark.parametrize("claims", [{"sub": 123}, {"sub": True}, {"jti": 7}, {"sub": ["a"]}])
+@pytest.mark.parametrize(
+    "claims",
+    [{"sub": 123}, {"sub": True}, {"jti": 7}, {"sub": ["a"]}, {"sub": None}, {"jti": None}],
+)
 def test_sub_and_jti_must_be_strings(claims: dict[str, Any], es_key: KeyPair) -> None:
     """Regression: `"sub": 123` verified and forwarded X-JWT-Sub: 123, the same header as
-    `"sub": "123"`. RFC 7519 4.1.2 and 4.1.7 make both strings."""
-    token = mint(es_key, default_claims(**claims))
+    `"sub": "123"`. RFC 7519 4.1.2 and 4.1.7 make both strings; a null one passed too."""
+    token = mint(es_key, {**default_claims(), **claims})  # default_claims drops None
     assert _verify(es_key, token).reason is Reason.MALFORMED
 
 
