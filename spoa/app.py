@@ -319,14 +319,20 @@ class VerdictRecorder:
 
     def __init__(self, metrics: Metrics, config: Config) -> None:
         self.metrics = metrics
-        self.configure(config)
+        self.configure(config, self.limiter_for(config))
 
-    def configure(self, config: Config) -> None:
-        """Take the [log] settings (at start and on reload)."""
-        self.access_log = config.log.access_log
-        self.limiter = RejectionLogLimiter(
+    @staticmethod
+    def limiter_for(config: Config) -> RejectionLogLimiter:
+        """The rejection log limit `config` asks for; a reload builds it before it swaps
+        anything in, so that a setting it cannot take leaves the running one whole."""
+        return RejectionLogLimiter(
             config.log.rejections_per_second, config.log.rejections_burst, time.monotonic
         )
+
+    def configure(self, config: Config, limiter: RejectionLogLimiter) -> None:
+        """Take the [log] settings (at start and on reload)."""
+        self.access_log = config.log.access_log
+        self.limiter = limiter
 
     def on_verdict(
         self,
@@ -626,6 +632,7 @@ class Worker:
                 text, config = read_config(self.config_path, text_from=self.config_snapshot)
                 self.read_digest = config_digest(text)
                 _check_restart_only(self.config, config)
+                limiter = VerdictRecorder.limiter_for(config)
                 engine = await build_engine(config, key_event_logger(self.metrics), self.engine)
             except Exception as exc:  # a reload must never take the running agent down
                 _reject_reload(exc, self.metrics)
@@ -634,7 +641,7 @@ class Worker:
             engine.keys.release_archive()
             self.config = config
             self.config_digest = config_digest(text)
-            self.recorder.configure(config)
+            self.recorder.configure(config, limiter)
             assert self.handler is not None
             memo = self.handler.memo
             if memo is not None:
@@ -729,7 +736,9 @@ def bind_listener(config: Config) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise StartupError(f"cannot listen on {config.agent.listen}: {exc.strerror}") from None
+        raise StartupError(
+            f"agent.listen: cannot listen on {config.agent.listen}: {exc.strerror}"
+        ) from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -809,7 +818,7 @@ def _worker_main(
             server.start()
         except OSError as exc:
             raise StartupError(
-                f"cannot listen on {config.metrics.listen}: {exc.strerror}"
+                f"metrics.listen: cannot listen on {config.metrics.listen}: {exc.strerror}"
             ) from None
     install_uvloop()
     try:
@@ -1018,7 +1027,8 @@ class Supervisor:
                     listener.start()
                 except OSError as exc:
                     raise StartupError(
-                        f"cannot listen on {self.config.metrics.listen}: {exc.strerror}"
+                        f"metrics.listen: cannot listen on {self.config.metrics.listen}: "
+                        f"{exc.strerror}"
                     ) from None
                 server = listener
             signal.signal(signal.SIGTERM, self._on_stop)

@@ -8,6 +8,7 @@ weaken a check. The reference for every key is docs/configuration.md.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -77,17 +78,42 @@ def format_duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+# A host name (RFC 1123 labels); an IP address is checked by ipaddress instead.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
 def parse_address(text: str) -> tuple[str, int]:
-    """Parse "host:port" or "[v6]:port"."""
+    """Parse "host:port" or "[v6]:port"; the host is an IP address or a host name."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not (port_text.isascii() and port_text.isdigit()) or not host:
         raise ValueError(text)
     port = int(port_text)
     if not 1 <= port <= 65535:  # port 0 would bind a random port no HAProxy can name
         raise ValueError(text)
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        # Not an address: a name, which must not look like a mistyped IPv4 address
+        # (999.1.1.1) nor carry spaces. Both passed before and failed only at bind time.
+        if bracketed or len(host) > 253 or not _HOST_NAME.fullmatch(host):
+            raise ValueError(text) from None
+        if host.replace(".", "").isdigit():
+            raise ValueError(text) from None
+    else:
+        if (address.version == 6) != bracketed:  # IPv6 only in brackets, IPv4 never
+            raise ValueError(text)
     return host, port
+
+
+def listeners_overlap(first: tuple[str, int], second: tuple[str, int]) -> bool:
+    """Whether two listen addresses would compete for one port."""
+    wildcards = ("0.0.0.0", "::")
+    return first[1] == second[1] and (
+        first[0] == second[0] or first[0] in wildcards or second[0] in wildcards
+    )
 
 
 # --- settings ----------------------------------------------------------------------------
@@ -362,6 +388,9 @@ class _Reader:
         metrics = self.section(doc, "metrics", MetricsSettings, self.metrics_field)
         log = self.section(doc, "log", LogSettings, self.log_field)
         cache = self.section(doc, "cache", CacheSettings, self.cache_field)
+        if metrics.address is not None and listeners_overlap(agent.address, metrics.address):
+            with self.at("metrics"):
+                self.fail("listen", f"{metrics.listen} would take agent.listen's port")
         issuers = self.issuers(doc.get("issuers"))
         self.issuer_audiences = {i.name: i.audiences for i in issuers}
         policies = self.policies(doc.get("policies"), self.issuer_names)
@@ -416,7 +445,7 @@ class _Reader:
         return {
             "level": _choice("debug", "info", "warning", "error"),
             "format": _choice("json", "console"),
-            "rejections_per_second": _number(0.0),
+            "rejections_per_second": _positive_number,
             "rejections_burst": _int(1, 1_000_000),
             "access_log": _bool,
         }[name]
@@ -788,6 +817,17 @@ def _number(low: float) -> Callable[[Any], float]:
         return float(value)
 
     return convert
+
+
+def _positive_number(value: Any) -> float:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _Expected("a number above 0")
+    return float(value)
 
 
 def _duration(low: float, high: float = 365 * 86400.0) -> Callable[[Any], float]:

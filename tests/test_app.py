@@ -208,6 +208,17 @@ def test_unverified_kid_and_alg_are_clipped_in_rejection_logs() -> None:
     assert (second["kid"], second["alg"]) == ("2024-rotation-b", "RS256")
 
 
+def test_the_rejection_limiter_takes_every_rate_the_configuration_takes() -> None:
+    """Regression: `rejections_per_second = 0` passed check-config, then the limiter
+    refused it: `run` failed with an internal error, and a reload raised after it had
+    swapped in the new keys but not the policies, logging nothing. The configuration
+    now refuses 0, and a reload builds the limiter before it swaps anything in."""
+    smallest = parse_config("[log]\nrejections_per_second = 1e-9\n" + MINIMAL)
+    assert VerdictRecorder.limiter_for(smallest) is not None
+    with pytest.raises(ConfigError, match=r"log\.rejections_per_second"):
+        parse_config("[log]\nrejections_per_second = 0\n" + MINIMAL)
+
+
 def test_the_supervisor_kills_silent_or_never_serving_workers() -> None:
     """A serving worker silent for STALL_AFTER, or one that has not served within
     ready_timeout plus that margin (regression: one stopped before it served stayed

@@ -436,12 +436,27 @@ def test_a_bad_jwks_url_is_a_config_problem_and_is_not_echoed(url: str) -> None:
             "agent.listen: expected an address",
         ),
         ('[agent]\nhello_timeout = "\u0663s"\n' + MINIMAL, "agent.hello_timeout: expected a"),
+        ("[log]\nrejections_per_second = 0\n" + MINIMAL, "log.rejections_per_second: expected"),
+        ('[agent]\nlisten = " 127.0.0.1:9999"\n' + MINIMAL, "agent.listen: expected an address"),
+        ('[metrics]\nlisten = "999.1.1.1:9999"\n' + MINIMAL, "metrics.listen: expected an"),
+        ('[agent]\nlisten = "::1:9999"\n' + MINIMAL, "agent.listen: expected an address"),
+        (
+            '[agent]\nlisten = "127.0.0.1:9612"\n[metrics]\nlisten = "127.0.0.1:9612"\n' + MINIMAL,
+            "metrics.listen: 127.0.0.1:9612 would take agent.listen's port",
+        ),
+        (
+            '[agent]\nlisten = "127.0.0.1:9999"\n[metrics]\nlisten = "0.0.0.0:9999"\n' + MINIMAL,
+            "metrics.listen: 0.0.0.0:9999 would take agent.listen's port",
+        ),
     ],
 )
 def test_configs_that_run_would_refuse_fail_the_check(text: str, problem: str) -> None:
     """Regression: these passed check-config, then crashed `run` with a traceback (no
     algorithm, a policy trusting no issuer), served nothing but 500s (no policy), bound
-    a random port (port 0), or read non-ASCII digits as a port or a duration."""
+    a random port (port 0), or read non-ASCII digits as a port or a duration. A rejection
+    rate of 0 made the log limiter raise, at start and half-way through a reload; a host
+    with a space or a mistyped IPv4 address, and the metrics listener on the agent's port,
+    failed only when `run` bound them."""
     found = problems(text)
     assert any(p.startswith(problem) for p in found), found
 
