@@ -359,7 +359,7 @@ class VerdictRecorder:
         fields: dict[str, Any] = {
             "reason": verdict.reason.value,
             "status": verdict.status,
-            "policy": policy,
+            "policy": _clip(policy),  # an unknown one is whatever HAProxy sent
             "issuer": verdict.issuer,
             "kid": _clip(verdict.kid),
             "alg": _clip(verdict.alg),
@@ -373,7 +373,8 @@ class VerdictRecorder:
 
 
 # `kid` and `alg` of a rejected token come from its unverified header: anyone can make them
-# as long as the token limit allows. Real ones are short.
+# as long as the token limit allows, as the policy name when haproxy.cfg takes it from the
+# request. Real ones are short.
 _LOGGED_HEADER_CHARS = 128
 
 

@@ -202,10 +202,15 @@ def test_unverified_kid_and_alg_are_clipped_in_rejection_logs() -> None:
     recorder.on_verdict(forged, "default", 0.001, "a.b.c", report_only=False)
     short = Verdict.rejected(Reason.UNKNOWN_KID, kid="2024-rotation-b", alg="RS256")
     recorder.on_verdict(short, "default", 0.001, "a.b.c", report_only=False)
-    (first, second) = captured.fields
+    # A policy name haproxy.cfg took from a request header: unknown, and as long as it is.
+    recorder.on_verdict(
+        Verdict.rejected(Reason.UNKNOWN_POLICY), "p" * 5000, 0.001, None, report_only=False
+    )
+    (first, second, third) = captured.fields
     assert first["reason"] == "unknown_kid"
     assert (first["kid"], first["alg"]) == ("k" * 128 + "…", "A" * 128 + "…")
     assert (second["kid"], second["alg"]) == ("2024-rotation-b", "RS256")
+    assert third["policy"] == "p" * 128 + "…"
 
 
 def test_the_rejection_limiter_takes_every_rate_the_configuration_takes() -> None:
