@@ -931,13 +931,20 @@ def run_agent(
             log.warning("plain_http_keys_allowed", issuer=issuer.name)
     if config.agent.workers > 1 and config_path is None:
         raise StartupError("several workers need the configuration file's path")
+    try:
+        sock = bind_listener(config)
+    except StartupError as exc:
+        log.error("startup_failed", error=str(exc))
+        return 1
+    # Written once the port is ours: a second agent that cannot start must neither replace
+    # the running one's pid file nor, leaving, remove it.
     if pid_file:
         try:
             Path(pid_file).write_text(f"{os.getpid()}\n")
         except OSError as exc:
+            sock.close()
             raise StartupError(f"cannot write the pid file {pid_file}: {exc.strerror}") from None
     try:
-        sock = bind_listener(config)
         if config.agent.workers == 1:
             return _worker_main(config, config_path, sock, None, reload_requested)
         return Supervisor(config, config_path, sock, config_text).run(reload_requested)
@@ -946,8 +953,14 @@ def run_agent(
         return 1
     finally:
         if pid_file:
-            with contextlib.suppress(OSError):
-                Path(pid_file).unlink()
+            _remove_own_pid_file(Path(pid_file))
+
+
+def _remove_own_pid_file(path: Path) -> None:
+    """Remove the pid file unless another process has written its own there since."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()
 
 
 class Supervisor:

@@ -251,10 +251,15 @@ def test_run_refuses_a_busy_port(tmp_path: Path) -> None:
             f'algorithms = ["RS256"]\njwks_file = "{keys / "jwks.json"}"\n'
             '[policies.default]\nissuers = ["dev"]\n'
         )
-        result = jwtgate("run", "--config", str(config))
+        pid_file = tmp_path / "agent.pid"
+        pid_file.write_text("4242\n")  # the running agent's
+        result = jwtgate("run", "--config", str(config), "--pid-file", str(pid_file))
     assert result.returncode == 1
-    assert "cannot listen on" in result.stdout + result.stderr
+    assert "agent.listen: cannot listen on" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+    # Regression: the failed start wrote its pid over the running agent's, then removed
+    # the file, and `jwtgate reload --pid-file` could no longer find the running agent.
+    assert pid_file.read_text() == "4242\n"
 
 
 def _package_copy(root: Path) -> Path:
