@@ -13,6 +13,7 @@ scrape time. See docs/operations.md for the gauge merge modes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -645,7 +646,28 @@ class _Server(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.registry = registry
         self.readiness = readiness
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def cut_open_requests(self) -> None:
+        """End the requests still in progress: a client that trickles its request, a byte
+        within each read timeout, would otherwise hold the process's exit for as long as
+        it likes."""
+        with self._open_lock:
+            for request in self._open:
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The stdlib prints a traceback to stderr; log one line instead. A client that
@@ -775,6 +797,7 @@ class MetricsServer:
             return
         server.shutdown()
         thread.join()
+        server.cut_open_requests()  # no request starts after shutdown(): none is missed
         server.server_close()
         self._server = self._thread = None
 

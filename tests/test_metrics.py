@@ -24,10 +24,12 @@ from spoa.metrics import (
     MULTIPROC_ENV,
     Metrics,
     MetricsServer,
+    _Handler,
     mark_worker_dead,
     multiprocess_registry,
     prepare_multiprocess_dir,
 )
+from tests.support.polling import wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -365,6 +367,27 @@ def test_stop_joins_every_thread_and_closes_the_port() -> None:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     with pytest.raises(RuntimeError):
         _ = server.port
+
+
+def test_stop_does_not_wait_for_a_client_that_never_finishes_its_request() -> None:
+    """Regression: stop() joined every request thread, and a request thread waited out its
+    read timeout (5 s) per byte: a client trickling its request line held the agent's
+    exit for as long as it kept sending."""
+    server = MetricsServer(Metrics().registry)
+    server.start()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+        client.sendall(b"GET /metrics HTTP/1.1\r\n")  # and no more
+        wait_until(
+            lambda: any("process_request" in t.name for t in threading.enumerate()),
+            5,
+            "a thread to read the request",
+        )
+        started = time.monotonic()
+        server.stop()
+        # Well within one read timeout, which the old stop() waited out at least once.
+        assert time.monotonic() - started < _Handler.timeout / 2
+        assert client.recv(100) == b""  # the server closed it
+    assert not [t for t in threading.enumerate() if t.name == "jwtgate-metrics"]
 
 
 # -- several worker processes ------------------------------------------------------------
