@@ -20,6 +20,7 @@ from typing import Any
 
 from spoa import __version__
 from spoa.config import ConfigError, describe, load_config, parse_duration, read_config
+from spoa.logs import mask_secrets
 from spoa.protocol import SPEEDUPS
 from spoa.protocol.payloads import speedups_refused
 from spoa.verifier.parsing import SPEEDUPS as BASE64URL_SPEEDUPS
@@ -265,7 +266,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = static_key_problems(config)
     if problems:
         raise ConfigError(problems)
-    print(json.dumps(describe(config), indent=2, sort_keys=True, default=str))
+    print(json.dumps(mask_secrets(describe(config)), indent=2, sort_keys=True, default=str))
     print(f"jwtgate: {args.file}: configuration is valid", file=sys.stderr)
     return EXIT_OK
 

@@ -345,7 +345,8 @@ def mask_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
 
     For the start-up summary. Keys such as `hmac_secret`, `password`, `key`, `client_token`
     are masked; `key_file`, `token_header`, `public_key` are not (they name a place or a
-    public value). Unset (None) values stay None so the summary shows what is missing.
+    public value). http(s) URLs keep all but their query and fragment. Unset
+    (None) values stay None so the summary shows what is missing.
     """
     if not isinstance(config, Mapping):
         raise TypeError("mask_secrets() takes a mapping")
@@ -365,6 +366,12 @@ def _mask_mapping(mapping: Mapping[Any, Any], depth: int) -> dict[str, Any]:
     return masked
 
 
+def _mask_url_query(url: str) -> str:
+    """The URL with its query and fragment masked: an IdP's API key travels there."""
+    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=-1)
+    return url if cut < 0 else url[:cut] + "?" + MASKED
+
+
 def _mask_value(value: Any, depth: int) -> Any:
     if depth > _MAX_DEPTH * 2:
         return MASKED
@@ -376,4 +383,6 @@ def _mask_value(value: Any, depth: int) -> Any:
         return [_mask_value(item, depth + 1) for item in value]
     if isinstance(value, bytes | bytearray):
         return MASKED  # raw bytes in a config are key material more often than not
+    if isinstance(value, str) and value.startswith(("https://", "http://")):
+        return _mask_url_query(value)
     return value

@@ -322,11 +322,14 @@ def test_check_config_loads_the_key_files(
 
 def test_check_config_cli_prints_the_effective_config(tmp_path: Path) -> None:
     path = tmp_path / "ok.toml"
-    path.write_text(MINIMAL)
+    path.write_text(MINIMAL.replace("jwks.json", "jwks.json?api_key=hunter2"))
     result = check_config(path)
     assert result.returncode == 0
     assert '"listen": "127.0.0.1:12345"' in result.stdout
     assert "configuration is valid" in result.stderr
+    # Regression: an API key in the JWKS URL's query was printed.
+    assert '"jwks_uri": "https://id.example.com/jwks.json?[masked]"' in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 def test_array_elements_are_reported_with_their_index() -> None:

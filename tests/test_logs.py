@@ -339,6 +339,15 @@ def test_mask_secrets_hides_secrets_and_keeps_the_shape() -> None:
     assert issuer["password"] is None
     assert masked["agent"] == config["agent"]
     assert masked["log"] == {"level": "info"}
+    assert issuer["jwks_uri"] == "https://idp.example/jwks"
+    # Regression: an API key in a JWKS URL's query was printed by check-config and logged.
+    urls = mask_secrets(
+        {"jwks_uri": "https://idp.example/jwks?api_key=hunter2", "discovery_url": "https://a/#x"}
+    )
+    assert urls == {
+        "jwks_uri": "https://idp.example/jwks?[masked]",
+        "discovery_url": "https://a/?[masked]",
+    }
     # The input is left alone.
     assert config["issuers"][0]["client_secret"] == "s3cr3t"  # type: ignore[index]
 
