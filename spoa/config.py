@@ -433,7 +433,7 @@ class _Reader:
             "frame_timeout": _duration(0.001),
             "shutdown_grace": _duration(0.0),
             "max_token_bytes": _int(256, 1024 * 1024),
-            "token_query_param": _string(empty=True),
+            "token_query_param": _query_name,
             "ready_timeout": _duration(0.001),
             "unknown_kid_wait": _duration(0.0, 60.0),
         }[name]
@@ -817,6 +817,17 @@ def _number(low: float) -> Callable[[Any], float]:
         return float(value)
 
     return convert
+
+
+_QUERY_NAME = re.compile(r"[A-Za-z0-9._~-]+")
+
+
+def _query_name(value: Any) -> str:
+    # Unreserved characters only (RFC 3986 §2.3): a name needing percent-encoding, or one
+    # with a space, would never match the query HAProxy sends.
+    if not isinstance(value, str) or not (value == "" or _QUERY_NAME.fullmatch(value)):
+        raise _Expected('a query parameter name such as "access_token" (letters, digits, ._~-)')
+    return value
 
 
 def _positive_number(value: Any) -> float:

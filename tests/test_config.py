@@ -451,6 +451,7 @@ def test_a_bad_jwks_url_is_a_config_problem_and_is_not_echoed(url: str) -> None:
             '[agent]\nlisten = "127.0.0.1:9999"\n[metrics]\nlisten = "0.0.0.0:9999"\n' + MINIMAL,
             "metrics.listen: 0.0.0.0:9999 would take agent.listen's port",
         ),
+        ('[agent]\ntoken_query_param = "a b"\n' + MINIMAL, "agent.token_query_param: expected"),
     ],
 )
 def test_configs_that_run_would_refuse_fail_the_check(text: str, problem: str) -> None:
@@ -459,7 +460,8 @@ def test_configs_that_run_would_refuse_fail_the_check(text: str, problem: str) -
     a random port (port 0), or read non-ASCII digits as a port or a duration. A rejection
     rate of 0 made the log limiter raise, at start and half-way through a reload; a host
     with a space or a mistyped IPv4 address, and the metrics listener on the agent's port,
-    failed only when `run` bound them."""
+    failed only when `run` bound them. A query parameter name with a space could never
+    match."""
     found = problems(text)
     assert any(p.startswith(problem) for p in found), found
 
