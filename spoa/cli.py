@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jwtgate",
         description=__doc__,
+        epilog=(
+            "exit status: 0 done (run: stopped by SIGTERM or SIGINT), 1 failure (a bad\n"
+            "configuration, a port in use, ...: one line on standard error), 2 usage error."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 

@@ -50,6 +50,16 @@ def test_every_command_has_useful_help(command: list[str]) -> None:
     assert len(result.stdout.splitlines()) > 5
 
 
+def test_the_exit_statuses_in_help_are_the_ones_used() -> None:
+    from spoa.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+
+    text = " ".join(jwtgate("--help").stdout.split())
+    assert f"exit status: {EXIT_OK} done" in text
+    assert f"{EXIT_FAILURE} failure" in text
+    assert f"{EXIT_USAGE} usage error" in text
+    assert jwtgate("run", "--no-such-option").returncode == EXIT_USAGE
+
+
 def test_version_says_which_decoders_run() -> None:
     result = jwtgate("--version")
     assert result.returncode == 0
