@@ -249,7 +249,12 @@ async def build_engine(
     """Build and fetch keys; raises StartupError when the keys cannot be had in time.
     With `previous` (a reload), keys of unchanged remote sources carry over."""
     store = MemoryKeyStore()
-    sources = {issuer.name: key_source(issuer) for issuer in config.issuers}
+    sources = {}
+    for index, issuer in enumerate(config.issuers):
+        try:
+            sources[issuer.name] = key_source(issuer)
+        except StartupError as exc:  # a secret missing from the environment, say
+            raise StartupError(f"issuers[{index}] ({issuer.name}): {exc}") from None
     try:
         # The configuration checks the same rules; this keeps a gap between the two a
         # clean refusal rather than a traceback.

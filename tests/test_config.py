@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spoa.app import StartupError, key_source
+from spoa.app import StartupError, build_engine, key_source
 from spoa.config import (
     AgentSettings,
     CacheSettings,
@@ -144,6 +145,9 @@ def test_hmac_needs_a_secret_that_exists(monkeypatch: pytest.MonkeyPatch) -> Non
     assert issuer.keys[0].secret_env == "JWTGATE_TEST_SECRET"
     with pytest.raises(StartupError, match="JWTGATE_TEST_SECRET holding an HMAC secret is empty"):
         key_source(issuer)
+    # `run` says which issuer wanted it, as check-config does for files.
+    with pytest.raises(StartupError, match=r"^issuers\[0\] \(corp\): the environment variable"):
+        asyncio.run(build_engine(parse_config(text), lambda event: None))
     monkeypatch.setenv("JWTGATE_TEST_SECRET", "x" * 32)
     key_source(issuer)
     # Regression: a secret pasted where its variable's name belongs was echoed back.
