@@ -269,6 +269,13 @@ async def build_engine(
         raise StartupError(f"invalid configuration: {exc}") from None
     timing = {issuer.name: jwks_timing(issuer) for issuer in config.issuers}
     archive = KeyArchive(Path(config.cache.keys_dir)) if config.cache.keys_dir else None
+    if archive is not None:
+        try:
+            archive.prepare()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            where = archive.directory
+            raise StartupError(f"cache.keys_dir: cannot use {where}: {reason}") from None
     keys = KeyManager(
         sources,
         timing,
@@ -426,7 +433,9 @@ def key_event_logger(metrics: Metrics) -> Callable[[KeyEvent], None]:
             metrics.jwks_keys(event.issuer, event.key_count, event.fetched_at)
             log.warning("jwks_restored_from_disk", issuer=event.issuer, age=round(event.age, 1))
         elif isinstance(event, ArchiveFailed):
-            log.warning("jwks_not_saved", issuer=event.issuer, cause=event.cause)
+            log.warning(
+                "jwks_not_saved", issuer=event.issuer, cause=event.cause, directory=event.directory
+            )
         elif isinstance(event, StaleServingStarted):
             log.warning("jwks_stale_serving_started", issuer=event.issuer)
         elif isinstance(event, StaleServingEnded):

@@ -183,6 +183,7 @@ class ArchiveFailed:
 
     issuer: str
     cause: str
+    directory: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +234,15 @@ class KeyArchive:
 
     def _path(self, issuer: str) -> Path:
         return self.directory / f"{issuer}.jwks.json"  # issuer names are [a-z0-9_-]
+
+    def prepare(self) -> None:
+        """Make the directory and prove it writable; raises OSError. Start-up and reloads
+        call it, so that a directory the agent cannot use is a refusal, not a warning at
+        every refresh."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
 
     def save(self, issuer: str, source: str, body: bytes, fetched_at: float) -> None:
         """Write atomically through a fresh temporary file; raises OSError or ValueError
@@ -677,7 +687,10 @@ class KeyManager:
         try:  # after the store: saving is a convenience, never a reason to lose keys
             self._archive.save(name, source, body, fetched_at)
         except Exception as exc:
-            self._emit(ArchiveFailed(name, _describe(exc)))
+            cause = _describe(exc)
+            if isinstance(exc, OSError) and exc.strerror:
+                cause += f": {exc.strerror}"
+            self._emit(ArchiveFailed(name, cause, str(self._archive.directory)))
 
     def _restore(self, state: _IssuerState) -> bool:
         """After a failed first fetch: serve the archived keys, if they are young enough."""

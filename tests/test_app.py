@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import signal
@@ -17,10 +18,12 @@ import pytest
 
 from spoa.app import (
     Engine,
+    StartupError,
     Supervisor,
     VerdictRecorder,
     Worker,
     _check_restart_only,
+    build_engine,
     carried_keys,
     config_digest,
     configure_replay,
@@ -211,6 +214,17 @@ def test_unverified_kid_and_alg_are_clipped_in_rejection_logs() -> None:
     assert (first["kid"], first["alg"]) == ("k" * 128 + "…", "A" * 128 + "…")
     assert (second["kid"], second["alg"]) == ("2024-rotation-b", "RS256")
     assert third["policy"] == "p" * 128 + "…"
+
+
+def test_a_key_directory_the_agent_cannot_use_refuses_the_start(tmp_path: Path) -> None:
+    """Regression: an unusable cache.keys_dir passed, then every refresh logged
+    `jwks_not_saved` with an exception type and no path. It is now made and tried when
+    the engine is built (start and reload), and a failure names the key."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    config = parse_config(f'[cache]\nkeys_dir = "{blocked / "keys"}"\n' + MINIMAL)
+    with pytest.raises(StartupError, match=r"^cache\.keys_dir: cannot use .*: Not a directory"):
+        asyncio.run(build_engine(config, lambda event: None))
 
 
 def test_the_rejection_limiter_takes_every_rate_the_configuration_takes() -> None:

@@ -780,7 +780,13 @@ def test_an_unwritable_key_directory_is_reported_and_serving_goes_on(
     harness = Harness(JwksUrlSource(server.url("/jwks")), archive=KeyArchive(blocked / "keys"))
     assert harness.start_once()
     assert [e.issuer for e in harness.of_type(ArchiveFailed)] == ["main"]
+    # Regression: the event said FileNotFoundError and nothing more.
+    (failed,) = harness.of_type(ArchiveFailed)
+    assert failed.directory == str(blocked / "keys")
+    assert failed.cause == "NotADirectoryError: Not a directory"
     assert harness.verify(key_a) is Reason.OK
+    with pytest.raises(NotADirectoryError):
+        KeyArchive(blocked / "keys").prepare()
 
 
 def _saved_archive(tmp_path: Path, key: KeyPair, source: JwksUrlSource) -> KeyArchive:
