@@ -35,6 +35,7 @@ from spoa.config import (
     Config,
     ConfigError,
     IssuerSettings,
+    config_warnings,
     describe,
     read_config,
 )
@@ -943,6 +944,8 @@ def run_agent(
     for issuer in config.issuers:
         if issuer.allow_plain_http:
             log.warning("plain_http_keys_allowed", issuer=issuer.name)
+    for warning in config_warnings(config):
+        log.warning("config_warning", warning=warning)
     if config.agent.workers > 1 and config_path is None:
         raise StartupError("several workers need the configuration file's path")
     try:

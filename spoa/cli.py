@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from spoa import __version__
-from spoa.config import ConfigError, describe, load_config, parse_duration, read_config
+from spoa.config import (
+    ConfigError,
+    config_warnings,
+    describe,
+    load_config,
+    parse_duration,
+    read_config,
+)
 from spoa.logs import mask_secrets
 from spoa.protocol import SPEEDUPS
 from spoa.protocol.payloads import speedups_refused
@@ -271,6 +278,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems)
     print(json.dumps(mask_secrets(describe(config)), indent=2, sort_keys=True, default=str))
+    for warning in config_warnings(config):
+        print(f"jwtgate: {args.file}: warning: {warning}", file=sys.stderr)
     print(f"jwtgate: {args.file}: configuration is valid", file=sys.stderr)
     return EXIT_OK
 

@@ -982,6 +982,17 @@ def _realm(value: Any) -> str:
 # --- presentation --------------------------------------------------------------------------
 
 
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but likely not meant: said at start-up and by check-config."""
+    warnings = []
+    if DEFAULT_POLICY not in config.policies:
+        warnings.append(
+            f"no [policies.{DEFAULT_POLICY}]: a request for which haproxy.cfg sets no "
+            "txn.jwt_policy is refused with 500 unknown_policy"
+        )
+    return warnings
+
+
 def describe(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, with secrets masked."""
 

@@ -336,6 +336,16 @@ def test_check_config_cli_prints_the_effective_config(tmp_path: Path) -> None:
     assert "hunter2" not in result.stdout + result.stderr
 
 
+def test_check_config_warns_when_no_policy_is_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "named.toml"
+    path.write_text(MINIMAL.replace("[policies.default]", "[policies.api]"))
+    result = check_config(path)
+    assert result.returncode == 0
+    assert "warning: no [policies.default]: a request for which haproxy.cfg sets" in result.stderr
+    path.write_text(MINIMAL)
+    assert "warning" not in check_config(path).stderr
+
+
 def test_array_elements_are_reported_with_their_index() -> None:
     duplicate = MINIMAL.replace(
         "[policies.default]",
