@@ -56,9 +56,7 @@ _OWS = " \t"  # RFC 9110 optional white space
 _MISSING_TOKEN = Verdict.rejected(Reason.MISSING_TOKEN)
 _UNKNOWN_POLICY = Verdict.rejected(Reason.UNKNOWN_POLICY)
 # The request, not the token, is malformed (RFC 6750 invalid_request): 400, not 401.
-_MALFORMED_REQUEST = Verdict(
-    ok=False, status=400, reason=Reason.MALFORMED, claims={}, expires_at=None
-)
+_MALFORMED_REQUEST = Verdict.rejected(Reason.INVALID_REQUEST)
 
 TXN = Scope.TXN
 _VALID = SetVar(TXN, "valid", True)
@@ -507,7 +505,7 @@ def claim_text(value: Any) -> str:
 def www_authenticate(verdict: Verdict, realm: str) -> str:
     """An RFC 6750 section 3 challenge. No error attribute when no token was sent, nor
     when the failure is the agent's (keys unavailable): the token is not known bad."""
-    error = "invalid_request" if verdict.status == 400 else bearer_error(verdict.reason)
+    error = bearer_error(verdict.reason)
     if not error:
         return f'Bearer realm="{realm}"'
     challenge = (

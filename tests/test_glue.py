@@ -177,6 +177,9 @@ def test_basic_scheme_is_no_bearer_token(handler: CheckJwtHandler) -> None:
 def test_malformed_bearer_header_is_400(handler: CheckJwtHandler, header: str) -> None:
     result = run(handler, message(authorization=header))
     assert result["status"] == 400
+    # Regression: the reason was `malformed`, as for a bad token (401): logs and the
+    # reason label of the metrics could not tell the two apart.
+    assert result["reason"] == "invalid_request"
     assert 'error="invalid_request"' in str(result["www_authenticate"])
 
 

@@ -11,6 +11,7 @@ from enum import StrEnum
 class Reason(StrEnum):
     OK = "ok"
     MISSING_TOKEN = "missing_token"
+    INVALID_REQUEST = "invalid_request"
     MALFORMED = "malformed"
     TOKEN_TOO_LARGE = "token_too_large"
     UNSUPPORTED_ALG = "unsupported_alg"
@@ -37,6 +38,9 @@ class Reason(StrEnum):
 # Agent-side failures are 401 too: fail closed, never let through.
 _STATUS: dict[Reason, int] = dict.fromkeys(Reason, 401)
 _STATUS[Reason.OK] = 200
+# The request, not the token, is malformed (RFC 6750 §3.1 invalid_request): a token sent
+# in two places, or an Authorization value that is not one Bearer token.
+_STATUS[Reason.INVALID_REQUEST] = 400
 _STATUS[Reason.INSUFFICIENT_SCOPE] = 403
 _STATUS[Reason.CLAIM_MISMATCH] = 403
 # A request naming a policy that is not configured is a configuration error, not the client's.
@@ -46,6 +50,7 @@ _STATUS[Reason.UNKNOWN_POLICY] = 500
 _BEARER_ERROR: dict[Reason, str] = dict.fromkeys(Reason, "invalid_token")
 _BEARER_ERROR[Reason.OK] = ""
 _BEARER_ERROR[Reason.MISSING_TOKEN] = ""
+_BEARER_ERROR[Reason.INVALID_REQUEST] = "invalid_request"
 _BEARER_ERROR[Reason.INSUFFICIENT_SCOPE] = "insufficient_scope"
 _BEARER_ERROR[Reason.CLAIM_MISMATCH] = "insufficient_scope"
 _BEARER_ERROR[Reason.KEYS_UNAVAILABLE] = ""

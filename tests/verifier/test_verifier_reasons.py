@@ -85,6 +85,8 @@ CASES: dict[Reason, Callable[[KeyPair], Verdict]] = {
         mint(k), POLICY, CONTEXT, NOW
     ),
     Reason.UNKNOWN_POLICY: lambda k: Verdict.rejected(Reason.UNKNOWN_POLICY),
+    # The glue's, for a request with its token in two places (tests/test_glue.py).
+    Reason.INVALID_REQUEST: lambda k: Verdict.rejected(Reason.INVALID_REQUEST),
     # A caller handing the verifier something that is not a token fails closed.
     Reason.INTERNAL_ERROR: lambda k: _verify(k, 12345),
 }
