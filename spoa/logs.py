@@ -353,14 +353,21 @@ def mask_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
     return _mask_mapping(config, 0)
 
 
-def _mask_mapping(mapping: Mapping[Any, Any], depth: int) -> dict[str, Any]:
+# Tables whose keys are names an operator chose, not settings: a policy called
+# "partner-auth" or "api-key" is no secret, and what it holds is masked as usual.
+_NAMED_ENTRIES: Final = frozenset({"policies"})
+
+
+def _mask_mapping(mapping: Mapping[Any, Any], depth: int, named: bool = False) -> dict[str, Any]:
     is_jwk = "kty" in mapping
     masked: dict[str, Any] = {}
     for key, value in mapping.items():
         name = str(key)
-        secret = _is_secret_key(name) or (is_jwk and name in _JWK_PRIVATE_MEMBERS)
+        secret = not named and (_is_secret_key(name) or (is_jwk and name in _JWK_PRIVATE_MEMBERS))
         if secret and value is not None:
             masked[name] = MASKED
+        elif name in _NAMED_ENTRIES and isinstance(value, Mapping) and depth < _MAX_DEPTH:
+            masked[name] = _mask_mapping(value, depth + 1, named=True)
         else:
             masked[name] = _mask_value(value, depth + 1)
     return masked

@@ -348,6 +348,9 @@ def test_mask_secrets_hides_secrets_and_keeps_the_shape() -> None:
         "jwks_uri": "https://idp.example/jwks?[masked]",
         "discovery_url": "https://a/?[masked]",
     }
+    # Regression: check-config printed a policy named like a secret as "[masked]".
+    policies = mask_secrets({"policies": {"partner-auth": {"issuers": ["corp"], "api_key": "x"}}})
+    assert policies == {"policies": {"partner-auth": {"issuers": ["corp"], "api_key": "[masked]"}}}
     # The input is left alone.
     assert config["issuers"][0]["client_secret"] == "s3cr3t"  # type: ignore[index]
 
