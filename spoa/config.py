@@ -78,8 +78,9 @@ def format_duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
-# A host name (RFC 1123 labels); an IP address is checked by ipaddress instead.
-_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+# A host name: RFC 1123 labels, with `_` too (container and service names carry it, and
+# the resolver takes it); an IP address is checked by ipaddress instead.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -109,11 +110,24 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def listeners_overlap(first: tuple[str, int], second: tuple[str, int]) -> bool:
-    """Whether two listen addresses would compete for one port."""
-    wildcards = ("0.0.0.0", "::")
-    return first[1] == second[1] and (
-        first[0] == second[0] or first[0] in wildcards or second[0] in wildcards
-    )
+    """Whether two listen addresses surely compete for one port: the same host, or an
+    unspecified address covering the other (`::` covers IPv4 too, `0.0.0.0` only IPv4).
+    Host names are compared as written: what they resolve to is known only at bind."""
+    if first[1] != second[1]:
+        return False
+    if first[0] == second[0]:
+        return True
+    addresses = []
+    for host, _port in (first, second):
+        try:
+            addresses.append(ipaddress.ip_address(host))
+        except ValueError:
+            return False
+    a, b = addresses
+    for wide, other in ((a, b), (b, a)):
+        if wide.is_unspecified and (wide.version == 6 or other.version == 4):
+            return True
+    return a == b
 
 
 # --- settings ----------------------------------------------------------------------------
@@ -388,13 +402,27 @@ class _Reader:
         metrics = self.section(doc, "metrics", MetricsSettings, self.metrics_field)
         log = self.section(doc, "log", LogSettings, self.log_field)
         cache = self.section(doc, "cache", CacheSettings, self.cache_field)
-        if metrics.address is not None and listeners_overlap(agent.address, metrics.address):
+        if (
+            self.written_as_read(doc, "agent", "listen", agent.listen)
+            and self.written_as_read(doc, "metrics", "listen", metrics.listen)
+            and metrics.address is not None
+            and listeners_overlap(agent.address, metrics.address)
+        ):
             with self.at("metrics"):
                 self.fail("listen", f"{metrics.listen} would take agent.listen's port")
         issuers = self.issuers(doc.get("issuers"))
         self.issuer_audiences = {i.name: i.audiences for i in issuers}
         policies = self.policies(doc.get("policies"), self.issuer_names)
         return Config(agent, metrics, log, cache, tuple(issuers), policies, source)
+
+    @staticmethod
+    def written_as_read(doc: Mapping[str, Any], section: str, key: str, value: Any) -> bool:
+        """Whether `value` is what the file says (or its default, when unwritten), not the
+        default put in place of a refused value: no second problem follows from one."""
+        table = doc.get(section)
+        if not isinstance(table, Mapping) or key not in table:
+            return True
+        return bool(table[key] == value)
 
     def section(
         self,

@@ -346,6 +346,28 @@ def test_check_config_warns_when_no_policy_is_the_default(tmp_path: Path) -> Non
     assert "warning" not in check_config(path).stderr
 
 
+@pytest.mark.parametrize(
+    ("agent", "metrics"),
+    [
+        ("0.0.0.0:9999", "[::1]:9999"),  # IPv4's wildcard leaves IPv6 alone
+        ("127.0.0.1:9999", "127.0.0.2:9999"),
+        ("localhost:9999", "127.0.0.1:9999"),  # names resolve only at bind
+        ("jwtgate_agent_1:9999", "127.0.0.1:9998"),  # an underscore, as compose names have
+    ],
+)
+def test_listeners_that_can_share_a_port_are_accepted(agent: str, metrics: str) -> None:
+    parse_config(f'[agent]\nlisten = "{agent}"\n[metrics]\nlisten = "{metrics}"\n' + MINIMAL)
+
+
+def test_a_refused_agent_address_brings_no_second_problem() -> None:
+    found = problems(
+        '[agent]\nlisten = "nowhere"\n[metrics]\nlisten = "127.0.0.1:12345"\n' + MINIMAL
+    )
+    assert [p for p in found if "listen" in p] == [
+        'agent.listen: expected an address like "127.0.0.1:12345", got nowhere'
+    ]
+
+
 def test_array_elements_are_reported_with_their_index() -> None:
     duplicate = MINIMAL.replace(
         "[policies.default]",
@@ -466,6 +488,10 @@ def test_a_bad_jwks_url_is_a_config_problem_and_is_not_echoed(url: str) -> None:
             "metrics.listen: 0.0.0.0:9999 would take agent.listen's port",
         ),
         ('[agent]\ntoken_query_param = "a b"\n' + MINIMAL, "agent.token_query_param: expected"),
+        (
+            '[agent]\nlisten = "[::]:9999"\n[metrics]\nlisten = "127.0.0.1:9999"\n' + MINIMAL,
+            "metrics.listen: 127.0.0.1:9999 would take agent.listen's port",
+        ),
     ],
 )
 def test_configs_that_run_would_refuse_fail_the_check(text: str, problem: str) -> None:
