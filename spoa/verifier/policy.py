@@ -23,7 +23,8 @@ class IssuerRules:
     max_lifetime: float | None = None
     required_claims: tuple[str, ...] = ()
     allowed_types: frozenset[str] = frozenset()
-    # Derived: allowed_types normalised (lower case, no "application/" prefix).
+    # Derived: allowed_types normalised by normalize_type (ASCII lower case, and
+    # "application/" before a value without "/").
     normalized_types: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -45,11 +46,16 @@ class IssuerRules:
         )
 
 
+# ASCII letters only: Unicode lowercasing would make other letters equal to them (the
+# Kelvin sign to "k").
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def normalize_type(value: str) -> str:
     """RFC 7515 §4.1.9: `typ` is a media type, compared without regard to ASCII case, and
     a value without "/" stands for "application/" and itself (so `x/y` is not
-    `application/x/y`). Unicode case folding could make other letters equal: not used."""
-    lowered = value.lower() if value.isascii() else value
+    `application/x/y`)."""
+    lowered = value.lower() if value.isascii() else value.translate(_ASCII_LOWER)
     return lowered if "/" in lowered else "application/" + lowered
 
 

@@ -274,6 +274,11 @@ def test_type_prefix_and_case_follow_the_media_type_rules(
     assert _verify(es_key, token, allowed_types=frozenset({allowed})).reason is Reason.BAD_TYPE
 
 
+def test_ascii_case_is_ignored_beside_other_characters(es_key: KeyPair) -> None:
+    token = mint(es_key, header={"typ": "AT+JWT\u00e9"})
+    assert _verify(es_key, token, allowed_types=frozenset({"at+jwt\u00e9"})).ok
+
+
 def test_missing_type_is_refused_when_types_are_enforced(es_key: KeyPair) -> None:
     token = mint(es_key, header={"typ": None})
     assert _verify(es_key, token, allowed_types=frozenset({"at+jwt"})).reason is Reason.BAD_TYPE
