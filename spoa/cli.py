@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         epilog=(
             "exit status: 0 done (run: stopped by SIGTERM or SIGINT), 1 failure (a bad\n"
-            "configuration, a port in use, ...: one line on standard error), 2 usage error."
+            "configuration, a port in use, ...: said on standard error), 2 usage error,\n"
+            "130 interrupted by Ctrl-C before run's own handling starts; bench passes on\n"
+            "its script's status."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

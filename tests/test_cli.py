@@ -57,6 +57,7 @@ def test_the_exit_statuses_in_help_are_the_ones_used() -> None:
     assert f"exit status: {EXIT_OK} done" in text
     assert f"{EXIT_FAILURE} failure" in text
     assert f"{EXIT_USAGE} usage error" in text
+    assert "130 interrupted" in text
     assert jwtgate("run", "--no-such-option").returncode == EXIT_USAGE
 
 
