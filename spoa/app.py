@@ -687,6 +687,8 @@ class Worker:
                 issuers=[i.name for i in config.issuers],
                 policies=sorted(config.policies),
             )
+            for warning in config_warnings(config):
+                log.warning("config_warning", warning=warning)
             return True
 
 

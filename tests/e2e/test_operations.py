@@ -185,6 +185,13 @@ def test_a_bad_reload_keeps_the_old_config(single_agent: tuple[Stack, LocalIssue
     agent.process.signal(signal.SIGHUP)
     wait_until(lambda: '"event": "reloaded"' in agent.process.log_text(), 10, "the reload")
     assert request(stack, token=mint(issuer)).status == 403
+    assert "config_warning" not in agent.process.log_text()
+    # Valid, but likely not meant: no default policy. The reload says so.
+    agent.config_path.write_text(good_config.replace("[policies.default]", "[policies.other]"))
+    agent.process.signal(signal.SIGHUP)
+    wait_until(lambda: "config_warning" in agent.process.log_text(), 10, "the warning")
+    assert "no [policies.default]" in agent.process.log_text()
+    assert request(stack, token=mint(issuer)).status == 500  # unknown_policy
 
 
 def test_a_reload_during_an_idp_outage_keeps_the_keys() -> None:
