@@ -324,26 +324,28 @@ def test_check_config_loads_the_key_files(
     assert "Traceback" not in result.stderr
 
 
-def test_check_config_cli_prints_the_effective_config(tmp_path: Path) -> None:
-    path = tmp_path / "ok.toml"
-    path.write_text(MINIMAL.replace("jwks.json", "jwks.json?api_key=hunter2"))
+def check_valid(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    """check-config on `text`, which it must find valid."""
+    path = tmp_path / "valid.toml"
+    path.write_text(text)
     result = check_config(path)
-    assert result.returncode == 0
-    assert '"listen": "127.0.0.1:12345"' in result.stdout
+    assert result.returncode == 0, result.stderr
     assert "configuration is valid" in result.stderr
+    return result
+
+
+def test_check_config_cli_prints_the_effective_config(tmp_path: Path) -> None:
+    result = check_valid(tmp_path, MINIMAL.replace("jwks.json", "jwks.json?api_key=hunter2"))
+    assert '"listen": "127.0.0.1:12345"' in result.stdout
     # Regression: an API key in the JWKS URL's query was printed.
     assert '"jwks_uri": "https://id.example.com/jwks.json?[masked]"' in result.stdout
     assert "hunter2" not in result.stdout + result.stderr
+    assert "warning" not in result.stderr
 
 
 def test_check_config_warns_when_no_policy_is_the_default(tmp_path: Path) -> None:
-    path = tmp_path / "named.toml"
-    path.write_text(MINIMAL.replace("[policies.default]", "[policies.api]"))
-    result = check_config(path)
-    assert result.returncode == 0
+    result = check_valid(tmp_path, MINIMAL.replace("[policies.default]", "[policies.api]"))
     assert "warning: no [policies.default]: a request for which haproxy.cfg sets" in result.stderr
-    path.write_text(MINIMAL)
-    assert "warning" not in check_config(path).stderr
 
 
 @pytest.mark.parametrize(
