@@ -179,6 +179,9 @@ class ManagedProcess:
 # --- echo backends -----------------------------------------------------------------------
 
 
+_CLIENT_ADDRESS_HEADERS = frozenset({"x-forwarded-for", "forwarded", "x-real-ip"})
+
+
 class _EchoHandler(BaseHTTPRequestHandler):
     server: _EchoServer
     protocol_version = "HTTP/1.1"
@@ -198,6 +201,18 @@ class _EchoHandler(BaseHTTPRequestHandler):
                 "path": self.path,
                 "jwt_headers": headers,
                 "authorization": "authorization" in {k.lower() for k in self.headers},
+                # What could turn the connection into a tunnel past the gateway.
+                "upgrade_headers": {
+                    k.lower(): v
+                    for k, v in self.headers.items()
+                    if k.lower() in ("upgrade", "connection", "http2-settings")
+                },
+                # What the service would take for the client's address.
+                "client_address_headers": {
+                    k.lower(): v
+                    for k, v in self.headers.items()
+                    if k.lower().replace("_", "-") in _CLIENT_ADDRESS_HEADERS
+                },
             },
         )
 
@@ -404,6 +419,8 @@ class Stack:
                 "JWTGATE_LISTEN": f"127.0.0.1:{self.frontend_port}",
                 "JWTGATE_STATS_LISTEN": f"127.0.0.1:{self.stats_port}",
                 "JWTGATE_SPOE_CONF": str(config_dir / "spoe-jwt.conf"),
+                # The demo shows the report-only example policy on /shadow.
+                "JWTGATE_SHADOW": "1",
             }
         )
         for index, agent in enumerate(self.agents[:2]):

@@ -5,6 +5,7 @@ HTTP client. Nothing here is mocked."""
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import signal
@@ -184,6 +185,11 @@ def test_spoofed_identity_headers_never_reach_a_backend(
         "/;x/admin/users",
         "/;/admin/users",
         "/;jsessionid=1/admin/users",
+        # A fourth: an encoded `;` (a service decoding before it drops `;params` sees
+        # /admin) and an encoded `%` (a service decoding twice sees /admin).
+        "/admin%3Bx/users",
+        "/admin%3b",
+        "/%2561dmin/users",
     ],
 )
 def test_ambiguous_paths_are_refused_before_any_policy(
@@ -196,6 +202,78 @@ def test_ambiguous_paths_are_refused_before_any_policy(
     before = sum(backend.requests for backend in stack.backends)
     assert request(stack, path).status == 400
     assert sum(backend.requests for backend in stack.backends) == before
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers"),
+    [
+        ("GET", "/api/orders", [("Connection", "Upgrade"), ("Upgrade", "h2c")]),
+        ("GET", "/api/orders", [("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQAoAAA")]),
+        ("GET", "/api/orders", [("Upgrade", "websocket, h2c")]),
+        ("GET", "/api/orders", [("Upgrade", "websocket"), ("Upgrade", "h2c")]),
+        ("CONNECT", "127.0.0.1:80", []),
+    ],
+)
+def test_requests_that_would_open_a_tunnel_are_refused(
+    gateway: tuple[Stack, LocalIssuer], method: str, target: str, headers: list[tuple[str, str]]
+) -> None:
+    """Regression: HAProxy 2.6 passes CONNECT and `Upgrade: h2c` on; a service that
+    accepts them turns the rest of the connection into a tunnel, and every request sent
+    in it reaches the service with no check at all, client X-JWT-* headers included.
+    (2.8 drops an h2c upgrade itself: the service then gets a plain request.)"""
+    stack, issuer = gateway
+    before = sum(backend.requests for backend in stack.backends)
+    connection = http.client.HTTPConnection("127.0.0.1", stack.frontend_port, timeout=10)
+    try:
+        connection.putrequest(method, target, skip_host=method == "CONNECT")
+        if method == "CONNECT":
+            connection.putheader("Host", target)
+        connection.putheader("Authorization", f"Bearer {mint(issuer)}")
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    if response.status == 400:
+        assert sum(backend.requests for backend in stack.backends) == before
+    else:
+        assert method != "CONNECT"
+        assert response.status == 200
+        seen = json.loads(body)["upgrade_headers"]
+        assert not {"upgrade", "http2-settings"} & set(seen), seen
+
+
+def test_a_websocket_handshake_is_checked_like_any_request(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    stack, issuer = gateway
+    upgrade = [
+        ("Connection", "Upgrade"),
+        ("Upgrade", "WebSocket"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),  # HAProxy checks a handshake
+        ("Sec-WebSocket-Version", "13"),
+    ]
+    assert request(stack, headers=upgrade).status == 401
+    assert request(stack, token=mint(issuer), headers=upgrade).status == 200
+
+
+def test_the_service_gets_the_client_address_from_haproxy_only(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    """Regression: client-sent X-Forwarded-For, Forwarded and X-Real-IP reached the
+    service as sent, and a service may use them for audit or fraud checks."""
+    stack, issuer = gateway
+    spoofed = [
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("X_Forwarded_For", "6.6.6.6"),
+    ]
+    reply = request(stack, token=mint(issuer), headers=spoofed)
+    assert reply.status == 200
+    assert reply.json["client_address_headers"] == {"x-forwarded-for": "127.0.0.1"}
 
 
 def test_policy_paths_match_whole_segments_in_any_case(gateway: tuple[Stack, LocalIssuer]) -> None:
@@ -344,6 +422,26 @@ def test_a_retired_key_stops_replayed_answers_at_once() -> None:
         refused = request(stack, token=old)
         assert refused.status == 401
         assert "unknown_kid" in refused.headers.get("www-authenticate", "")
+
+
+def test_switches_in_the_environment_take_their_documented_values() -> None:
+    """Regression: JWTGATE_STRIP_AUTHORIZATION=yes passed `haproxy -c` and left the token
+    going to the service (only "1" counted). And the report-only /shadow example was on
+    in every copy of haproxy.cfg; it now needs JWTGATE_SHADOW=1."""
+    with LocalIssuer() as issuer:
+        options = StackOptions(
+            agent_config=agent_config(issuer),
+            haproxy_env={"JWTGATE_STRIP_AUTHORIZATION": "yes", "JWTGATE_SHADOW": "0"},
+        )
+        with Stack(options) as stack:
+            reply = request(stack, token=mint(issuer))
+            assert reply.status == 200
+            assert reply.json["authorization"] is False
+            assert request(stack, "/shadow/x").status == 401  # the default policy's answer
+    with LocalIssuer() as issuer, Stack(StackOptions(agent_config=agent_config(issuer))) as stack:
+        reply = request(stack, token=mint(issuer))
+        assert reply.json["authorization"] is True  # unset: the service sees the token
+        assert request(stack, "/shadow/x").status == 200  # the devkit stack turns it on
 
 
 @pytest.fixture
