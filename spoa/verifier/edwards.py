@@ -38,9 +38,8 @@ def edwards_key_problem(curve_name: str, encoded: bytes) -> str | None:
     number = int.from_bytes(encoded, "little")
     x_is_odd = number >> (8 * curve.size - 1)
     y = number & ((1 << (8 * curve.size - 1)) - 1)
-    if curve is _ED448 and y >> 448:  # bits 0-6 of the last byte must be clear
-        return "is not a canonical encoding"
     p = curve.p
+    # Also refuses Ed448's stray bits 0-6 of the last byte: they make y at least 2^448 > p.
     if y >= p:
         return "is not a canonical encoding"
     # x^2 = (y^2 - 1) / (d*y^2 - a); both curves' d makes the denominator non-zero.
