@@ -833,20 +833,6 @@ def _int(low: int, high: int) -> Callable[[Any], int]:
     return convert
 
 
-def _number(low: float) -> Callable[[Any], float]:
-    def convert(value: Any) -> float:
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or value < low
-        ):
-            raise _Expected(f"a number of at least {low:g}")
-        return float(value)
-
-    return convert
-
-
 _QUERY_NAME = re.compile(r"[A-Za-z0-9._~-]+")
 
 
