@@ -656,7 +656,7 @@ class Worker:
             old, self.engine = self.engine, engine
             engine.keys.release_archive()
             self.config = config
-            self.config_digest = config_digest(text)
+            self.config_digest = self.read_digest  # the text just read is the one it runs
             self.recorder.configure(config, limiter)
             assert self.handler is not None
             memo = self.handler.memo
