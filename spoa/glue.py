@@ -56,7 +56,7 @@ _OWS = " \t"  # RFC 9110 optional white space
 _MISSING_TOKEN = Verdict.rejected(Reason.MISSING_TOKEN)
 _UNKNOWN_POLICY = Verdict.rejected(Reason.UNKNOWN_POLICY)
 # The request, not the token, is malformed (RFC 6750 invalid_request): 400, not 401.
-_MALFORMED_REQUEST = Verdict.rejected(Reason.INVALID_REQUEST)
+_INVALID_REQUEST = Verdict.rejected(Reason.INVALID_REQUEST)
 
 TXN = Scope.TXN
 _VALID = SetVar(TXN, "valid", True)
@@ -542,17 +542,17 @@ def _extract_token(args: Mapping[str, Any], query_param: str) -> tuple[str | Non
         if scheme.lower() == "bearer":
             token = rest.strip(" ")
             if not token or " " in token or not token.isascii():
-                return None, _MALFORMED_REQUEST
+                return None, _INVALID_REQUEST
     other = args.get(ARG_TOKEN)
     if other:
         other = _text(other).strip(_OWS)
     if token and other:
-        return None, _MALFORMED_REQUEST
+        return None, _INVALID_REQUEST
     found = token or other
     if query_param:
         for name, value in parse_qsl(_text(args.get(ARG_QUERY)), keep_blank_values=False):
             if name == query_param:
                 if found:
-                    return None, _MALFORMED_REQUEST
+                    return None, _INVALID_REQUEST
                 found = value
     return (found, None) if found else (None, _MISSING_TOKEN)
