@@ -336,7 +336,8 @@ class AgentConnection:
         if capabilities_text is None and not healthcheck:
             raise CapabilitiesMissing("HELLO without capabilities")
         if capabilities_text is not None and not isinstance(capabilities_text, str):
-            raise InvalidFrame("capabilities is not a string")
+            # As for the other two items: a value of the wrong type is one not found.
+            raise CapabilitiesMissing("capabilities is not a string")
         capabilities = frozenset(_split_list(capabilities_text or ""))
         engine_id = items.get("engine-id")
         negotiated = min(self._max_frame_size, their_max)

@@ -253,6 +253,9 @@ INVALID_HELLO: list[tuple[str, bytes, Status]] = [
     ("max-frame-size not a number", hello(max_frame_size="big"), Status.MAX_FRAME_SIZE_MISSING),
     ("max-frame-size below 256", hello(max_frame_size=255), Status.BAD_MAX_FRAME_SIZE),
     ("no capabilities", hello_without("capabilities"), Status.CAPABILITIES_MISSING),
+    # Regression: a number or binary capabilities got 4, where its peers get 5 and 6.
+    ("capabilities not a string", hello(capabilities=1), Status.CAPABILITIES_MISSING),
+    ("capabilities binary", hello(capabilities=b"pipelining"), Status.CAPABILITIES_MISSING),
     (
         "fragmented hello",
         build_frame(FrameType.HAPROXY_HELLO, 0, 0, b"", FrameFlags.NONE),
