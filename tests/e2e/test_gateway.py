@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -202,6 +203,63 @@ def test_ambiguous_paths_are_refused_before_any_policy(
     before = sum(backend.requests for backend in stack.backends)
     assert request(stack, path).status == 400
     assert sum(backend.requests for backend in stack.backends) == before
+
+
+def raw_status(stack: Stack, request_bytes: bytes) -> int:
+    """The status HAProxy answers to a request sent exactly as given."""
+    with socket.create_connection(("127.0.0.1", stack.frontend_port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["admin/users", "admin", "http:/admin/users", "*", "%2Fadmin/users"],
+)
+def test_a_target_that_is_not_a_path_is_refused(
+    gateway: tuple[Stack, LocalIssuer], target: str
+) -> None:
+    """Regression: HAProxy 2.8 passed `GET admin/users` on under the default policy (the
+    path ACLs see no path in it), and a service such as Werkzeug routes it to
+    /admin/users: a token without the admin scope reached the admin handler."""
+    stack, issuer = gateway
+    before = sum(backend.requests for backend in stack.backends)
+    for method in ("GET", "OPTIONS"):
+        request_bytes = (
+            f"{method} {target} HTTP/1.1\r\nHost: api.example\r\n"
+            f"Authorization: Bearer {mint(issuer)}\r\nConnection: close\r\n\r\n"
+        )
+        assert raw_status(stack, request_bytes.encode()) == 400, (method, target)
+    assert sum(backend.requests for backend in stack.backends) == before
+
+
+def test_an_absolute_form_target_gets_the_policy_of_its_path(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    stack, issuer = gateway
+    head = "Host: api.example\r\nConnection: close\r\n"
+    reader = f"Authorization: Bearer {mint(issuer)}\r\n"
+    admin = f"Authorization: Bearer {mint(issuer, scope='read admin')}\r\n"
+    target = "GET http://api.example/admin/users HTTP/1.1\r\n"
+    assert raw_status(stack, f"{target}{head}{reader}\r\n".encode()) == 403
+    assert raw_status(stack, f"{target}{head}{admin}\r\n".encode()) == 200
+
+
+def test_http_1_1_without_host_is_refused(gateway: tuple[Stack, LocalIssuer]) -> None:
+    """RFC 9112 3.2: a server MUST answer 400 to HTTP/1.1 without Host; HAProxy served it."""
+    stack, issuer = gateway
+    token = f"Authorization: Bearer {mint(issuer)}\r\nConnection: close\r\n"
+    before = sum(backend.requests for backend in stack.backends)
+    assert raw_status(stack, f"GET /api/orders HTTP/1.1\r\n{token}\r\n".encode()) == 400
+    assert sum(backend.requests for backend in stack.backends) == before
+    # HTTP/1.0 has no such rule.
+    assert raw_status(stack, f"GET /api/orders HTTP/1.0\r\n{token}\r\n".encode()) == 200
 
 
 @pytest.mark.parametrize(
