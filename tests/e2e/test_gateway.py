@@ -115,16 +115,18 @@ def test_malformed_authorization_is_400(gateway: tuple[Stack, LocalIssuer]) -> N
     stack, _ = gateway
     reply = request(stack, headers=[("Authorization", "Bearer two tokens")])
     assert reply.status == 400
-    assert 'error="invalid_request"' in reply.headers["www-authenticate"]
+    assert reply.headers["www-authenticate"] == challenge("invalid_request", "invalid_request")
 
 
 def test_two_authorization_headers_are_refused_by_haproxy(
     gateway: tuple[Stack, LocalIssuer],
 ) -> None:
+    """Regression: HAProxy's own 400 challenge had no error_description, the agent's has."""
     stack, issuer = gateway
     token = mint(issuer)
     reply = request(stack, token=token, headers=[("Authorization", f"Bearer {token}")])
     assert reply.status == 400
+    assert reply.headers["www-authenticate"] == challenge("invalid_request", "invalid_request")
 
 
 def test_non_bearer_scheme_counts_as_no_token(gateway: tuple[Stack, LocalIssuer]) -> None:
