@@ -90,9 +90,10 @@ def check_times(exp: float | None, nbf: float | None, leeway: float, now: float)
 
 
 def token_audiences(payload: Mapping[str, Any]) -> frozenset[str]:
-    """`aud` as a set: a string or an array of strings (RFC 7519 §4.1.3)."""
+    """`aud` as a set: a string or an array of strings (RFC 7519 §4.1.3). A null `aud` is
+    malformed, as a null date, `sub` or `jti` is, not an absent one."""
     aud = payload.get("aud")
-    if aud is None:
+    if aud is None and "aud" not in payload:
         return frozenset()
     if isinstance(aud, str):
         return frozenset((aud,))

@@ -242,6 +242,13 @@ def test_audience_string_or_list_any_of(es_key: KeyPair) -> None:
     assert _verify(es_key, mint(es_key, default_claims(aud=[1]))).reason is Reason.MALFORMED
 
 
+def test_a_null_audience_is_malformed_not_absent(es_key: KeyPair) -> None:
+    """Regression: `"aud": null` was read as no audience (bad_audience), where a null
+    date, sub or jti is malformed."""
+    raw = json.dumps({**default_claims(), "aud": None}).encode()
+    assert _verify(es_key, mint(es_key, raw_payload=raw)).reason is Reason.MALFORMED
+
+
 def test_policy_audiences_override_the_issuers(es_key: KeyPair) -> None:
     token = mint(es_key, default_claims(aud="api://billing"))
     assert _verify(es_key, token).reason is Reason.BAD_AUDIENCE
