@@ -127,6 +127,29 @@ def _finite_float(text: str) -> float:
 
 _INFINITIES = (math.inf, -math.inf)
 
+# An integer no IEEE double holds (from 2**1024, so 309 digits or more) is refused as 1e400
+# is: Python keeps it exact, where other parsers of the forwarded claims give Infinity or
+# an error. Only a text with such a run of digits is walked.
+_LONG_DIGIT_RUN = re.compile(rb"[0-9]{309}")
+
+
+def _has_huge_integer(value: Any) -> bool:
+    """Whether any integer in the parsed value overflows a double. A walk with its own
+    stack, as `_nested_deeper_than`."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif type(item) is int:
+            try:
+                float(item)
+            except OverflowError:
+                return True
+    return False
+
 
 # One decoder for every call: json.loads with hooks builds a new one each time.
 _DECODER = json.JSONDecoder(
@@ -175,9 +198,9 @@ def _nested_deeper_than(value: Any, limit: int) -> bool:
 
 
 def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON object strictly: UTF-8, no duplicates, no NaN/Infinity, at most
-    MAX_JSON_DEPTH levels, and no lone surrogate escapes (every string must be text another
-    parser reads alike)."""
+    """Parse a JSON object strictly: UTF-8, no duplicates, no NaN/Infinity, no number a
+    double cannot hold, at most MAX_JSON_DEPTH levels, and no lone surrogate escapes (every
+    string and number must be one another parser reads alike)."""
     try:
         text = raw.decode("utf-8")
         if text[:1] == "{":
@@ -200,6 +223,8 @@ def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
         # Only texts holding a surrogate escape are walked: the common case costs one scan.
         if _SURROGATE_ESCAPE.search(raw) is not None and _has_lone_surrogate(value):
             raise _reject(f"{what} holds a lone surrogate escape")
+        if _LONG_DIGIT_RUN.search(raw) is not None and _has_huge_integer(value):
+            raise _reject(f"{what} holds a number out of range")
     except TokenRejected:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

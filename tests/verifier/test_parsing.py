@@ -43,6 +43,12 @@ def _finite(text: str) -> float:
     return value
 
 
+def _double_sized(text: str) -> int:
+    value = int(text)
+    float(value)  # OverflowError past what a double holds
+    return value
+
+
 def reference(raw: bytes) -> dict[str, Any] | None:
     """The parsed object, or None where parse_json_object must refuse."""
     try:
@@ -51,12 +57,13 @@ def reference(raw: bytes) -> dict[str, Any] | None:
             object_pairs_hook=_pairs_hook,
             parse_constant=_no_constant,
             parse_float=_finite,
+            parse_int=_double_sized,
         )
         # Every string must be text (no lone surrogate escape).
         json.dumps(value, ensure_ascii=False).encode("utf-8")
         if _depth(value) > MAX_JSON_DEPTH:
             return None
-    except (_Refused, ValueError, RecursionError):
+    except (_Refused, ValueError, OverflowError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -95,6 +102,14 @@ def parsed(raw: bytes) -> dict[str, Any] | None:
         (b'{"a":[-1e400]}', False),
         (b'{"a":1e308}', True),
         (b'{"a":1.5e-400}', True),  # underflows to 0.0: a finite value
+        # Regression: an integer no double holds was kept exact, accepted and forwarded.
+        (b'{"a":1' + b"0" * 400 + b"}", False),
+        (b'{"a":[{"b":-1' + b"0" * 309 + b"}]}", False),
+        (b'{"a":' + str(2**1024).encode() + b"}", False),
+        (b'{"a":' + str(2**1024 - 2**971).encode() + b"}", True),  # the largest double
+        (b'{"a":1' + b"0" * 308 + b"}", True),  # 1e308 as an integer
+        (b'{"a":"' + b"9" * 400 + b'"}', True),  # digits in a string are no number
+        (b'{"a":1.' + b"0" * 400 + b"}", True),
         (b"[]", False),
         (b"", False),
         (b"{", False),

@@ -242,6 +242,13 @@ def test_audience_string_or_list_any_of(es_key: KeyPair) -> None:
     assert _verify(es_key, mint(es_key, default_claims(aud=[1]))).reason is Reason.MALFORMED
 
 
+def test_an_integer_claim_no_double_holds_is_malformed(es_key: KeyPair) -> None:
+    """Regression: a signed `"x": 1000...0` (400 zeros) was accepted and forwarded in
+    X-JWT-Claims, where a parser in the service reads Infinity or fails."""
+    raw = json.dumps(default_claims()).encode()[:-1] + b', "x": 1' + b"0" * 400 + b"}"
+    assert _verify(es_key, mint(es_key, raw_payload=raw)).reason is Reason.MALFORMED
+
+
 def test_a_null_audience_is_malformed_not_absent(es_key: KeyPair) -> None:
     """Regression: `"aud": null` was read as no audience (bad_audience), where a null
     date, sub or jti is malformed."""
