@@ -443,7 +443,9 @@ def identity_variables(
             if text:
                 append((name, text))
     scope_text = claim_text(" ".join(scope_tokens(claims)))
-    if scope_text:
+    # A scope-token may hold `,` (RFC 6749 3.3), and a service that reads the header as an
+    # HTTP list would split "read,admin" into two scopes: withheld, as a list claim is.
+    if scope_text and "," not in scope_text:
         append(("scope", scope_text))
     exp = claims.get("exp")
     # Within HAProxy's signed 64-bit integers only; a report-only verdict may carry any exp.
