@@ -77,7 +77,9 @@ def check_issuer_claims(
         if claim in payload and type(payload[claim]) is not str:
             raise TokenRejected(f"{claim} is not a string", reason=Reason.MALFORMED)
     for claim in rules.required_claims:
-        if payload.get(claim) is None:
+        # Null or "" is no value: an empty sub would pass as a subject and forward none.
+        value = payload.get(claim)
+        if value is None or value == "":
             raise TokenRejected("a required claim is missing", reason=Reason.MISSING_CLAIM)
     return TokenTimes(exp, nbf, iat, lifetime_floor)
 

@@ -316,6 +316,18 @@ def test_required_claims(es_key: KeyPair) -> None:
     assert _verify(es_key, token, required_claims=("jti",)).reason is Reason.MISSING_CLAIM
 
 
+@pytest.mark.parametrize("empty", ["", None])
+def test_a_required_claim_that_is_empty_is_missing(es_key: KeyPair, empty: object) -> None:
+    """Regression: `"sub": ""` satisfied required_claims = ["sub"], and the request went
+    through with no X-JWT-Sub at all."""
+    raw = json.dumps({**default_claims(), "client_id": empty}).encode()
+    verdict = _verify(es_key, mint(es_key, raw_payload=raw), required_claims=("client_id",))
+    assert verdict.reason is Reason.MISSING_CLAIM
+    raw = json.dumps({**default_claims(), "sub": ""}).encode()
+    verdict = _verify(es_key, mint(es_key, raw_payload=raw), required_claims=("sub",))
+    assert verdict.reason is Reason.MISSING_CLAIM
+
+
 # --- Scopes and matchers ----------------------------------------------------------------
 
 
