@@ -126,9 +126,9 @@ def key_source(issuer: IssuerSettings, *, environment: bool = True) -> KeySource
     """Where the issuer's keys come from. `environment=False` leaves out secrets held in
     environment variables (check-config runs in a shell other than the agent's)."""
     if issuer.jwks_uri:
-        return JwksUrlSource(issuer.jwks_uri)
+        return JwksUrlSource(issuer.jwks_uri, issuer.algorithms)
     if issuer.discovery:
-        return OidcDiscoverySource(issuer.issuer, issuer.discovery)
+        return OidcDiscoverySource(issuer.issuer, issuer.discovery, issuer.algorithms)
     if issuer.jwks_file:
         return StaticKeySource(files=(KeyFile(issuer.jwks_file),), algorithms=issuer.algorithms)
     files, secrets = [], []

@@ -94,6 +94,8 @@ class StaticKeySource:
 @dataclass(frozen=True, slots=True)
 class JwksUrlSource:
     url: str
+    # The issuer's allow-list: a fetched set none of whose keys fits it is refused.
+    algorithms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,7 @@ class OidcDiscoverySource:
 
     issuer: str
     discovery_url: str | None = None
+    algorithms: tuple[str, ...] = ()  # as JwksUrlSource's
 
     @property
     def url(self) -> str:
@@ -126,18 +129,24 @@ def load_static_keys(source: StaticKeySource) -> KeySet:
             raise KeySourceError(f"key file {key_file.path}: {exc}") from exc
         if not loaded.keys:
             raise KeySourceError(f"key file {key_file.path}: holds no usable keys")
-        if source.algorithms and not any(
-            key.fits(alg) for key in loaded.keys for alg in source.algorithms
-        ):
-            raise KeySourceError(
-                f"key file {key_file.path}: no key in it fits the issuer's algorithms"
-                f" ({', '.join(source.algorithms)})"
-            )
+        if not fits_any(loaded, source.algorithms):
+            raise KeySourceError(f"key file {key_file.path}: {no_fitting_key(source.algorithms)}")
         keys.extend(loaded.keys)
     keys.extend(hmac_key(s.secret, alg=s.alg, kid=s.kid) for s in source.secrets)
     if not keys:
         raise KeySourceError("static key source holds no keys")
     return KeySet(tuple(keys))
+
+
+def fits_any(key_set: KeySet, algorithms: tuple[str, ...]) -> bool:
+    """Whether a token signed with one of `algorithms` could verify with a key of the set
+    (an empty allow-list asks nothing). A set that fails this would reject every token
+    with unsupported_alg, and a fetch that brought it would look like a good one."""
+    return not algorithms or any(key.fits(alg) for key in key_set.keys for alg in algorithms)
+
+
+def no_fitting_key(algorithms: tuple[str, ...]) -> str:
+    return f"no key in it fits the issuer's algorithms ({', '.join(algorithms)})"
 
 
 # --- Events --------------------------------------------------------------------------------
@@ -707,7 +716,7 @@ class KeyManager:
             key_set, _ = load_jwks(body, max_keys=state.timing.max_keys)
         except Exception:  # a damaged file is no reason to stop starting
             return False
-        if not key_set.keys:
+        if not key_set.keys or not fits_any(key_set, state.source.algorithms):
             return False
         self._serve_dated(state, key_set, fetched_at, age)
         schedule = state.schedule
@@ -812,6 +821,9 @@ class KeyManager:
             key_set, report = load_jwks(response.body, max_keys=timing.max_keys)
             if not key_set.keys:
                 raise KeySourceError("JWKS holds no usable signing keys")
+            algorithms = state.source.algorithms
+            if not fits_any(key_set, algorithms):
+                raise KeySourceError(f"JWKS: {no_fitting_key(algorithms)}")
         except Exception as exc:
             ticks = self._monotonic()
             state.jwks_url = None  # discover again next time

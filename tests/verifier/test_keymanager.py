@@ -710,6 +710,45 @@ def test_a_wall_clock_stepped_forward_fetches_again_at_once(
     run(scenario)
 
 
+def test_a_key_set_with_no_key_for_the_allowed_algorithms_keeps_the_last_good_keys(
+    server: JwksServer, key_a: KeyPair, tmp_path: Path
+) -> None:
+    """Regression (fault injection): a JWKS whose keys all name an alg outside the
+    issuer's allow-list (here RS512 where only ES256 is) was taken as a good fetch:
+    every valid token got 401 unsupported_alg until the next scheduled refresh, while
+    the fetch counted `ok`."""
+    server.set("/jwks", jwks(key_a))
+    source = JwksUrlSource(server.url("/jwks"), algorithms=("ES256",))
+    archive = KeyArchive(tmp_path / "keys")
+    harness = Harness(source, archive=archive)
+    relabelled = {"keys": [{**make_key("RS256", kid="a").public_jwk(), "alg": "RS512"}]}
+
+    async def scenario() -> None:
+        try:
+            await harness.manager.start(timeout=5.0)
+            server.set("/jwks", relabelled)
+            harness.clock.now = NOW + 600
+            await harness.manager.run_due(harness.clock.now)
+        finally:
+            await harness.manager.aclose()
+
+    run(scenario)
+    failure = harness.of_type(FetchFailed)[-1]
+    assert "no key in it fits the issuer's algorithms (ES256)" in failure.cause
+    assert failure.kind == "invalid"
+    assert harness.verify(key_a, iat=int(NOW) + 500) is Reason.OK
+    # Nor does a saved set of that kind serve a start during an outage.
+    archive.save("main", source_id(source), json.dumps(relabelled).encode(), NOW + 600)
+    server.set("/jwks", "upstream down", status=503)
+    later = Harness(source, archive=archive)
+    later.clock.now = NOW + 700
+    assert not later.start_once(timeout=0.5)
+    assert not later.of_type(KeysRestored)
+    # One fitting key among others is enough.
+    server.set("/jwks", {"keys": [*relabelled["keys"], {**key_a.public_jwk(), "kid": "c"}]})
+    assert Harness(source).start_once()
+
+
 def test_a_start_during_an_outage_serves_the_saved_keys_for_what_remains_of_max_stale(
     server: JwksServer, key_a: KeyPair, tmp_path: Path
 ) -> None:
