@@ -67,16 +67,26 @@ class Load:
     url_port: int
     tokens: Callable[[], dict[str, str]]
     threads: int = 3
+    keep_alive: bool = False  # one connection per thread, reused, as browsers and SDKs do
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _one(self, kind: str, token: str | None, path: str = "/orders") -> Outcome:
-        headers = {"Connection": "close"}
+    def _one(
+        self,
+        kind: str,
+        token: str | None,
+        path: str = "/orders",
+        conn: http.client.HTTPConnection | None = None,
+    ) -> Outcome:
+        """One request, on `conn` when given (kept open), else on a connection of its own."""
+        headers = {} if conn is not None else {"Connection": "close"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         started = time.monotonic()
-        conn = http.client.HTTPConnection("127.0.0.1", self.url_port, timeout=5)
+        own = conn is None
+        if conn is None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.url_port, timeout=5)
         try:
             conn.request("GET", path, headers=headers)
             response = conn.getresponse()
@@ -89,19 +99,30 @@ class Load:
             return Outcome(kind, response.status, now - started, reason, now)
         except OSError:
             now = time.monotonic()
+            conn.close()  # a kept one is opened again on its next request
             return Outcome(kind, 0, now - started, "connection", now)
         finally:
-            conn.close()
+            if own:
+                conn.close()
 
     def _loop(self, index: int) -> None:
         kinds = ("valid", "valid", "forged", "missing")
         counter = index
-        while not self._stop.is_set():
-            kind = kinds[counter % len(kinds)]
-            counter += 1
-            outcome = self._one(kind, self.tokens().get(kind))
-            with self._lock:
-                self.outcomes.append(outcome)
+        kept = (
+            http.client.HTTPConnection("127.0.0.1", self.url_port, timeout=5)
+            if self.keep_alive
+            else None
+        )
+        try:
+            while not self._stop.is_set():
+                kind = kinds[counter % len(kinds)]
+                counter += 1
+                outcome = self._one(kind, self.tokens().get(kind), conn=kept)
+                with self._lock:
+                    self.outcomes.append(outcome)
+        finally:
+            if kept is not None:
+                kept.close()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Load]:
@@ -190,14 +211,31 @@ def test_agent_sigkill_under_load_fails_closed_and_recovers() -> None:
         LocalIssuer(alg="ES256") as issuer,
         Stack(fast_stack_options(agent_config(issuer))) as stack,
     ):
-        load = Load(stack.frontend_port, tokens_for(issuer))
+        load = Load(stack.frontend_port, tokens_for(issuer), threads=6, keep_alive=True)
         with load.running():
             assert load.wait_for(lambda o: o.kind == "valid" and o.status == 200, 10)
             agent = stack.agents[0]
             os.kill(agent.process.pid, signal.SIGKILL)
             killed_at = load.mark()
             assert load.wait_for(lambda o: o.status == 503, 10)
-            time.sleep(0.5)
+            # Regression: with no agent left, requests on kept connections could wait the
+            # SPOE `timeout processing` for their 503. Once the health checks mark the
+            # agent DOWN (about 4 s; both server lines name the one agent), every request
+            # sent after gets its 503 at once.
+            deadline = time.monotonic() + 15
+            while not all(
+                state.startswith("DOWN")
+                for (backend, _), state in stack.server_states().items()
+                if backend == "jwtgate-agents"
+            ):
+                assert time.monotonic() < deadline, "the agent was never marked DOWN"
+                time.sleep(0.05)
+            down_at = time.monotonic()
+            assert load.wait_for(lambda o: o.at - o.seconds > down_at + 1.0, 10)
+            down = [o for o in load.since(killed_at) if o.at - o.seconds > down_at]
+            assert all(o.status == 503 and o.seconds < 0.25 for o in down), Counter(
+                (o.status, round(o.seconds, 1)) for o in down
+            )
             stack.restart_agent(agent)
             restarted_at = load.mark()
             assert load.wait_for(lambda o: o.kind == "valid" and o.status == 200, 15)
