@@ -68,6 +68,7 @@ class Load:
     tokens: Callable[[], dict[str, str]]
     threads: int = 3
     keep_alive: bool = False  # one connection per thread, reused, as browsers and SDKs do
+    pause: float = 0.0  # seconds between a thread's requests: kept connections sit idle
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -120,6 +121,8 @@ class Load:
                 outcome = self._one(kind, self.tokens().get(kind), conn=kept)
                 with self._lock:
                     self.outcomes.append(outcome)
+                if self.pause:
+                    self._stop.wait(self.pause)
         finally:
             if kept is not None:
                 kept.close()
@@ -499,7 +502,11 @@ def test_jwks_faults_follow_the_documented_policy() -> None:
 # --- HAProxy reload under load ---------------------------------------------------------------
 
 
-def test_haproxy_master_worker_reload_under_load_loses_nothing() -> None:
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["close", "keep-alive"])
+def test_haproxy_master_worker_reload_under_load_loses_nothing(keep_alive: bool) -> None:
+    """Regression (keep-alive): the old worker closed idle client connections at once on a
+    reload, and a client that sent its next request on one lost it (about one request per
+    client connection per reload). `option idle-close-on-response` answers it first."""
     with (
         LocalIssuer(alg="ES256") as issuer,
         Stack(fast_stack_options(agent_config(issuer))) as stack,
@@ -516,7 +523,11 @@ def test_haproxy_master_worker_reload_under_load_loses_nothing() -> None:
             log_path=stack.workdir / "haproxy-mw.log",
         ).start()
         try:
-            load = Load(port, tokens_for(issuer))
+            load = (
+                Load(port, tokens_for(issuer), threads=8, keep_alive=True, pause=0.02)
+                if keep_alive
+                else Load(port, tokens_for(issuer), threads=4)
+            )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 if load._one("valid", tokens_for(issuer)()["valid"]).status == 200:
