@@ -382,6 +382,7 @@ class _AgentProtocol(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._refused = False
+        self._haproxy_disconnected = False  # it sent HAPROXY-DISCONNECT
         # NOTIFYs in flight as last told to the observer: reported once per batch, so
         # a batch answered inline costs no observer call at all.
         self._reported_inflight = 0
@@ -492,6 +493,7 @@ class _AgentProtocol(asyncio.Protocol):
                 self._observer.frame_received("haproxy_hello")
             elif isinstance(event, DisconnectReceived):
                 self._observer.frame_received("haproxy_disconnect")
+                self._haproxy_disconnected = True
             elif isinstance(event, ConnectionClosed):
                 self._on_closed(event)
         if notifies:
@@ -618,6 +620,15 @@ class _AgentProtocol(asyncio.Protocol):
             conn.send_ack(event.stream_id, event.frame_id, self._fallback)
 
     def _on_closed(self, event: ConnectionClosed) -> None:
+        if self._haproxy_disconnected:
+            # HAProxy ended it, with its own status (2 after its `timeout idle`): no error
+            # or timeout of the agent's, which the events below report.
+            if event.status is not Status.NORMAL:
+                log.info(
+                    "spop_haproxy_disconnect",
+                    extra={"spop_status": int(event.status), "reason": event.message},
+                )
+            return
         if not event.status.is_normal:
             self._observer.protocol_error(event.status)
             what = "spop_connection_error"

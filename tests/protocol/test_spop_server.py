@@ -297,6 +297,38 @@ def test_hello_timeout_and_protocol_errors_are_reported(caplog: pytest.LogCaptur
     assert ("spop_connection_error", 4) in lines
 
 
+def test_a_disconnect_from_haproxy_is_logged_as_its_own_not_as_the_agents(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (fault injection): HAProxy's `timeout idle` closes with DISCONNECT
+    status 2, which was logged as spop_connection_timeout (the agent's own timeouts) and
+    a status 4 from HAProxy was counted as a protocol error the agent sent."""
+    observer = Recorder()
+    caplog.set_level(logging.INFO, logger="spoa.server")
+
+    async def body(server: SpoaServer, port: int) -> None:
+        for status, message in ((2, "a timeout occurred"), (4, "invalid frame received")):
+            client = await Client.connect(port)
+            await client.send(haproxy_disconnect(status, message))
+            assert await client.disconnect_status() == Status.NORMAL
+            assert await client.at_eof()
+            await client.close()
+        for _ in range(100):
+            if server.connection_count == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    serve({}, body, observer=observer)
+    assert observer.errors == []
+    lines = [(r.getMessage(), getattr(r, "spop_status", None)) for r in caplog.records]
+    assert lines == [("spop_haproxy_disconnect", 2), ("spop_haproxy_disconnect", 4)]
+
+
+def haproxy_disconnect(status: int, message: str) -> bytes:
+    payload = encode_kv_list((("status-code", status), ("message", message)))
+    return build_frame(FrameType.HAPROXY_DISCONNECT, 0, 0, payload)
+
+
 def test_too_many_connections_are_refused_politely() -> None:
     async def body(server: SpoaServer, port: int) -> None:
         first = await Client.connect(port)
