@@ -39,6 +39,7 @@ from spoa.verifier import (
     KeySet,
     MemoryKeyStore,
     RefetchDecision,
+    TokenRejected,
     VerificationKey,
     hmac_key,
     load_jwks,
@@ -880,8 +881,8 @@ class KeyManager:
             raise HttpStatusError(f"discovery answered HTTP {response.status}")
         try:
             document = parse_json_object(response.body, "discovery document")
-        except Exception as exc:
-            raise KeySourceError("discovery document is not a JSON object") from exc
+        except TokenRejected as exc:  # its message says what is wrong, never the content
+            raise KeySourceError(str(exc)) from exc
         if document.get("issuer") != source.issuer:
             raise KeySourceError("discovered issuer differs from the configured issuer")
         jwks_uri = document.get("jwks_uri")

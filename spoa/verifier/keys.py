@@ -261,8 +261,8 @@ def load_jwks(
         raw = data.encode("utf-8") if isinstance(data, str) else data
         try:
             document = parse_json_object(raw, "JWKS")
-        except TokenRejected as exc:
-            raise KeyLoadError("JWKS is not a JSON object") from exc
+        except TokenRejected as exc:  # its message says what is wrong, never the content
+            raise KeyLoadError(str(exc)) from exc
     entries = document.get("keys")
     if not isinstance(entries, list):
         raise KeyLoadError("JWKS has no keys array")

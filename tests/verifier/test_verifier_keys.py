@@ -78,6 +78,21 @@ def test_jwks_limits_and_shape() -> None:
         load_jwks({"keys": [{}] * 5}, max_keys=4)
 
 
+@pytest.mark.parametrize(
+    ("body", "cause"),
+    [
+        (b"<html>", "JWKS is not valid JSON"),
+        (b"[]", "JWKS is not a JSON object"),
+        (b'{"keys": [], "n": 1' + b"0" * 400 + b"}", "JWKS holds a number out of range"),
+        (b'{"keys": [], "keys": []}', "duplicate JSON member name"),
+    ],
+)
+def test_a_jwks_that_does_not_parse_says_why(body: bytes, cause: str) -> None:
+    """Regression: every parse failure read "JWKS is not a JSON object"."""
+    with pytest.raises(KeyLoadError, match=cause):
+        load_jwks(body)
+
+
 def test_hmac_secrets_need_enough_entropy() -> None:
     with pytest.raises(KeyLoadError):
         hmac_key(b"short", alg="HS256")
