@@ -66,6 +66,7 @@ from spoa.keymanager import (
     StaleServingEnded,
     StaleServingStarted,
     StaticKeySource,
+    fits_any,
     load_static_keys,
 )
 from spoa.logs import RejectionLogLimiter, configure_logging, mask_secrets, token_fingerprint
@@ -233,8 +234,11 @@ def carried_keys(previous: Engine, sources: Mapping[str, KeySource]) -> dict[str
         entry = previous.store.get(name)
         if old is None or entry is None or not (old.jwks_uri or old.discovery):
             continue
-        # A remote issuer's source is its URL: key_source() reads no file for it.
-        if key_source(old) == source:
+        # A remote issuer's source is its URL: key_source() reads no file for it. A new
+        # algorithm list keeps the keys as long as one of them fits it (a reload must
+        # work while the IdP is down); otherwise a fetch has to bring some.
+        same_place = dataclasses.replace(key_source(old), algorithms=source.algorithms) == source
+        if same_place and fits_any(entry.key_set, source.algorithms):
             # Dated by the key manager's monotonic age, not the store's wall-clock stamp:
             # a clock stepped back must not make stale keys young again through a reload.
             age = previous.keys.key_age(name)

@@ -283,6 +283,36 @@ def test_a_reload_carries_keys_with_their_monotonic_age() -> None:
     assert abs((time.time() - carried.refreshed_at) - 500.0) < 5.0
 
 
+def test_a_reload_that_changes_algorithms_keeps_the_keys_that_still_fit() -> None:
+    """Regression (diff review): the issuer's algorithms became part of its key source,
+    so a reload that only added PS256 (or reordered the list) carried no keys: during an
+    IdP outage it failed. Keys are carried when one of them fits the new list."""
+    import json
+
+    from spoa.devkit.keys import generate_signing_key, jwks_document
+    from spoa.verifier import load_jwks
+
+    config = parse_config(MINIMAL)
+    store = MemoryKeyStore()
+    key_set, _ = load_jwks(json.dumps(jwks_document([generate_signing_key("RS256")])).encode())
+    store.replace("corp", key_set, time.time())
+    keys = KeyManager({"corp": key_source(config.issuer("corp"))}, {}, store)
+    previous = Engine(config, None, keys, None, store)  # type: ignore[arg-type]
+
+    def carried_for(algorithms: str) -> bool:
+        changed = parse_config(MINIMAL.replace('["RS256"]', algorithms))
+        source = key_source(changed.issuer("corp"))
+        return "corp" in carried_keys(previous, {"corp": source})
+
+    assert carried_for('["RS256"]')
+    assert carried_for('["PS256", "RS256"]')
+    assert not carried_for('["ES256"]')  # the RS256 key fits none: fetch anew
+    moved = MINIMAL.replace("id.example.com/jwks.json", "id.example.com/other.json")
+    assert "corp" not in carried_keys(
+        previous, {"corp": key_source(parse_config(moved).issuer("corp"))}
+    )
+
+
 _HUP_COUNTER = """
 import pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])
