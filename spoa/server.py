@@ -621,13 +621,16 @@ class _AgentProtocol(asyncio.Protocol):
 
     def _on_closed(self, event: ConnectionClosed) -> None:
         if self._haproxy_disconnected:
-            # HAProxy ended it, with its own status (2 after its `timeout idle`): no error
-            # or timeout of the agent's, which the events below report.
-            if event.status is not Status.NORMAL:
-                log.info(
-                    "spop_haproxy_disconnect",
-                    extra={"spop_status": int(event.status), "reason": event.message},
-                )
+            # HAProxy ended it, with its own status: 1 or 2 (its `timeout idle`) are routine,
+            # not the agent's timeouts below; 3 and up mean it refused a frame of ours.
+            if event.status is Status.NORMAL:
+                return
+            fields = {"spop_status": int(event.status), "reason": event.message}
+            if event.status.is_normal:
+                log.info("spop_haproxy_disconnect", extra=fields)
+            else:
+                self._observer.protocol_error(event.status)
+                log.warning("spop_haproxy_disconnect", extra=fields)
             return
         if not event.status.is_normal:
             self._observer.protocol_error(event.status)

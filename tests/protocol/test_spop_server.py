@@ -301,8 +301,8 @@ def test_a_disconnect_from_haproxy_is_logged_as_its_own_not_as_the_agents(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Regression (fault injection): HAProxy's `timeout idle` closes with DISCONNECT
-    status 2, which was logged as spop_connection_timeout (the agent's own timeouts) and
-    a status 4 from HAProxy was counted as a protocol error the agent sent."""
+    status 2, which was logged as spop_connection_timeout (the agent's own timeouts).
+    A status of 3 and up (HAProxy refused a frame of the agent's) is a protocol error."""
     observer = Recorder()
     caplog.set_level(logging.INFO, logger="spoa.server")
 
@@ -319,9 +319,12 @@ def test_a_disconnect_from_haproxy_is_logged_as_its_own_not_as_the_agents(
             await asyncio.sleep(0.01)
 
     serve({}, body, observer=observer)
-    assert observer.errors == []
-    lines = [(r.getMessage(), getattr(r, "spop_status", None)) for r in caplog.records]
-    assert lines == [("spop_haproxy_disconnect", 2), ("spop_haproxy_disconnect", 4)]
+    assert observer.errors == [Status.INVALID_FRAME]
+    lines = [(r.getMessage(), r.levelname, getattr(r, "spop_status", 0)) for r in caplog.records]
+    assert lines == [
+        ("spop_haproxy_disconnect", "INFO", 2),
+        ("spop_haproxy_disconnect", "WARNING", 4),
+    ]
 
 
 def haproxy_disconnect(status: int, message: str) -> bytes:
