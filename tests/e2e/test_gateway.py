@@ -259,6 +259,7 @@ def test_http_1_1_without_host_is_refused(gateway: tuple[Stack, LocalIssuer]) ->
     token = f"Authorization: Bearer {mint(issuer)}\r\nConnection: close\r\n"
     before = sum(backend.requests for backend in stack.backends)
     assert raw_status(stack, f"GET /api/orders HTTP/1.1\r\n{token}\r\n".encode()) == 400
+    assert raw_status(stack, f"GET /api/orders HTTP/1.2\r\n{token}\r\n".encode()) == 400
     assert sum(backend.requests for backend in stack.backends) == before
     # HTTP/1.0 has no such rule.
     assert raw_status(stack, f"GET /api/orders HTTP/1.0\r\n{token}\r\n".encode()) == 200
