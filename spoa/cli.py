@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the live demo on loopback",
         description="Start HAProxy with haproxy/*.cfg, two jwtgate agents, two backends and "
         "a local issuer whose key rotates, push mixed good and hostile traffic through "
-        "HAProxy and show what happens. Everything runs on 127.0.0.1 and is cleaned up "
-        "on exit or Ctrl-C.",
+        "HAProxy and show what happens. Everything runs on 127.0.0.1; every process it "
+        "starts is stopped on exit, Ctrl-C, SIGTERM or SIGHUP, and its logs are kept in the "
+        "directory it names.",
     )
     demo.add_argument("--duration", default="40s", help='how long to send traffic (default "40s")')
     demo.add_argument("--rotate-every", default="8s", help='key rotation period (default "8s")')

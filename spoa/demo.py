@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import shutil
+import signal
 import statistics
 import sys
 import threading
@@ -176,7 +177,24 @@ def _description(challenge: str) -> str:
     return challenge[start : challenge.find('"', start)]
 
 
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(options: DemoOptions) -> int:
+    # A closed terminal (SIGHUP) or a `kill` (SIGTERM) stops the demo as Ctrl-C does: the
+    # processes it started run in sessions of their own and would outlive it otherwise.
+    previous = {
+        signum: signal.signal(signum, _stop_on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        return _run_demo(options)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_demo(options: DemoOptions) -> int:
     logs = Path(mkdtemp(prefix="jwtgate-demo-"))
     tally = Tally()
     print(f"jwtgate demo: starting HAProxy, 2 agents, 2 backends, 1 issuer (logs in {logs})")
@@ -193,6 +211,9 @@ def run_demo(options: DemoOptions) -> int:
                 Stack(StackOptions(agent_config=agent_config(issuer), workdir=logs))
             )
             _traffic(stack, issuer, options, tally)
+            # The key stays from here on: the token of the `curl` line below keeps working
+            # for as long as the stack runs (its key would be withdrawn a minute later).
+            issuer.stop_rotating()
             _summary(stack, issuer, tally, logs, holding=options.hold)
             if options.hold:
                 print("\nThe stack keeps running; press Ctrl-C to stop it.")
@@ -203,8 +224,11 @@ def run_demo(options: DemoOptions) -> int:
         print(f"jwtgate demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\njwtgate demo: interrupted; everything it started is stopped.")
+        print(
+            f"\njwtgate demo: interrupted; everything it started is stopped (logs kept in {logs})."
+        )
         return 130
+    print(f"jwtgate demo: everything it started is stopped (logs kept in {logs}).")
     return 0 if not tally.wrong and tally.sent else 1
 
 
@@ -304,7 +328,7 @@ def _summary(stack: Stack, issuer: LocalIssuer, tally: Tally, logs: Path, *, hol
     if holding:
         print("\nTry it by hand while the stack runs:")
     else:
-        print("\nThe stack stops now; run `jwtgate demo` in a terminal to keep it up and try:")
+        print("\nThe stack stops now; run scripts/demo in a terminal to keep it up and try:")
     print(f"  curl -i -H 'Authorization: Bearer {token}' {stack.url}/api/orders")
     if shutil.which("curl") is None:
         print("  (curl is not installed: apt-get install curl)")

@@ -232,12 +232,16 @@ class LocalIssuer:
         """Stop serving and rotating; every thread the issuer started is joined."""
         if not self._started:
             return
+        self.stop_rotating()
+        self._close_listener()
+        self._started = False
+
+    def stop_rotating(self) -> None:
+        """Keep the current key from now on (the issuer goes on serving)."""
         self._stop_rotation.set()
         if self._rotation_thread is not None:
             self._rotation_thread.join()
             self._rotation_thread = None
-        self._close_listener()
-        self._started = False
 
     def __enter__(self) -> LocalIssuer:
         return self.start()

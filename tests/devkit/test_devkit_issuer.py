@@ -155,6 +155,20 @@ def test_automatic_rotation_runs_on_its_own_thread() -> None:
     assert running.rotation_errors == []
 
 
+def test_stop_rotating_keeps_the_current_key_and_goes_on_serving() -> None:
+    """The demo stops rotating once its traffic ends, so the token of the `curl` line it
+    prints keeps working (regression: its key was withdrawn about a minute later)."""
+    rotated = threading.Event()
+    with LocalIssuer(alg="ES256", rotate_every=0.02, on_rotate=lambda key: rotated.set()) as it:
+        assert rotated.wait(TIMEOUT)
+        it.stop_rotating()
+        assert not [t for t in threading.enumerate() if t.name.startswith("LocalIssuer-rot")]
+        kept = it.current_key.kid
+        assert kept in _published_kids(it)
+        assert it.current_key.kid == kept
+    assert it.rotation_errors == []
+
+
 def test_keys_dir_follows_the_ring(tmp_path: Path) -> None:
     with LocalIssuer(alg="ES256", keys_dir=tmp_path) as running:
         assert load_current_key(tmp_path).public_jwk() == running.current_key.public_jwk()

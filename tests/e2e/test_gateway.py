@@ -593,6 +593,54 @@ def test_the_agents_health_checks_give_up_after_a_second() -> None:
     assert all(words[words.index("inter") + 1] == "2s" for words in servers)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_the_demo_stops_everything_it_started_on_sigterm_and_sighup(
+    tmp_path: Path, signum: int
+) -> None:
+    """Regression: closing the demo's terminal (SIGHUP) or killing it (SIGTERM) left
+    HAProxy and both agents running, in sessions of their own, on their ports."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "spoa", "demo", "--short", "--no-live", "--exit"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert demo.stdout is not None
+    try:
+        for line in demo.stdout:  # the first progress line: traffic is flowing
+            if line.startswith("["):
+                break
+        demo.send_signal(signum)
+        rest = demo.stdout.read()
+        assert demo.wait(60) == 130, rest
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert "everything it started is stopped" in rest
+    assert "Traceback" not in rest
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line or environment holds `text` (HAProxy's command
+    line names only the shipped config; its environment names the demo's directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and text.encode() in cmdline + environ:
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
 def test_the_demo_runs_in_short_mode(tmp_path: Path) -> None:
     # The demo keeps its logs for the user in a fresh temporary directory: put that
     # under this test's own, so runs of the suite leave nothing in /tmp.
@@ -608,4 +656,5 @@ def test_the_demo_runs_in_short_mode(tmp_path: Path) -> None:
     assert [p.name[:13] for p in tmp_path.iterdir()] == ["jwtgate-demo-"]
     assert "Every request got the answer it should have" in result.stdout
     assert "curl -i -H 'Authorization: Bearer " in result.stdout
+    assert "everything it started is stopped (logs kept in " in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
