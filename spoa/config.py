@@ -9,6 +9,7 @@ weaken a check. The reference for every key is docs/configuration.md.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import re
@@ -778,12 +779,10 @@ _SHOWN_CHARS = 120
 
 
 def _show(value: Any) -> str:
+    """A value as it was written in TOML: a string quoted, so that "2" or "false" never
+    reads as the number or boolean the message asked for."""
     if isinstance(value, str):
-        if not value:
-            return '""'
-        if value.isprintable() and len(value) <= _SHOWN_CHARS:
-            return value
-        shown = repr(value[:_SHOWN_CHARS])
+        shown = json.dumps(value[:_SHOWN_CHARS], ensure_ascii=not value.isprintable())
         return shown + ("..." if len(value) > _SHOWN_CHARS else "")
     if isinstance(value, bool):
         return "true" if value else "false"

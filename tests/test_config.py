@@ -42,6 +42,20 @@ issuers = ["corp"]
 """
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('[agent]\nworkers = "2"\n', 'agent.workers: expected an integer from 1 to 64, got "2"'),
+        ('[log]\naccess_log = "false"\n', 'log.access_log: expected true or false, got "false"'),
+        ('[log]\nformat = "a\\tb"\n', 'log.format: expected "json" or "console", got "a\\tb"'),
+    ],
+)
+def test_a_string_in_the_wrong_place_is_shown_quoted(line: str, expected: str) -> None:
+    """Regression: `workers = "2"` gave "expected an integer ..., got 2", which reads
+    as if the 2 were refused."""
+    assert expected in problems(line + MINIMAL)
+
+
 def problems(text: str) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         parse_config(text)
@@ -69,11 +83,11 @@ def test_the_shipped_example_is_valid() -> None:
         ("[agent]\nworkers = 0\n", "agent.workers: expected an integer from 1 to 64, got 0"),
         (
             '[agent]\nlisten = "nowhere"\n',
-            'agent.listen: expected an address like "127.0.0.1:12345", got nowhere',
+            'agent.listen: expected an address like "127.0.0.1:12345", got "nowhere"',
         ),
         ('[agent]\nhello_timeout = "5x"\n', 'agent.hello_timeout: expected a duration like "30s"'),
         ("[agent]\nlisten_port = 1\n", "agent.listen_port: unknown key"),
-        ('[log]\nformat = "xml"\n', 'log.format: expected "json" or "console", got xml'),
+        ('[log]\nformat = "xml"\n', 'log.format: expected "json" or "console", got "xml"'),
         ("[cache]\nmax_entries = -1\n", "cache.max_entries: expected an integer from 0"),
         ("[cache]\nreplay_entries = 2e3\n", "cache.replay_entries: expected an integer from 0"),
         ("[bogus]\n", "bogus: unknown key"),
@@ -93,7 +107,7 @@ def test_issuer_errors_carry_the_index() -> None:
     text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["RS256"]\nleeway = "30x"')
     assert problems(text) == [
         'issuers[0].leeway: expected a duration like "30s" (units ms, s, m, h, d) from 0s to 1h,'
-        " got 30x"
+        ' got "30x"'
     ]
 
 
@@ -366,7 +380,7 @@ def test_a_refused_agent_address_brings_no_second_problem() -> None:
         '[agent]\nlisten = "nowhere"\n[metrics]\nlisten = "127.0.0.1:12345"\n' + MINIMAL
     )
     assert [p for p in found if "listen" in p] == [
-        'agent.listen: expected an address like "127.0.0.1:12345", got nowhere'
+        'agent.listen: expected an address like "127.0.0.1:12345", got "nowhere"'
     ]
 
 

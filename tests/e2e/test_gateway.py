@@ -551,7 +551,7 @@ def test_a_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
         )
         assert result.returncode == 1
         assert 'issuers[0].leeway: expected a duration like "30s"' in result.stderr
-        assert "got 30x" in result.stderr
+        assert 'got "30x"' in result.stderr
         assert "Traceback" not in result.stderr + result.stdout
 
 
