@@ -561,7 +561,12 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, urllib.error.URLError):
-        return f"URLError: {type(exc.reason).__name__}"
+        reason = exc.reason
+        # The OS's or TLS's own words ("Connection refused", "certificate has expired"):
+        # they never hold the request or its answer.
+        detail = getattr(reason, "verify_message", None) or getattr(reason, "strerror", None)
+        name = f"URLError: {type(reason).__name__}"
+        return f"{name}: {detail}" if isinstance(detail, str) and detail else name
     return type(exc).__name__
 
 
@@ -811,8 +816,10 @@ class KeyManager:
 
     async def _refresh(self, state: _IssuerState) -> bool:
         timing = state.timing
+        fetching = "discovery document"  # what failed, for a cause that does not say
         try:
             url = await self._resolve_jwks_url(state)
+            fetching = "JWKS"
             response = await asyncio.wait_for(
                 self._fetch(url, timeout=timing.fetch_timeout, max_bytes=timing.max_response_bytes),
                 timing.fetch_timeout,
@@ -830,6 +837,8 @@ class KeyManager:
             state.jwks_url = None  # discover again next time
             delay = state.schedule.record_failure(ticks)
             state.last_failure = _describe(exc)
+            if not isinstance(exc, KeyLoadError):  # ours name the document already
+                state.last_failure = f"{fetching}: {state.last_failure}"
             self._emit(FetchFailed(state.name, state.last_failure, delay, _failure_kind(exc)))
             self._report_staleness(state, ticks)
             return False

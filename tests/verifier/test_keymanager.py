@@ -749,6 +749,25 @@ def test_a_key_set_with_no_key_for_the_allowed_algorithms_keeps_the_last_good_ke
     assert Harness(source).start_once()
 
 
+def test_a_failed_connection_says_which_document_and_why() -> None:
+    """Regression (walkthrough): an unreachable IdP was reported as `URLError:
+    ConnectionRefusedError` only: not whether discovery or the JWKS failed, nor the
+    operating system's reason."""
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for source, document in (
+        (JwksUrlSource(f"http://127.0.0.1:{port}/jwks"), "JWKS"),
+        (OidcDiscoverySource(f"http://127.0.0.1:{port}"), "discovery document"),
+    ):
+        harness = Harness(source)
+        assert not harness.start_once(timeout=0.2)
+        cause = harness.of_type(FetchFailed)[0].cause
+        assert cause == f"{document}: URLError: ConnectionRefusedError: Connection refused"
+
+
 def test_a_start_during_an_outage_serves_the_saved_keys_for_what_remains_of_max_stale(
     server: JwksServer, key_a: KeyPair, tmp_path: Path
 ) -> None:
