@@ -129,6 +129,14 @@ class Client:
         await self.writer.wait_closed()
 
 
+async def connections_closed(server: SpoaServer) -> None:
+    """Until the server has seen every connection end (at most a second)."""
+    for _ in range(100):
+        if server.connection_count == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
 def serve(
     handlers: dict[str, Callable[[Message], Any]],
     body: Callable[[SpoaServer, int], Coroutine[Any, Any, None]],
@@ -313,10 +321,7 @@ def test_a_disconnect_from_haproxy_is_logged_as_its_own_not_as_the_agents(
             assert await client.disconnect_status() == Status.NORMAL
             assert await client.at_eof()
             await client.close()
-        for _ in range(100):
-            if server.connection_count == 0:
-                break
-            await asyncio.sleep(0.01)
+        await connections_closed(server)
 
     serve({}, body, observer=observer)
     assert observer.errors == [Status.INVALID_FRAME]
@@ -358,10 +363,7 @@ def test_reset_and_eof_from_haproxy_are_normal_closes() -> None:
         polite.writer.write_eof()
         assert await polite.at_eof()
         await polite.close()
-        for _ in range(100):
-            if server.connection_count == 0:
-                break
-            await asyncio.sleep(0.01)
+        await connections_closed(server)
 
     serve({}, body, observer=observer)
     # Regression: these were counted as DISCONNECT status 0; no DISCONNECT was exchanged.

@@ -151,6 +151,20 @@ class Harness:
     def of_type(self, kind: type[T]) -> list[T]:
         return [e for e in self.events if isinstance(e, kind)]
 
+    def start_then_refresh(self, server: JwksServer, body: Any) -> None:
+        """Start, then let the endpoint answer `body` to the refresh due 600 s later."""
+
+        async def scenario() -> None:
+            try:
+                await self.manager.start(timeout=5.0)
+                server.set("/jwks", body)
+                self.clock.now = NOW + 600
+                await self.manager.run_due(self.clock.now)
+            finally:
+                await self.manager.aclose()
+
+        asyncio.run(scenario())
+
     def start_once(self, timeout: float = 5.0) -> bool:
         """The manager's start (fetches retried for up to `timeout`; a test expecting a
         failure keeps it short), then close it: whether it became ready."""
@@ -456,17 +470,7 @@ def test_garbage_and_huge_responses_keep_the_last_good_keys(
 ) -> None:
     server.set("/jwks", jwks(key_a))
     harness = Harness(JwksUrlSource(server.url("/jwks")))
-
-    async def scenario() -> None:
-        try:
-            await harness.manager.start(timeout=5.0)
-            server.set("/jwks", body)
-            harness.clock.now = NOW + 600
-            await harness.manager.run_due(harness.clock.now)
-        finally:
-            await harness.manager.aclose()
-
-    run(scenario)
+    harness.start_then_refresh(server, body)
     failure = harness.of_type(FetchFailed)[-1]
     assert cause in failure.cause
     assert failure.kind == "invalid"
@@ -722,17 +726,7 @@ def test_a_key_set_with_no_key_for_the_allowed_algorithms_keeps_the_last_good_ke
     archive = KeyArchive(tmp_path / "keys")
     harness = Harness(source, archive=archive)
     relabelled = {"keys": [{**make_key("RS256", kid="a").public_jwk(), "alg": "RS512"}]}
-
-    async def scenario() -> None:
-        try:
-            await harness.manager.start(timeout=5.0)
-            server.set("/jwks", relabelled)
-            harness.clock.now = NOW + 600
-            await harness.manager.run_due(harness.clock.now)
-        finally:
-            await harness.manager.aclose()
-
-    run(scenario)
+    harness.start_then_refresh(server, relabelled)
     failure = harness.of_type(FetchFailed)[-1]
     assert "no key in it fits the issuer's algorithms (ES256)" in failure.cause
     assert failure.kind == "invalid"
