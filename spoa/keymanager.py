@@ -889,7 +889,8 @@ class KeyManager:
         if response.status != 200:
             raise HttpStatusError(f"discovery answered HTTP {response.status}")
         try:
-            document = parse_json_object(response.body, "discovery document")
+            # A discovery document holds a few dozen arrays; IdPs add objects of their own.
+            document = parse_json_object(response.body, "discovery document", max_containers=1024)
         except TokenRejected as exc:  # its message says what is wrong, never the content
             raise KeySourceError(str(exc)) from exc
         if document.get("issuer") != source.issuer:

@@ -260,7 +260,8 @@ def load_jwks(
     else:
         raw = data.encode("utf-8") if isinstance(data, str) else data
         try:
-            document = parse_json_object(raw, "JWKS")
+            # Each key is an object, with an array or two (x5c, key_ops) at most.
+            document = parse_json_object(raw, "JWKS", max_containers=4 * max_keys + 16)
         except TokenRejected as exc:  # its message says what is wrong, never the content
             raise KeyLoadError(str(exc)) from exc
     entries = document.get("keys")
@@ -287,7 +288,7 @@ def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None 
     if stripped.startswith(b"-----BEGIN"):
         return KeySet((load_pem(data, kid=kid, alg=alg),))
     try:
-        document = parse_json_object(data, "key file")
+        document = parse_json_object(data, "key file", max_containers=4 * DEFAULT_MAX_KEYS + 16)
     except TokenRejected as exc:
         raise KeyLoadError("key file is neither PEM nor a JSON object") from exc
     if "keys" in document:

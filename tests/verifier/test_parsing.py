@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 
 from spoa.verifier import parsing
 from spoa.verifier.errors import TokenRejected
-from spoa.verifier.parsing import MAX_JSON_DEPTH, parse_compact, parse_json_object
+from spoa.verifier.parsing import (
+    MAX_JSON_CONTAINERS,
+    MAX_JSON_DEPTH,
+    parse_compact,
+    parse_json_object,
+)
 from spoa.verifier.reasons import Reason
 from tests.support.fuzz import fuzz_examples
 
@@ -51,6 +56,8 @@ def _double_sized(text: str) -> int:
 
 def reference(raw: bytes) -> dict[str, Any] | None:
     """The parsed object, or None where parse_json_object must refuse."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
+        return None  # counted in the raw text, strings included
     try:
         value = json.loads(
             raw.decode("utf-8"),
@@ -143,14 +150,42 @@ def test_nesting_is_refused_beyond_the_limit_whatever_the_strings_hold(
         assert parsed(raw) == reference(raw)
     for depth in (MAX_JSON_DEPTH + 1, 400, 900, 5000):
         raw = _nested(depth, opening, closing, inner)
-        with pytest.raises(TokenRejected, match=r"nested more than|not valid JSON"):
+        with pytest.raises(
+            TokenRejected, match=r"nested more than|not valid JSON|more than 256 arrays"
+        ):
             parse_json_object(raw, "payload")
         assert reference(raw) is None
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
-    raw = ('{"a":"' + "[" * 500 + '","b":["' + "{" * 500 + '"]}').encode()
-    assert parsed(raw) == {"a": "[" * 500, "b": ["{" * 500]}
+    # More than MAX_JSON_DEPTH brackets in all, so the parsed value's depth is walked.
+    raw = ('{"a":"' + "[" * 120 + '","b":["' + "{" * 120 + '"]}').encode()
+    assert parsed(raw) == {"a": "[" * 120, "b": ["{" * 120]}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"x":[' + b",".join([b"[" * 126 + b"]" * 126] * 3) + b"]}",
+        b'{"x":[' + b",".join([b"{}"] * 300) + b"]}",
+        b'{"x":"' + b"[" * 300 + b'"}',  # in a string too: the count is of the raw text
+    ],
+)
+def test_more_arrays_and_objects_than_the_bound_are_refused_before_any_walk(raw: bytes) -> None:
+    """Regression (DoS review): a forged 8 KB token of thousands of small arrays went
+    through the depth, surrogate and integer walks in Python: 20 times the cost of an
+    ordinary forged token of its size."""
+    with pytest.raises(TokenRejected, match="holds more than 256 arrays and objects"):
+        parse_json_object(raw, "payload")
+    assert parse_json_object(raw, "JWKS", max_containers=1024) is not None
+
+
+def test_a_long_digit_run_is_found_wherever_it_is() -> None:
+    run = b"9" * 309  # beyond the largest double; 308 nines are within it
+    assert parsed(b'{"a":' + run + b"}") is None
+    assert parsed(b'{"a":[1,2,' + run + b"]}") is None
+    assert parsed(b'{"a":' + run[:-1] + b"}") == {"a": int(run[:-1])}
+    assert parsed(b'{"a":"' + run + b'"}') == {"a": run.decode()}  # a string is no number
 
 
 _json_values = st.recursive(
@@ -218,6 +253,15 @@ def test_the_kept_headers_are_bounded_and_refusals_are_not_kept() -> None:
             parse_compact(refused, 8192)
         assert caught.value.reason is Reason.UNSUPPORTED_ALG
     assert refused.split(".")[0].encode() not in parsing._HEADERS
+
+
+def test_a_long_header_is_parsed_but_never_kept() -> None:
+    """Regression (DoS review): 256 forged 8 KB headers, each kept before any signature
+    check, held 65 MiB of parsed values."""
+    long_header = {"alg": "ES256", "kid": "k", "x": "y" * 2000}
+    token = _token(long_header, {})
+    assert parse_compact(token, 8192).kid == "k"
+    assert token.split(".")[0].encode() not in parsing._HEADERS
 
 
 def _reference_b64url(segment: bytes) -> bytes | None:
