@@ -43,6 +43,8 @@ ARG_PATH = "path"
 ARG_HOST = "host"
 ARG_POLICY = "policy"
 ARG_QUERY = "query"
+# With token_query_param on, a query of more fields than this is a malformed request.
+MAX_QUERY_FIELDS = 64
 DEFAULT_POLICY = "default"
 
 _INT64_LIMIT = 2**63  # HAProxy integers are signed 64-bit
@@ -552,7 +554,15 @@ def _extract_token(args: Mapping[str, Any], query_param: str) -> tuple[str | Non
         return None, _INVALID_REQUEST
     found = token or other
     if query_param:
-        for name, value in parse_qsl(_text(args.get(ARG_QUERY)), keep_blank_values=False):
+        try:
+            # Every field is decoded to find the one: a query of thousands of fields cost
+            # milliseconds of a worker, before any token was read (DoS review).
+            fields = parse_qsl(
+                _text(args.get(ARG_QUERY)), keep_blank_values=False, max_num_fields=MAX_QUERY_FIELDS
+            )
+        except ValueError:
+            return None, _INVALID_REQUEST
+        for name, value in fields:
             if name == query_param:
                 if found:
                     return None, _INVALID_REQUEST

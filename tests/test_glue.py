@@ -21,6 +21,7 @@ from spoa.devkit.keys import b64url_encode, generate_signing_key, jwks_document
 from spoa.devkit.tokens import mint_token
 from spoa.glue import (
     FALLBACK_ACTIONS,
+    MAX_QUERY_FIELDS,
     MAX_VAR_BYTES,
     CheckJwtHandler,
     PolicyRuntime,
@@ -225,6 +226,17 @@ def test_query_token_only_when_enabled() -> None:
     assert run(off, message(query=query))["reason"] == "missing_token"
     on = CheckJwtHandler(make_runtime(query_param="access_token"), clock=lambda: NOW)
     assert run(on, message(query=query))["valid"] is True
+
+
+def test_a_query_of_too_many_fields_is_400_when_tokens_may_come_in_queries() -> None:
+    """Regression (DoS review): with token_query_param on, every field of the query was
+    decoded: `%41=%41&` 1 900 times cost a worker 6.6 ms per request, token or not."""
+    on = CheckJwtHandler(make_runtime(query_param="access_token"), clock=lambda: NOW)
+    fields = "&".join(["%41=%41"] * MAX_QUERY_FIELDS)
+    assert run(on, message(query=f"{fields}&access_token={token()}"))["status"] == 400
+    assert run(on, message(query=f"{fields[8:]}&access_token={token()}"))["valid"] is True
+    off = CheckJwtHandler(make_runtime(), clock=lambda: NOW)
+    assert run(off, message(query=fields * 10, authorization=f"Bearer {token()}"))["valid"]
 
 
 def test_bad_token_challenge_names_the_reason(handler: CheckJwtHandler) -> None:
