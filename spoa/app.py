@@ -391,14 +391,17 @@ class VerdictRecorder:
 
 # `kid` and `alg` of a rejected token come from its unverified header: anyone can make them
 # as long as the token limit allows, as the policy name when haproxy.cfg takes it from the
-# request. Real ones are short.
+# request. Real ones are short, and ASCII. A non-ASCII character can take 12 bytes in a
+# JSON log line (an escaped surrogate pair), so such text is clipped four times shorter:
+# the limiter counts lines, and a line must stay about the same size (DoS review).
 _LOGGED_HEADER_CHARS = 128
 
 
 def _clip(value: str | None) -> str | None:
-    if value is None or len(value) <= _LOGGED_HEADER_CHARS:
-        return value
-    return value[:_LOGGED_HEADER_CHARS] + "…"
+    if value is None:
+        return None
+    limit = _LOGGED_HEADER_CHARS if value.isascii() else _LOGGED_HEADER_CHARS // 4
+    return value if len(value) <= limit else value[:limit] + "…"
 
 
 def _sub(verdict: Verdict) -> str | None:

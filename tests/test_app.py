@@ -214,6 +214,13 @@ def test_unverified_kid_and_alg_are_clipped_in_rejection_logs() -> None:
     assert (first["kid"], first["alg"]) == ("k" * 128 + "…", "A" * 128 + "…")
     assert (second["kid"], second["alg"]) == ("2024-rotation-b", "RS256")
     assert third["policy"] == "p" * 128 + "…"
+    # Regression (DoS review): 128 emoji took 12 bytes each in a JSON line, 3.3 KB a line.
+    emoji = Verdict.rejected(Reason.UNKNOWN_KID, kid="\U0001f600" * 128, alg="é" * 40)
+    recorder.on_verdict(emoji, "default", 0.001, "a.b.c", report_only=False)
+    assert (captured.fields[3]["kid"], captured.fields[3]["alg"]) == (
+        "\U0001f600" * 32 + "…",
+        "é" * 32 + "…",
+    )
 
 
 def test_a_key_directory_the_agent_cannot_use_refuses_the_start(tmp_path: Path) -> None:
