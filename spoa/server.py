@@ -382,7 +382,6 @@ class _AgentProtocol(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._refused = False
-        self._haproxy_disconnected = False  # it sent HAPROXY-DISCONNECT
         # NOTIFYs in flight as last told to the observer: reported once per batch, so
         # a batch answered inline costs no observer call at all.
         self._reported_inflight = 0
@@ -471,6 +470,8 @@ class _AgentProtocol(asyncio.Protocol):
 
     def _handle_events(self, events: list[Event]) -> None:
         notifies = 0
+        # A HAPROXY-DISCONNECT comes in the same events as the close it causes.
+        by_haproxy = False
         answers = iter(
             self._answer(
                 [
@@ -493,9 +494,9 @@ class _AgentProtocol(asyncio.Protocol):
                 self._observer.frame_received("haproxy_hello")
             elif isinstance(event, DisconnectReceived):
                 self._observer.frame_received("haproxy_disconnect")
-                self._haproxy_disconnected = True
+                by_haproxy = True
             elif isinstance(event, ConnectionClosed):
-                self._on_closed(event)
+                self._on_closed(event, by_haproxy)
         if notifies:
             self._observer.frame_received("notify", notifies)
         self._report_inflight()
@@ -619,8 +620,8 @@ class _AgentProtocol(asyncio.Protocol):
             log.error("spoe_ack_failed", extra={"error_type": type(error).__name__})
             conn.send_ack(event.stream_id, event.frame_id, self._fallback)
 
-    def _on_closed(self, event: ConnectionClosed) -> None:
-        if self._haproxy_disconnected:
+    def _on_closed(self, event: ConnectionClosed, by_haproxy: bool) -> None:
+        if by_haproxy:
             # HAProxy ended it, with its own status: 1 or 2 (its `timeout idle`) are routine,
             # not the agent's timeouts below; 3 and up mean it refused a frame of ours.
             if event.status is Status.NORMAL:
