@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -145,22 +145,34 @@ def _has_long_digit_run(raw: bytes) -> bool:
     return len(raw) >= _HUGE_INTEGER_DIGITS and _LONG_DIGIT_RUN in raw.translate(_DIGITS_AS_ONES)
 
 
-def _has_huge_integer(value: Any) -> bool:
-    """Whether any integer in the parsed value overflows a double. A walk with its own
-    stack, as `_nested_deeper_than`."""
+def _leaves(value: Any) -> Iterator[Any]:
+    """Every member name and every value that is no array or object, in no set order. A
+    walk with its own stack, as `_nested_deeper_than`."""
     pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, dict):
+            yield from item
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
-        elif type(item) is int:
-            try:
-                float(item)
-            except OverflowError:
-                return True
+        else:
+            yield item
+
+
+def _overflows_a_double(item: Any) -> bool:
+    if type(item) is not int:
+        return False
+    try:
+        float(item)
+    except OverflowError:
+        return True
     return False
+
+
+def _has_huge_integer(value: Any) -> bool:
+    """Whether any integer in the parsed value overflows a double."""
+    return any(_overflows_a_double(item) for item in _leaves(value))
 
 
 # One decoder for every call: json.loads with hooks builds a new one each time.
@@ -176,23 +188,24 @@ _SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignor
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _has_lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
+def _is_lone_surrogate_text(item: Any) -> bool:
+    if not isinstance(item, str):
         return False
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_lone_surrogate(item) for item in value)
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
     return False
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any member name or string in the parsed value is not Unicode text."""
+    return any(_is_lone_surrogate_text(item) for item in _leaves(value))
 
 
 # Deeper nesting is refused as malformed. No token, key set or discovery document comes
 # near it, and the answer must not depend on how much of Python's recursion budget is
-# left: the C scanner recurses once per level, the surrogate walk below twice.
+# left: the C scanner recurses once per level (the walks below keep their own stacks).
 MAX_JSON_DEPTH = 128
 # More `[` and `{` than this (counted in the raw text, strings included) is refused before
 # any walk: the checks below walk the parsed value in Python, and a forged 8 KB token of
