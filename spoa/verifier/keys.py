@@ -251,6 +251,12 @@ def load_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
     return key_from_public(public_key, kid=kid, alg=alg)
 
 
+def _jwks_containers(max_keys: int) -> int:
+    """The arrays and objects a key set of `max_keys` keys may hold: each key is an object,
+    with an array or two (x5c, key_ops) at most."""
+    return 4 * max_keys + 16
+
+
 def load_jwks(
     data: bytes | str | Mapping[str, Any], *, max_keys: int = DEFAULT_MAX_KEYS
 ) -> tuple[KeySet, KeyLoadReport]:
@@ -260,8 +266,7 @@ def load_jwks(
     else:
         raw = data.encode("utf-8") if isinstance(data, str) else data
         try:
-            # Each key is an object, with an array or two (x5c, key_ops) at most.
-            document = parse_json_object(raw, "JWKS", max_containers=4 * max_keys + 16)
+            document = parse_json_object(raw, "JWKS", max_containers=_jwks_containers(max_keys))
         except TokenRejected as exc:  # its message says what is wrong, never the content
             raise KeyLoadError(str(exc)) from exc
     entries = document.get("keys")
@@ -288,7 +293,9 @@ def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None 
     if stripped.startswith(b"-----BEGIN"):
         return KeySet((load_pem(data, kid=kid, alg=alg),))
     try:
-        document = parse_json_object(data, "key file", max_containers=4 * DEFAULT_MAX_KEYS + 16)
+        document = parse_json_object(
+            data, "key file", max_containers=_jwks_containers(DEFAULT_MAX_KEYS)
+        )
     except TokenRejected as exc:
         raise KeyLoadError("key file is neither PEM nor a JSON object") from exc
     if "keys" in document:
