@@ -752,6 +752,11 @@ def make_metrics(config: Config) -> Metrics:
     )
 
 
+def cannot_listen(key: str, address: str, exc: OSError) -> StartupError:
+    """A bind failure, named by the setting that asked for the address."""
+    return StartupError(f"{key}: cannot listen on {address}: {exc.strerror}")
+
+
 def bind_listener(config: Config) -> socket.socket:
     host, port = config.agent.address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -761,9 +766,7 @@ def bind_listener(config: Config) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise StartupError(
-            f"agent.listen: cannot listen on {config.agent.listen}: {exc.strerror}"
-        ) from None
+        raise cannot_listen("agent.listen", config.agent.listen, exc) from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -842,9 +845,7 @@ def _worker_main(
         try:
             server.start()
         except OSError as exc:
-            raise StartupError(
-                f"metrics.listen: cannot listen on {config.metrics.listen}: {exc.strerror}"
-            ) from None
+            raise cannot_listen("metrics.listen", config.metrics.listen, exc) from None
     install_uvloop()
     try:
         asyncio.run(
@@ -1066,10 +1067,7 @@ class Supervisor:
                 try:
                     listener.start()
                 except OSError as exc:
-                    raise StartupError(
-                        f"metrics.listen: cannot listen on {self.config.metrics.listen}: "
-                        f"{exc.strerror}"
-                    ) from None
+                    raise cannot_listen("metrics.listen", self.config.metrics.listen, exc) from None
                 server = listener
             signal.signal(signal.SIGTERM, self._on_stop)
             signal.signal(signal.SIGINT, self._on_stop)
