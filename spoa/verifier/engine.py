@@ -205,7 +205,7 @@ class Verifier:
         if generation is None:
             return self._cached_rejection(entry, Reason.KEYS_UNAVAILABLE, policy)
         if generation != entry.generation:
-            if not self._keys.holds(entry.issuer, entry.key):
+            if not self._still_chosen(entry, now):
                 self.cache.discard(key)
                 return None
             entry.generation = generation
@@ -234,6 +234,19 @@ class Verifier:
             except TokenRejected as exc:
                 return self._cached_rejection(entry, exc.reason, policy)
         return entry.ok_verdict
+
+    def _still_chosen(self, entry: CacheEntry, now: float) -> bool:
+        """After a key-set change: whether a fresh check would still try the entry's key
+        (same material, kid and pinned alg) for the token's kid and alg. Being in the set
+        is not enough: a token that names no key may try only a few (keys.py)."""
+        ok = entry.ok_verdict
+        if ok.alg is None:
+            return False
+        try:
+            _, candidates = self._keys.candidates(entry.issuer, ok.kid, ok.alg, now)
+        except TokenRejected:
+            return False
+        return any(candidate.identity == entry.key for candidate in candidates)
 
     @staticmethod
     def _cached_rejection(entry: CacheEntry, reason: Reason, policy: Policy) -> Verdict:

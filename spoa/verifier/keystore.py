@@ -2,7 +2,8 @@
 
 The key manager (edge) replaces an issuer's whole `KeySet` at once; readers never see a half
 update. A per-issuer generation number lets the verified-token cache notice a change
-without scanning: only when the generation moved does it ask whether its key is still there.
+without scanning: only when the generation moved does it ask whether a fresh check would
+still try its key.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from spoa.verifier.errors import TokenRejected
-from spoa.verifier.keys import KeyIdentity, KeySet, VerificationKey
+from spoa.verifier.keys import KeySet, VerificationKey
 from spoa.verifier.reasons import Reason
 
 
@@ -29,11 +30,6 @@ class KeyStore(Protocol):
     ) -> tuple[int, tuple[VerificationKey, ...]]:
         """(generation, keys that may verify this kid and alg). Raises TokenRejected with
         KEYS_UNAVAILABLE, UNKNOWN_KID or UNSUPPORTED_ALG."""
-        ...
-
-    def holds(self, issuer: str, key: KeyIdentity) -> bool:
-        """Whether the issuer's current key set still contains this key, with the same
-        kid and pinned alg."""
         ...
 
     def usable_until(self, issuer: str) -> float | None:
@@ -121,10 +117,6 @@ class MemoryKeyStore:
         if not entry.usable(now):
             raise TokenRejected("issuer keys are too stale", reason=Reason.KEYS_UNAVAILABLE)
         return entry.generation, entry.key_set.candidates(kid, alg)
-
-    def holds(self, issuer: str, key: KeyIdentity) -> bool:
-        entry = self._issuers.get(issuer)
-        return entry is not None and key in entry.key_set.identities
 
     def usable_until(self, issuer: str) -> float | None:
         entry = self._issuers.get(issuer)

@@ -339,3 +339,28 @@ def test_cached_rejections_before_the_signature_carry_no_claims() -> None:
     verdict = verifier.verify(token, POLICY, CONTEXT, NOW)
     assert (verdict.reason, verdict.cache_hit) == (Reason.KEYS_UNAVAILABLE, True)
     assert not verdict.claims
+
+
+@pytest.mark.parametrize("token_kid", [None, "anything"])
+def test_a_cached_token_follows_the_limit_on_keys_tried_without_a_kid(
+    token_kid: str | None,
+) -> None:
+    """Regression (RFC review): a token that names no key of the set (no kid, or a kid
+    only kid-less keys serve) stayed a cache hit after a rotation to more such keys than
+    MAX_KIDLESS_CANDIDATES, where a fresh check refuses it: it must name its key."""
+    from spoa.verifier.keys import MAX_KIDLESS_CANDIDATES
+
+    key = make_key("ES256")  # no kid: serves a token with any kid, or none
+    token = mint(key, header={"kid": token_kid} if token_kid else None)
+    verifier, store = verifier_for([key.verification_key()], {"ES256"})
+    for _ in range(2):  # the second is a cache hit
+        assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    others = [make_key("ES256").verification_key() for _ in range(MAX_KIDLESS_CANDIDATES)]
+    store.replace("main", KeySet((key.verification_key(), *others)), NOW)
+    verdict = verifier.verify(token, POLICY, CONTEXT, NOW)
+    assert (verdict.reason, verdict.cache_hit) == (Reason.UNKNOWN_KID, False)
+    assert len(verifier.cache) == 0
+    # Back to few enough keys: accepted again, and cached.
+    store.replace("main", KeySet((key.verification_key(), *others[:2])), NOW)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).ok
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).cache_hit

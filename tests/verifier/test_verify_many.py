@@ -149,9 +149,6 @@ class _FailingFor:
     def generation(self, issuer: str, now: float) -> int | None:
         return self._inner.generation(issuer, now)
 
-    def holds(self, issuer: str, key: Any) -> bool:
-        return self._inner.holds(issuer, key)
-
     def usable_until(self, issuer: str) -> float | None:
         return self._inner.usable_until(issuer)
 
