@@ -45,6 +45,8 @@ from spoa.verifier import (
     load_jwks,
     load_key_file_bytes,
     parse_max_age,
+    serving,
+    shared_key_slots,
 )
 from spoa.verifier.parsing import parse_json_object
 
@@ -131,7 +133,9 @@ def load_static_keys(source: StaticKeySource) -> KeySet:
         if not loaded.keys:
             raise KeySourceError(f"key file {key_file.path}: holds no usable keys")
         if not fits_any(loaded, source.algorithms):
-            raise KeySourceError(f"key file {key_file.path}: {no_fitting_key(source.algorithms)}")
+            raise KeySourceError(
+                f"key file {key_file.path}: {no_fitting_key(loaded, source.algorithms)}"
+            )
         keys.extend(loaded.keys)
     keys.extend(hmac_key(s.secret, alg=s.alg, kid=s.kid) for s in source.secrets)
     if not keys:
@@ -142,12 +146,23 @@ def load_static_keys(source: StaticKeySource) -> KeySet:
 def fits_any(key_set: KeySet, algorithms: tuple[str, ...]) -> bool:
     """Whether a token signed with one of `algorithms` could verify with a key of the set
     (an empty allow-list asks nothing). A set that fails this would reject every token
-    with unsupported_alg, and a fetch that brought it would look like a good one."""
-    return not algorithms or any(key.fits(alg) for key in key_set.keys for alg in algorithms)
+    with unsupported_alg, and a fetch that brought it would look like a good one. A key
+    that names no alg counts only where it fits one of them (keys.serving)."""
+    if not algorithms:
+        return True
+    keys = serving(key_set.keys, shared_key_slots(algorithms))
+    return any(key.fits(alg) for key in keys for alg in algorithms)
 
 
-def no_fitting_key(algorithms: tuple[str, ...]) -> str:
-    return f"no key in it fits the issuer's algorithms ({', '.join(algorithms)})"
+def no_fitting_key(key_set: KeySet, algorithms: tuple[str, ...]) -> str:
+    """Why `fits_any` said no."""
+    allowed = ", ".join(sorted(algorithms))
+    if any(key.fits(alg) for key in key_set.keys for alg in algorithms):
+        return (
+            f"its keys name no alg, and each would serve several of the issuer's algorithms "
+            f"({allowed}): a key serves one (RFC 8725 3.1), so name its alg or allow one"
+        )
+    return f"no key in it fits the issuer's algorithms ({allowed})"
 
 
 # --- Events --------------------------------------------------------------------------------
@@ -831,7 +846,7 @@ class KeyManager:
                 raise KeySourceError("JWKS holds no usable signing keys")
             algorithms = state.source.algorithms
             if not fits_any(key_set, algorithms):
-                raise KeySourceError(f"JWKS: {no_fitting_key(algorithms)}")
+                raise KeySourceError(f"JWKS: {no_fitting_key(key_set, algorithms)}")
         except Exception as exc:
             ticks = self._monotonic()
             state.jwks_url = None  # discover again next time

@@ -555,3 +555,39 @@ def test_problems_come_out_in_the_same_order_every_time() -> None:
         for seed in (1, 2, 3, 4)
     }
     assert len(outputs) == 1
+
+
+def test_check_config_refuses_a_key_that_would_serve_two_algorithms(tmp_path: Path) -> None:
+    """RFC review: a key file whose key names no alg, for an issuer that allows RS256 and
+    PS256, made one key verify both (RFC 8725 3.1). Naming the alg in the key's table
+    mends it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    two_algorithms = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["RS256", "PS256"]')
+    path = tmp_path / "jwtgate.toml"
+    path.write_text(
+        two_algorithms.replace(
+            'jwks_uri = "https://id.example.com/jwks.json"', f'keys = [{{ file = "{key_file}" }}]'
+        )
+    )
+    result = check_config(path)
+    assert result.returncode == 1
+    assert "issuers[0] (corp): key file" in result.stderr
+    assert "its keys name no alg, and each would serve several" in result.stderr
+    assert "(PS256, RS256)" in result.stderr
+    assert "Traceback" not in result.stderr
+    check_valid(
+        tmp_path,
+        two_algorithms.replace(
+            'jwks_uri = "https://id.example.com/jwks.json"',
+            f'keys = [{{ file = "{key_file}", alg = "PS256" }}]',
+        ),
+    )

@@ -3,7 +3,7 @@
 Standard library, `cryptography` and `jwcrypto` only; no I/O and no clock reads.
 """
 
-from spoa.verifier.algorithms import SUPPORTED_ALGORITHMS, KeyKind
+from spoa.verifier.algorithms import SUPPORTED_ALGORITHMS, KeyKind, shared_key_slots
 from spoa.verifier.claims import SCOPE_TOKEN, scope_tokens
 from spoa.verifier.engine import DEFAULT_CACHE_SIZE, DEFAULT_MAX_TOKEN_BYTES, Verifier
 from spoa.verifier.errors import KeyLoadError, PolicyError, TokenRejected, VerifierError
@@ -19,6 +19,7 @@ from spoa.verifier.keys import (
     load_jwks,
     load_key_file_bytes,
     load_pem,
+    serving,
 )
 from spoa.verifier.keystore import IssuerKeys, KeyStore, MemoryKeyStore
 from spoa.verifier.lifecycle import JwksSchedule, JwksTiming, RefetchDecision, parse_max_age
@@ -67,4 +68,6 @@ __all__ = [
     "parse_compact",
     "parse_max_age",
     "scope_tokens",
+    "serving",
+    "shared_key_slots",
 ]

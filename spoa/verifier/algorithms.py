@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import cast
@@ -78,6 +79,25 @@ def same_signature(pinned: str, alg: str) -> bool:
     """Whether a key pinned to `pinned` may verify a token signed with `alg`. "EdDSA" and
     the RFC 9864 names describe the same signature once the key's curve fits."""
     return pinned == alg or (pinned in _EDDSA_NAMES and alg in _EDDSA_NAMES)
+
+
+# A key's type and curve (None for RSA and HMAC keys): what decides which algorithms it fits.
+KeySlot = tuple[KeyKind, str | None]
+
+
+def shared_key_slots(algorithms: Iterable[str]) -> frozenset[KeySlot]:
+    """The key types (and curves) that fit more than one signature among `algorithms`, as
+    RSA keys do when RS256 and PS256 are both allowed. A key must serve exactly one
+    algorithm (RFC 8725 3.1), so a key of such a type serves only when it names its alg."""
+    signatures: dict[KeySlot, set[str]] = {}
+    for name in algorithms:
+        algorithm = ALGORITHMS.get(name)
+        if algorithm is None:
+            continue
+        signature = "EdDSA" if name in _EDDSA_NAMES else name
+        for curve in algorithm.curves or (None,):
+            signatures.setdefault((algorithm.kind, curve), set()).add(signature)
+    return frozenset(slot for slot, names in signatures.items() if len(names) > 1)
 
 
 _HASHES: dict[str, hashes.HashAlgorithm] = {

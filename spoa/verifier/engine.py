@@ -26,7 +26,7 @@ from spoa.verifier.claims import (
     token_audiences,
 )
 from spoa.verifier.errors import PolicyError, TokenRejected
-from spoa.verifier.keys import VerificationKey
+from spoa.verifier.keys import VerificationKey, serving
 from spoa.verifier.keystore import KeyStore
 from spoa.verifier.parsing import ParsedToken, parse_compact
 from spoa.verifier.policy import IssuerRules, Policy, RequestContext
@@ -243,7 +243,7 @@ class Verifier:
         if ok.alg is None:
             return False
         try:
-            _, candidates = self._keys.candidates(entry.issuer, ok.kid, ok.alg, now)
+            _, candidates = self._candidates(self._by_name[entry.issuer], ok.kid, ok.alg, now)
         except TokenRejected:
             return False
         return any(candidate.identity == entry.key for candidate in candidates)
@@ -308,9 +308,21 @@ class Verifier:
         if algorithm is None or parsed.alg not in rules.algorithms:
             raise TokenRejected("alg is not allowed for this issuer", reason=Reason.UNSUPPORTED_ALG)
         miss.algorithm = algorithm
-        miss.generation, miss.candidates = self._keys.candidates(
-            rules.name, parsed.kid, parsed.alg, now
-        )
+        miss.generation, miss.candidates = self._candidates(rules, parsed.kid, parsed.alg, now)
+
+    def _candidates(
+        self, rules: IssuerRules, kid: str | None, alg: str, now: float
+    ) -> tuple[int, tuple[VerificationKey, ...]]:
+        """The key store's candidates that serve this issuer (keys.serving)."""
+        generation, candidates = self._keys.candidates(rules.name, kid, alg, now)
+        if rules.shared_key_slots:
+            candidates = serving(candidates, rules.shared_key_slots)
+            if not candidates:
+                raise TokenRejected(
+                    "the key names no alg and the issuer allows several it fits",
+                    reason=Reason.UNSUPPORTED_ALG,
+                )
+        return generation, candidates
 
     def _check_signature(self, miss: _Miss, now: float) -> None:
         """The signature, against each candidate key in turn."""

@@ -24,6 +24,7 @@ from spoa.verifier.algorithms import (
     HMAC_ALGORITHMS,
     KeyKind,
     KeyMaterial,
+    KeySlot,
     material_kind,
     same_signature,
 )
@@ -66,6 +67,10 @@ class VerificationKey:
     @property
     def identity(self) -> KeyIdentity:
         return (self.key_id, self.kid, self.alg)
+
+    @property
+    def slot(self) -> KeySlot:
+        return (self.kind, self.curve)
 
     def fits(self, alg: str) -> bool:
         algorithm = ALGORITHMS.get(alg)
@@ -143,6 +148,17 @@ class KeySet:
 
     def merged(self, other: KeySet) -> KeySet:
         return KeySet(self.keys + other.keys)
+
+
+def serving(
+    keys: tuple[VerificationKey, ...], shared_slots: frozenset[KeySlot]
+) -> tuple[VerificationKey, ...]:
+    """The keys that serve an issuer whose algorithms share `shared_slots` (see
+    `shared_key_slots`): a key of such a type only when it names its alg, or it would
+    verify every one of them."""
+    if not shared_slots:
+        return keys
+    return tuple(key for key in keys if key.alg is not None or key.slot not in shared_slots)
 
 
 def _check_pinned_alg(alg: str | None, kind: KeyKind) -> None:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from spoa.verifier.algorithms import SUPPORTED_ALGORITHMS
+from spoa.verifier.algorithms import SUPPORTED_ALGORITHMS, KeySlot, shared_key_slots
 from spoa.verifier.errors import PolicyError
 
 
@@ -26,6 +26,8 @@ class IssuerRules:
     # Derived: allowed_types normalised by normalize_type (ASCII lower case, and
     # "application/" before a value without "/").
     normalized_types: frozenset[str] = field(init=False, repr=False, compare=False)
+    # Derived: key types that need their alg named to serve (RS256 and PS256 both allowed).
+    shared_key_slots: frozenset[KeySlot] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name or not self.issuer:
@@ -44,6 +46,7 @@ class IssuerRules:
         object.__setattr__(
             self, "normalized_types", frozenset(normalize_type(t) for t in self.allowed_types)
         )
+        object.__setattr__(self, "shared_key_slots", shared_key_slots(self.algorithms))
 
 
 # ASCII letters only: Unicode lowercasing would make other letters equal to them (the

@@ -714,6 +714,30 @@ def test_a_wall_clock_stepped_forward_fetches_again_at_once(
     run(scenario)
 
 
+def test_a_key_set_whose_keys_would_each_serve_two_algorithms_is_a_failed_fetch(
+    server: JwksServer, key_a: KeyPair
+) -> None:
+    """RFC review: with RS256 and PS256 both allowed, RSA keys that name no alg would each
+    verify both (RFC 8725 3.1 wants one algorithm per key). Such a set serves no token, so
+    taking it would be taking none: the fetch fails, saying why, and the last good keys
+    stay. The same keys naming their alg are a good fetch."""
+    server.set("/jwks", jwks(key_a))
+    source = JwksUrlSource(server.url("/jwks"), algorithms=("ES256", "PS256", "RS256"))
+    unnamed = make_key("RS256", kid="r").public_jwk()
+    unnamed.pop("alg", None)
+    harness = Harness(source)
+    harness.start_then_refresh(server, {"keys": [unnamed]})
+    failure = harness.of_type(FetchFailed)[-1]
+    assert "its keys name no alg, and each would serve several" in failure.cause
+    assert "(ES256, PS256, RS256)" in failure.cause
+    assert failure.kind == "invalid"
+    assert harness.verify(key_a, iat=int(NOW) + 500) is Reason.OK
+    server.set("/jwks", jwks(key_a))
+    named = Harness(source)
+    named.start_then_refresh(server, {"keys": [{**unnamed, "alg": "PS256"}]})
+    assert not named.of_type(FetchFailed)
+
+
 def test_a_key_set_with_no_key_for_the_allowed_algorithms_keeps_the_last_good_keys(
     server: JwksServer, key_a: KeyPair, tmp_path: Path
 ) -> None:

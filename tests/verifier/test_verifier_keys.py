@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from verifier_helpers import KeyPair, b64, make_key
+from verifier_helpers import (
+    CONTEXT,
+    NOW,
+    POLICY,
+    KeyPair,
+    b64,
+    default_claims,
+    make_key,
+    mint,
+    verifier_for,
+)
 
 from spoa.verifier import (
     KeyLoadError,
@@ -17,6 +27,7 @@ from spoa.verifier import (
     load_jwks,
     load_key_file_bytes,
     load_pem,
+    shared_key_slots,
 )
 from spoa.verifier.algorithms import KeyKind
 
@@ -252,3 +263,45 @@ def test_an_ed25519_key_of_small_order_is_not_trusted() -> None:
     )
     with pytest.raises(KeyLoadError, match="small order"):
         load_pem(pem)
+
+
+@pytest.mark.parametrize(
+    ("key_alg", "allowed", "token_alg", "expected"),
+    [
+        # An RSA key that names no alg would verify RS256 and PS256 alike: it serves
+        # neither while both are allowed (RFC 8725 3.1: one algorithm per key).
+        ("RS256", {"RS256", "PS256"}, "RS256", Reason.UNSUPPORTED_ALG),
+        ("RS256", {"RS256", "PS256"}, "PS256", Reason.UNSUPPORTED_ALG),
+        ("RS256", {"RS256", "RS384"}, "RS384", Reason.UNSUPPORTED_ALG),
+        # One RSA algorithm among others: the key's type says which it serves.
+        ("RS256", {"RS256", "ES256"}, "RS256", Reason.OK),
+        ("RS256", {"PS256", "ES256", "EdDSA"}, "PS256", Reason.OK),
+        # A curve fits one ECDSA algorithm; "EdDSA" and "Ed25519" are one signature.
+        ("ES256", {"ES256", "ES384"}, "ES256", Reason.OK),
+        ("EdDSA", {"EdDSA", "Ed25519"}, "EdDSA", Reason.OK),
+        ("EdDSA", {"EdDSA", "Ed25519"}, "Ed25519", Reason.OK),
+    ],
+)
+def test_a_key_without_alg_serves_only_when_one_allowed_algorithm_fits_it(
+    key_alg: str, allowed: set[str], token_alg: str, expected: Reason
+) -> None:
+    """RFC review: a JWK without `alg` verified RS256 and PS256 tokens alike."""
+    key = make_key(key_alg, kid="k")
+    verifier, _ = verifier_for([key.verification_key()], allowed)
+    token = mint(key, default_claims(), alg=token_alg)
+    assert verifier.verify(token, POLICY, CONTEXT, NOW).reason is expected
+
+
+def test_a_key_that_names_its_alg_serves_it_beside_other_rsa_algorithms() -> None:
+    key = make_key("RS256", kid="k")
+    verifier, _ = verifier_for([key.verification_key(alg="PS256")], {"RS256", "PS256"})
+    assert verifier.verify(mint(key, alg="PS256"), POLICY, CONTEXT, NOW).ok
+    refused = verifier.verify(mint(key, alg="RS256"), POLICY, CONTEXT, NOW)
+    assert refused.reason is Reason.UNSUPPORTED_ALG
+
+
+def test_shared_key_slots_name_the_key_types_several_algorithms_fit() -> None:
+    assert shared_key_slots({"RS256", "PS256", "ES256"}) == {(KeyKind.RSA, None)}
+    assert shared_key_slots({"ES256", "ES384", "ES512"}) == frozenset()
+    assert shared_key_slots({"EdDSA", "Ed25519", "Ed448"}) == frozenset()
+    assert shared_key_slots({"HS256", "HS512"}) == {(KeyKind.OCT, None)}
