@@ -621,12 +621,12 @@ class _AgentProtocol(asyncio.Protocol):
             conn.send_ack(event.stream_id, event.frame_id, self._fallback)
 
     def _on_closed(self, event: ConnectionClosed, by_haproxy: bool) -> None:
+        if event.status is Status.NORMAL:
+            return
+        fields = {"spop_status": int(event.status), "reason": event.message}
         if by_haproxy:
             # HAProxy ended it, with its own status: 1 or 2 (its `timeout idle`) are routine,
             # not the agent's timeouts below; 3 and up mean it refused a frame of ours.
-            if event.status is Status.NORMAL:
-                return
-            fields = {"spop_status": int(event.status), "reason": event.message}
             if event.status.is_normal:
                 log.info("spop_haproxy_disconnect", extra=fields)
             else:
@@ -634,15 +634,13 @@ class _AgentProtocol(asyncio.Protocol):
                 log.warning("spop_haproxy_disconnect", extra=fields)
             return
         if not event.status.is_normal:
+            # A warning, as HAProxy's own DISCONNECT of 3 and up: a frame was refused.
             self._observer.protocol_error(event.status)
-            what = "spop_connection_error"
+            log.warning("spop_connection_error", extra=fields)
         elif event.status is Status.TIMEOUT:
             # Not a protocol error, but a peer that never sent its HELLO or trickled a
             # frame is worth a line (so is an idle close).
-            what = "spop_connection_timeout"
-        else:
-            return
-        log.info(what, extra={"spop_status": int(event.status), "reason": event.message})
+            log.info("spop_connection_timeout", extra=fields)
 
     # -- output, flow and time -----------------------------------------------
 
