@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from spoa.verifier import (
     bearer_error,
     scope_tokens,
 )
+
+log = logging.getLogger(__name__)
 
 MESSAGE_NAME = "check-jwt"
 ARG_AUTHORIZATION = "authorization"
@@ -149,6 +152,7 @@ class CheckJwtHandler:
         self._timer = time.perf_counter
         self.memo = memo
         self.runtime = runtime
+        self._told_no_query = False
 
     @property
     def runtime(self) -> Runtime:
@@ -193,6 +197,8 @@ class CheckJwtHandler:
                 else:
                     policy_name = _text(policy_name) or _NOT_A_POLICY_NAME
             selected = runtime.policies.get(policy_name)
+            if runtime.token_query_param and ARG_QUERY not in args:
+                self._no_query_argument()
             token, problem = _extract_token(args, runtime.token_query_param)
             context = None
             if selected is None:
@@ -249,6 +255,17 @@ class CheckJwtHandler:
                     result.close()
             raise
         return results
+
+    def _no_query_argument(self) -> None:
+        """token_query_param is on, but HAProxy sends no `query` (the shipped spoe-jwt.conf
+        does not): every token in a query string reads as missing. Said once a process."""
+        if self._told_no_query:
+            return
+        self._told_no_query = True
+        log.warning(
+            "token_query_param_without_query_arg",
+            extra={"hint": "add query=query to the args of spoe-message check-jwt"},
+        )
 
     async def _after_refetch(
         self,

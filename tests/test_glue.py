@@ -6,6 +6,7 @@ import asyncio
 import base64
 import gc
 import json
+import logging
 import time
 import warnings
 from collections.abc import Awaitable, Iterator, Sequence
@@ -226,6 +227,27 @@ def test_query_token_only_when_enabled() -> None:
     assert run(off, message(query=query))["reason"] == "missing_token"
     on = CheckJwtHandler(make_runtime(query_param="access_token"), clock=lambda: NOW)
     assert run(on, message(query=query))["valid"] is True
+
+
+def test_a_query_parameter_without_the_query_argument_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Docs review: with token_query_param on and the shipped spoe-jwt.conf (no `query`
+    argument), every token in a query string read as missing, and nothing said why."""
+    caplog.set_level(logging.WARNING, logger="spoa.glue")
+    on = CheckJwtHandler(make_runtime(query_param="access_token"), clock=lambda: NOW)
+    for _ in range(3):
+        assert run(on, message(authorization=None))["reason"] == "missing_token"
+    warned = [r for r in caplog.records if r.getMessage() == "token_query_param_without_query_arg"]
+    assert len(warned) == 1
+    assert "query=query" in warned[0].hint  # type: ignore[attr-defined]
+    # Sent, even empty (NULL): HAProxy has the argument, nothing to say.
+    caplog.clear()
+    sent = CheckJwtHandler(make_runtime(query_param="access_token"), clock=lambda: NOW)
+    assert run(sent, message(query=None))["reason"] == "missing_token"
+    off = CheckJwtHandler(make_runtime(), clock=lambda: NOW)
+    assert run(off, message(authorization=None))["reason"] == "missing_token"
+    assert not caplog.records
 
 
 def test_a_query_of_too_many_fields_is_400_when_tokens_may_come_in_queries() -> None:

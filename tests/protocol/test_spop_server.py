@@ -302,9 +302,7 @@ def test_hello_timeout_and_protocol_errors_are_reported(caplog: pytest.LogCaptur
     # Both are logged with their status and reason (regression: a timeout left no line).
     # A refused frame is a warning, as HAProxy's own DISCONNECT of 3 and up is
     # (regression: logged at info, below what a warnings filter shows).
-    lines = {
-        (r.getMessage(), getattr(r, "spop_status", None), r.levelname) for r in caplog.records
-    }
+    lines = {(r.getMessage(), getattr(r, "spop_status", None), r.levelname) for r in caplog.records}
     assert ("spop_connection_timeout", 2, "INFO") in lines
     assert ("spop_connection_error", 4, "WARNING") in lines
 
