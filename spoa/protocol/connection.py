@@ -38,9 +38,12 @@ from .events import (
 )
 from .frames import (
     DEFAULT_MAX_FRAME_SIZE,
+    LENGTH_SIZE,
     MIN_FRAME_BODY,
     MIN_MAX_FRAME_SIZE,
+    FrameFlags,
     FrameType,
+    build_ack,
     build_frame,
 )
 from .memo import AnswerMemo
@@ -61,9 +64,7 @@ DEFAULT_FRAME_TIMEOUT = 5.0
 _NOTIFY = FrameType.NOTIFY.value
 _HAPROXY_HELLO = FrameType.HAPROXY_HELLO.value
 _HAPROXY_DISCONNECT = FrameType.HAPROXY_DISCONNECT.value
-_FIN = 0x01
-# ACK type byte and FIN flags: the constant start of every ACK body.
-_ACK_HEAD = bytes((FrameType.ACK.value,)) + b"\x00\x00\x00\x01"
+_FIN = FrameFlags.FIN.value  # in the last byte of FLAGS
 
 
 class _State(Enum):
@@ -389,12 +390,11 @@ class AgentConnection:
         ids = self._inflight.get(key)
         if ids is None:
             raise FrameIdNotFound("no NOTIFY in flight with these ids")
-        payload = encode_actions(actions)
-        length = 5 + len(ids) + len(payload)
-        if length > (self._negotiated_max_frame_size or self._max_frame_size):
+        frame = build_ack(ids, encode_actions(actions))
+        if len(frame) - LENGTH_SIZE > (self._negotiated_max_frame_size or self._max_frame_size):
             raise FrameTooBig("ACK longer than the negotiated max-frame-size")
         del self._inflight[key]
-        self._outbox.append(length.to_bytes(4, "big") + _ACK_HEAD + ids + payload)
+        self._outbox.append(frame)
 
     def send_disconnect(self, status: Status, message: str) -> None:
         """Queue AGENT-DISCONNECT and close. `ConnectionClosed` comes out of the

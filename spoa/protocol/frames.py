@@ -43,10 +43,6 @@ class FrameHeader:
     stream_id: int
     frame_id: int
 
-    @property
-    def fin(self) -> bool:
-        return bool(self.flags & FrameFlags.FIN)
-
 
 @dataclass(frozen=True, slots=True)
 class Frame:
@@ -56,7 +52,15 @@ class Frame:
     payload: bytes
 
 
-_FIN_FLAGS = b"\x00\x00\x00\x01"
+# FLAGS with FIN alone, as every frame is sent and as HAProxy sends every NOTIFY.
+FIN_FLAGS = b"\x00\x00\x00\x01"
+# An ACK body starts with its type and those flags.
+_ACK_HEAD = bytes((FrameType.ACK.value,)) + FIN_FLAGS
+
+
+def build_ack(ids: bytes, payload: bytes) -> bytes:
+    """An ACK frame: `ids` are the NOTIFY's STREAM-ID and FRAME-ID varints as they came."""
+    return (5 + len(ids) + len(payload)).to_bytes(4, "big") + _ACK_HEAD + ids + payload
 
 
 def build_frame(
@@ -67,7 +71,7 @@ def build_frame(
     flags: int = FrameFlags.FIN,
 ) -> bytes:
     """One complete frame, length prefix included."""
-    flag_bytes = _FIN_FLAGS if flags == FrameFlags.FIN else int(flags).to_bytes(4, "big")
+    flag_bytes = FIN_FLAGS if flags == FrameFlags.FIN else int(flags).to_bytes(4, "big")
     body_head = (
         bytes((frame_type,)) + flag_bytes + encode_varint(stream_id) + encode_varint(frame_id)
     )

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from .actions import Scope, _action_head
 from .errors import SpopError
-from .frames import MIN_FRAME_BODY, FrameType
+from .frames import FIN_FLAGS, LENGTH_SIZE, MIN_FRAME_BODY, FrameType, build_ack
 from .payloads import SPEEDUPS, Message, decode_messages_python
 from .types import encode_value
 from .varint import Buffer, decode_varint
@@ -46,8 +46,6 @@ ADMISSION_SAMPLE = 16
 MAX_KEY_ARGS = 8  # what the C scanner handles
 
 _NOTIFY = FrameType.NOTIFY.value
-_PLAIN_FLAGS = b"\x00\x00\x00\x01"  # FIN only
-_ACK_HEAD = bytes((FrameType.ACK.value,)) + _PLAIN_FLAGS
 _COUNTDOWN_LIMIT = 2.0**63
 
 
@@ -102,7 +100,7 @@ def answer_frames_python(
         start, stop = pos + 4, pos + 4 + length
         if length > frame_limit or stop > end or length < MIN_FRAME_BODY:
             break
-        if buf[start] != _NOTIFY or bytes(buf[start + 1 : start + 5]) != _PLAIN_FLAGS:
+        if buf[start] != _NOTIFY or bytes(buf[start + 1 : start + 5]) != FIN_FLAGS:
             break
         try:
             stream_id, body = decode_varint(buf, start + 5, stop)
@@ -123,11 +121,10 @@ def answer_frames_python(
             if not entry.countdown_to - now < _COUNTDOWN_LIMIT:
                 break
             payload += countdown_tail(countdown_head, entry.countdown_to, now)
-        ids = bytes(buf[start + 5 : body])
-        ack_length = 5 + len(ids) + len(payload)
-        if ack_length > frame_limit:
+        ack = build_ack(bytes(buf[start + 5 : body]), payload)
+        if len(ack) - LENGTH_SIZE > frame_limit:
             break
-        acks.append(ack_length.to_bytes(4, "big") + _ACK_HEAD + ids + payload)
+        acks.append(ack)
         tags.append(entry.tag)
         pos = stop
     return pos, b"".join(acks), tags
