@@ -8,7 +8,7 @@ come from explicitly configured secrets, never from a JWKS.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,7 +332,3 @@ def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None 
             raise KeyLoadError(f"no usable key in its JWKS ({why})")
         return key_set
     return KeySet((load_jwk(document),))
-
-
-def key_set_of(keys: Iterable[VerificationKey]) -> KeySet:
-    return KeySet(tuple(keys))

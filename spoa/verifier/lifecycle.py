@@ -154,6 +154,3 @@ class JwksSchedule:
         self._unknown_kids.move_to_end(kid)
         while len(self._unknown_kids) > self.timing.negative_cache_size:
             self._unknown_kids.popitem(last=False)
-
-    def forget_unknown_kids(self) -> None:
-        self._unknown_kids.clear()
