@@ -160,6 +160,12 @@ def static_key_problems(config: Config) -> list[str]:
     return problems
 
 
+def log_verifier_error(error: Exception) -> None:
+    """A check the verifier failed closed on (internal_error): a bug to report. The type
+    only, as for a handler failure: the text may quote the token."""
+    log.error("verifier_internal_error", error_type=type(error).__name__)
+
+
 def _read_secret(env: str | None, path: str | None) -> bytes:
     if env:
         value = os.environ.get(env, "")
@@ -268,6 +274,7 @@ async def build_engine(
             store,
             max_token_bytes=config.agent.max_token_bytes,
             cache_size=config.cache.max_entries,
+            on_error=log_verifier_error,
         )
         policies = policy_runtimes(config)
     except (PolicyError, ValueError) as exc:

@@ -223,6 +223,19 @@ def test_unverified_kid_and_alg_are_clipped_in_rejection_logs() -> None:
     )
 
 
+def test_a_verifier_failure_is_logged_by_type_only() -> None:
+    """The verifier's fail-closed errors reach the log, without their text."""
+    from structlog.testing import capture_logs
+
+    from spoa.app import log_verifier_error
+
+    with capture_logs() as logs:
+        log_verifier_error(RuntimeError("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"))
+    assert logs == [
+        {"event": "verifier_internal_error", "error_type": "RuntimeError", "log_level": "error"}
+    ]
+
+
 def test_a_key_directory_the_agent_cannot_use_refuses_the_start(tmp_path: Path) -> None:
     """Regression: an unusable cache.keys_dir passed, then every refresh logged
     `jwks_not_saved` with an exception type and no path. It is now made and tried when

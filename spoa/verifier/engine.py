@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -53,7 +54,10 @@ class Verifier:
         *,
         max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
+        """`on_error` hears of each unforeseen exception a check failed closed on (its
+        verdict is internal_error); the edge logs its type. Its text may quote a token."""
         if max_token_bytes <= 0:
             raise PolicyError("max_token_bytes must be positive")
         by_issuer: dict[str, IssuerRules] = {}
@@ -70,6 +74,7 @@ class Verifier:
         self._keys = keys
         self.max_token_bytes = max_token_bytes
         self.cache = VerifiedTokenCache(cache_size)
+        self._on_error = on_error
 
     @property
     def issuers(self) -> Mapping[str, IssuerRules]:
@@ -90,8 +95,8 @@ class Verifier:
             miss = _Miss(token, key, policy)
             self._verify_misses([miss], now)
             return miss.verdict
-        except Exception:  # fail closed on anything unforeseen; the glue logs the reason
-            return _INTERNAL_ERROR
+        except Exception as error:
+            return self._failed(error)
 
     def verify_many(
         self, requests: Sequence[tuple[str | bytes, Policy, RequestContext]], now: float
@@ -136,14 +141,23 @@ class Verifier:
                         continue
                     miss = misses[key] = _Miss(token, key, policy)
                     missed_at.append((index, miss))
-                except Exception:
-                    verdicts[index] = _INTERNAL_ERROR
+                except Exception as error:
+                    verdicts[index] = self._failed(error)
             self._verify_misses(list(misses.values()), now)
             for index, miss in missed_at:
                 verdicts[index] = miss.verdict
-        except Exception:  # fail closed; what is not decided stays internal_error
+        except Exception as error:  # what is not decided stays internal_error
+            self._failed(error)
             return []
         return repeats
+
+    def _failed(self, error: Exception) -> Verdict:
+        """Fail closed on anything unforeseen, and say so to `on_error`."""
+        if self._on_error is not None:
+            # The verdict must not depend on the listener.
+            with contextlib.suppress(Exception):
+                self._on_error(error)
+        return _INTERNAL_ERROR
 
     def replay_window(self, token: str | bytes, now: float) -> tuple[float, float] | None:
         """While an accepted verdict for `token`, just given, stays exactly the same:
@@ -276,9 +290,8 @@ class Verifier:
         verified = self._stage(self._check_signature, signing, now)
         self._stage(self._conclude, verified, now)
 
-    @staticmethod
     def _stage(
-        step: Callable[[_Miss, float], None], misses: list[_Miss], now: float
+        self, step: Callable[[_Miss, float], None], misses: list[_Miss], now: float
     ) -> list[_Miss]:
         """Run one stage over the batch; give back the misses it let through."""
         passed: list[_Miss] = []
@@ -287,8 +300,8 @@ class Verifier:
                 step(miss, now)
             except TokenRejected as exc:
                 miss.reject(exc.reason)
-            except Exception:  # fail closed on anything unforeseen
-                miss.verdict = _INTERNAL_ERROR
+            except Exception as error:
+                miss.verdict = self._failed(error)
             else:
                 passed.append(miss)
         return passed

@@ -206,3 +206,25 @@ def pool() -> list[tuple[str | bytes, Policy]]:
     requests = _requests(_POOL_KEY, make_key("ES256", kid="k1"))
     assert len(requests) == _POOL_SIZE
     return requests
+
+
+def test_a_check_that_fails_closed_is_told_to_the_edge(key: KeyPair) -> None:
+    """Architecture review: an unforeseen exception became internal_error and was then
+    forgotten, though a comment said the glue logged it; a verifier bug left no trace."""
+    other = make_key("ES256", kid="broken")
+    _, store = verifier_for([key.verification_key(), other.verification_key()], {"ES256"})
+    heard: list[Exception] = []
+    verifier = Verifier([rules({"ES256"})], _FailingFor(store, "broken"), on_error=heard.append)
+    assert verifier.verify(mint(other), POLICY, CONTEXT, NOW).reason is Reason.INTERNAL_ERROR
+    verdicts = verifier.verify_many(
+        [(mint(other), POLICY, CONTEXT), (mint(key), POLICY, CONTEXT)], NOW
+    )
+    assert [v.reason for v in verdicts] == [Reason.INTERNAL_ERROR, Reason.OK]
+    assert [type(error) for error in heard] == [RuntimeError, RuntimeError]
+
+    def broken_listener(error: Exception) -> None:
+        raise ValueError("the listener itself fails")
+
+    # A listener that fails changes no verdict.
+    failing = Verifier([rules({"ES256"})], _FailingFor(store, "broken"), on_error=broken_listener)
+    assert failing.verify(mint(other), POLICY, CONTEXT, NOW).reason is Reason.INTERNAL_ERROR
