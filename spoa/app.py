@@ -59,7 +59,6 @@ from spoa.keymanager import (
     KeysChanged,
     KeysFetched,
     KeySource,
-    KeySourceError,
     KeysRestored,
     KeysUnavailable,
     OidcDiscoverySource,
@@ -299,7 +298,7 @@ async def build_engine(
     try:
         carried = carried_keys(previous, sources) if previous is not None else None
         ready = await keys.start(config.agent.ready_timeout, carried)
-    except (KeySourceError, KeyLoadError) as exc:
+    except KeyLoadError as exc:  # KeySourceError among them
         await keys.aclose()
         raise StartupError(f"cannot load keys: {exc}") from None
     except asyncio.CancelledError:  # stopped while starting

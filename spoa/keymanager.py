@@ -569,6 +569,10 @@ def _failure_kind(exc: BaseException) -> str:
     return "error"  # connection refused, TLS, ...
 
 
+# What a fetch fetches; a failure's cause starts with one of them.
+_DOCUMENTS = ("JWKS", "discovery document")
+
+
 def _describe(exc: BaseException) -> str:
     """A log-safe cause: our own messages, or the exception type and OS reason."""
     if isinstance(exc, KeyLoadError):
@@ -852,7 +856,7 @@ class KeyManager:
             state.jwks_url = None  # discover again next time
             delay = state.schedule.record_failure(ticks)
             state.last_failure = _describe(exc)
-            if not isinstance(exc, KeyLoadError):  # ours name the document already
+            if not state.last_failure.startswith(_DOCUMENTS):  # say which one failed
                 state.last_failure = f"{fetching}: {state.last_failure}"
             self._emit(FetchFailed(state.name, state.last_failure, delay, _failure_kind(exc)))
             self._report_staleness(state, ticks)
