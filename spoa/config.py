@@ -16,7 +16,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -231,6 +231,12 @@ class IssuerSettings:
         if self.discovery:
             return "discovery"
         return "keys"
+
+
+# Each issuer key's default, from the dataclass: the parser reads them here.
+_ISSUER_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(IssuerSettings) if f.default is not MISSING
+}
 
 
 @dataclass(frozen=True)
@@ -529,25 +535,29 @@ class _Reader:
                 None,
                 f"exactly one of jwks_uri, jwks_file, discovery, keys is required (found: {found})",
             )
+        converters: dict[str, Callable[[Any], Any]] = {
+            "audiences": _audience_list,
+            "jwks_uri": _url,
+            "jwks_file": self.existing_file,
+            "keys": self.static_keys,
+            "leeway": _duration(0.0, 3600.0),
+            "require_exp": _bool,
+            "max_lifetime": _duration(1.0),
+            "required_claims": _string_list,
+            "typ": _string_list,
+            "refresh_min": _duration(1.0),
+            "refresh_max": _duration(1.0),
+            "default_refresh": _duration(1.0),
+            "refetch_interval": _duration(0.0),
+            "max_stale": _duration(0.0),
+            "fetch_timeout": _duration(0.01, 300.0),
+            "max_jwks_bytes": _int(1024, 64 << 20),
+            "max_keys": _int(1, 10_000),
+            "allow_plain_http": _bool,
+        }
         values: dict[str, Any] = {
-            "audiences": self.get(table, "audiences", _audience_list, ()),
-            "jwks_uri": self.get(table, "jwks_uri", _url, None),
-            "jwks_file": self.get(table, "jwks_file", self.existing_file, None),
-            "keys": self.get(table, "keys", self.static_keys, ()),
-            "leeway": self.get(table, "leeway", _duration(0.0, 3600.0), 30.0),
-            "require_exp": self.get(table, "require_exp", _bool, True),
-            "max_lifetime": self.get(table, "max_lifetime", _duration(1.0), None),
-            "required_claims": self.get(table, "required_claims", _string_list, ()),
-            "typ": self.get(table, "typ", _string_list, ()),
-            "refresh_min": self.get(table, "refresh_min", _duration(1.0), 60.0),
-            "refresh_max": self.get(table, "refresh_max", _duration(1.0), 86400.0),
-            "default_refresh": self.get(table, "default_refresh", _duration(1.0), 600.0),
-            "refetch_interval": self.get(table, "refetch_interval", _duration(0.0), 30.0),
-            "max_stale": self.get(table, "max_stale", _duration(0.0), 86400.0),
-            "fetch_timeout": self.get(table, "fetch_timeout", _duration(0.01, 300.0), 5.0),
-            "max_jwks_bytes": self.get(table, "max_jwks_bytes", _int(1024, 64 << 20), 1 << 20),
-            "max_keys": self.get(table, "max_keys", _int(1, 10_000), 100),
-            "allow_plain_http": self.get(table, "allow_plain_http", _bool, False),
+            key: self.get(table, key, convert, _ISSUER_DEFAULTS[key])
+            for key, convert in converters.items()
         }
         if "discovery" in table:
             values["discovery"] = self.get(table, "discovery", _discovery(issuer), None)
