@@ -10,7 +10,6 @@ connection keeps a single timer for the core's deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import math
@@ -713,6 +712,4 @@ class _AgentProtocol(asyncio.Protocol):
             return
         conn.send_disconnect(status, message)
         self._handle_events(conn.receive_data(b"", self._loop.time()))
-        self._flush()
-        with contextlib.suppress(Exception):
-            self._close(transport)
+        self._flush()  # writes the DISCONNECT, then closes: the connection is closed now
