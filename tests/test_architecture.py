@@ -10,23 +10,44 @@ import pytest
 SPOA = Path(__file__).resolve().parents[1] / "spoa"
 
 
+def imports_of(source: str, package: str) -> set[str]:
+    """Every module a module of spoa/`package` imports, relative imports made absolute."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module:
+                    names.add(node.module)
+                continue
+            # `.` is the module's own package (spoa.<package>), each further dot its parent.
+            base = ["spoa", package][: 2 - (node.level - 1)]
+            if node.module:
+                names.add(".".join([*base, node.module]))
+            else:  # `from .. import glue`: each name is a module of that package
+                names.update(".".join([*base, alias.name]) for alias in node.names)
+    return names
+
+
 def imported_modules(package: str) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for path in sorted((SPOA / package).glob("*.py")):
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module)
-        found[path.name] = names
-    return found
+    return {
+        path.name: imports_of(path.read_text(), package)
+        for path in sorted((SPOA / package).glob("*.py"))
+    }
+
+
+def test_relative_imports_are_seen() -> None:
+    """Regression (test review): only absolute `from` imports were read, so a core module
+    could import the edge with `from ..server import ...` unseen."""
+    source = "from ..server import SpoaServer\nfrom .. import glue\nfrom .frames import x\n"
+    assert imports_of(source, "protocol") == {"spoa.server", "spoa.glue", "spoa.protocol.frames"}
 
 
 @pytest.mark.parametrize(
     ("package", "allowed_outside_stdlib", "forbidden"),
     [
-        ("protocol", (), ("asyncio", "socket", "time", "logging", "spoa")),
+        ("protocol", ("spoa.protocol",), ("asyncio", "socket", "time", "logging", "spoa")),
         (
             "verifier",
             ("cryptography", "jwcrypto", "spoa.verifier"),
