@@ -241,15 +241,27 @@ def test_connections_beyond_max_connections_are_refused(agent: int) -> None:
     finally:
         for sock in held:
             sock.close()
-    time.sleep(0.2)  # the agent notices the closes on its next loop turn
-    handshake(agent).close()
+    # A slot frees once the agent has seen a close: until then a new peer is refused.
+    deadline = time.monotonic() + 5
+    while True:
+        sock = connect(agent)
+        sock.sendall(hello_frame())
+        answer = read_frame(sock)
+        sock.close()
+        assert answer is not None
+        if answer[0] == FrameType.AGENT_HELLO:
+            break
+        assert disconnect_status(answer[1]) == Status.RESOURCE_ALLOCATION
+        assert time.monotonic() < deadline, "no slot came free after the closes"
+        time.sleep(0.01)
 
 
-def pipeline(port: int, token: str, count: int) -> tuple[int, int | None]:
-    """Send `count` NOTIFYs in one write; (ACKs received, DISCONNECT status or None)."""
+def pipeline(port: int, tokens: list[str]) -> tuple[int, int | None]:
+    """A NOTIFY per token, all in one write; (ACKs received, DISCONNECT status or None)."""
     sock = handshake(port)
+    count = len(tokens)
     try:
-        sock.sendall(b"".join(notify(1, i, f"Bearer {token}") for i in range(1, count + 1)))
+        sock.sendall(b"".join(notify(1, i, f"Bearer {t}") for i, t in enumerate(tokens, 1)))
         acks = 0
         while acks < count:
             answer = read_frame(sock)
@@ -266,11 +278,16 @@ def pipeline(port: int, token: str, count: int) -> tuple[int, int | None]:
 
 def test_inflight_frames_are_bounded(agent: int, issuer: LocalIssuer) -> None:
     """HAProxy's max-waiting-frames (20) pipelined at once are all answered; a peer that
-    pushes far more than max_inflight in one go is cut off with a resource error."""
-    token = issuer.mint({"aud": AUDIENCE, "sub": "u"})
-    assert pipeline(agent, token, 20) == (20, None)
-    acks, status = pipeline(agent, token, 200)
-    assert acks == 200 or status == Status.RESOURCE_ALLOCATION, (acks, status)
+    pushes far more than max_inflight in one go is cut off with a resource error.
+
+    Every NOTIFY carries a token of its own. Regression (test review): with one token
+    for all, the second batch was answered from the replay memo, never went in flight,
+    and the test passed on its "all answered" branch without reaching the limit."""
+    tokens = [issuer.mint({"aud": AUDIENCE, "sub": f"u{i}"}) for i in range(220)]
+    assert pipeline(agent, tokens[:20]) == (20, None)
+    acks, status = pipeline(agent, tokens[20:])
+    assert status == Status.RESOURCE_ALLOCATION, (acks, status)
+    assert acks < 200
 
 
 # --- JWKS limits ------------------------------------------------------------------------------
