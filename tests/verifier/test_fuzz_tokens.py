@@ -214,11 +214,35 @@ def test_signed_arbitrary_claims_match_the_rules(claims: dict[str, Any]) -> None
         assert claims_acceptable(claims), claims
 
 
+def near_json(members: dict[str, Any]) -> st.SearchStrategy[bytes]:
+    """JSON texts of `members` and texts just off them: white space around, a BOM, a
+    member name written with an escape, a member repeated with another value, bytes
+    after the end. Some parse to `members`, so a signed token made of them can pass."""
+    text = json.dumps(members, separators=(",", ":")).encode()
+    name = next(iter(members))
+    escaped = b'"\\u%04x' % ord(name[0]) + name[1:].encode() + b'"'
+    return st.one_of(
+        st.just(text),
+        st.sampled_from([b" ", b"\n", b"\t", b"\r\n"]).map(lambda space: space + text + space),
+        st.just(b"\xef\xbb\xbf" + text),
+        st.just(text.replace(b'"' + name.encode() + b'"', escaped, 1)),
+        json_scalars.map(
+            lambda value: text[:-1] + b',"%s":%s}' % (name.encode(), json.dumps(value).encode())
+        ),
+        st.binary(min_size=1, max_size=8).map(lambda tail: text + tail),
+    )
+
+
 @pytest.mark.timeout(120)
 @FUZZ_SETTINGS
-@given(raw_header=st.binary(max_size=120), raw_payload=st.binary(max_size=120))
+@given(
+    raw_header=st.binary(max_size=120) | near_json({"alg": "HS256", "kid": HS_KEY.kid}),
+    raw_payload=st.binary(max_size=120) | near_json(default_claims()),
+)
 def test_signed_raw_segments(raw_header: bytes, raw_payload: bytes) -> None:
-    """Signed, but the header and payload are arbitrary bytes (not JSON, duplicates, BOMs)."""
+    """Signed, but the header and payload are arbitrary bytes or near-JSON (duplicates,
+    BOMs, escapes, trailing bytes). Regression (test review): with arbitrary bytes alone no
+    example ever passed, so the checks of a passing token below never ran."""
     token = mint(HS_KEY, raw_header=raw_header, raw_payload=raw_payload)
     verdict = check_token(token)
     if verdict.ok:
