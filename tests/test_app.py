@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -337,9 +338,20 @@ _HUP_COUNTER = """
 import pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])
 signal.signal(signal.SIGHUP, lambda *_: out.write_text(out.read_text() + "H"))
+signal.signal(signal.SIGUSR1, lambda *_: out.write_text(out.read_text() + "U"))
 out.write_text("")
 time.sleep(60)
 """
+
+
+def hups_so_far(pid: int, path: Path) -> str:
+    """The SIGHUPs a stand-in counted, once every signal sent to it before now is handled.
+    A SIGUSR1 marks the point: Python runs pending handlers lowest signal first, so a
+    SIGHUP sent before it is written before its U (no sleep-and-hope)."""
+    marks = path.read_text().count("U")
+    os.kill(pid, signal.SIGUSR1)
+    wait_until(lambda: path.read_text().count("U") > marks, 10, "the stand-in's mark")
+    return path.read_text().replace("U", "")
 
 
 @contextlib.contextmanager
@@ -410,8 +422,8 @@ def test_a_reload_every_worker_refuses_changes_nothing(tmp_path: Path) -> None:
         assert supervisor.round is None
         assert supervisor.snapshot.read_text() == MINIMAL
         assert not supervisor.diverged
-        time.sleep(0.2)  # a second SIGHUP would have been counted by now
-        assert [p.read_text() for p in huped] == ["H", "H"]
+        # Regression (test review): a 0.2 s sleep stood for "no second SIGHUP was sent".
+        assert [hups_so_far(pid, p) for pid, p in zip(pids, huped, strict=True)] == ["H", "H"]
 
 
 def test_a_silent_worker_is_told_to_go_back_and_its_late_answer_does_not_count(
@@ -433,7 +445,7 @@ def test_a_silent_worker_is_told_to_go_back_and_its_late_answer_does_not_count(
         assert supervisor.round is not None
         assert supervisor.round.reverting
         wait_until(lambda: huped[1].read_text() == "HH", 10, "the silent worker's SIGHUP")
-        assert huped[0].read_text() == "H"
+        assert hups_so_far(prompt, huped[0]) == "H"
         supervisor._reported(late, new, new)  # its answer to the first SIGHUP, at last
         supervisor._settle_round()
         assert supervisor.round is not None  # not an answer to this copy
@@ -480,8 +492,7 @@ def test_a_worker_found_off_the_copy_is_told_once_then_reported(tmp_path: Path) 
         wait_until(lambda: huped[0].read_text() == "HH", 10, "its SIGHUP")
         assert not supervisor.diverged
         supervisor._settle_round()  # told already: not again before its answer
-        time.sleep(0.2)
-        assert huped[0].read_text() == "HH"
+        assert hups_so_far(odd, huped[0]) == "HH"
         supervisor._reported(odd, old, new)  # read the copy, kept the other
         supervisor._settle_round()
         assert supervisor.diverged
