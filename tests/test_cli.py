@@ -17,6 +17,7 @@ import pytest
 
 import spoa
 from spoa.devkit.stack import free_port, http_get
+from tests.support.polling import wait_until
 
 
 def jwtgate(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -161,12 +162,16 @@ def test_reload_signals_a_running_agent(tmp_path: Path) -> None:
         while time.monotonic() < deadline and not pid_file.exists():
             time.sleep(0.05)
         assert int(pid_file.read_text()) == agent.pid
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             try:
-                if http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200:
-                    break
+                return http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
             except OSError:
-                time.sleep(0.05)
+                return False
+
+        # Regression (test review): a 503 spun the loop without a pause, and a start that
+        # never became ready went on unnoticed.
+        wait_until(ready, max(deadline - time.monotonic(), 1.0), "the agent's /readyz")
         jwtgate("keys", "rotate", str(keys))
         result = jwtgate("reload", "--pid-file", str(pid_file))
         assert result.returncode == 0
