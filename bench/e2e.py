@@ -5,13 +5,20 @@ runs), `wrk -t1 -c32` pinned to CPU 1 with `taskset`, `http-request return` in p
 backend. The agents are not pinned (two cores are all there is). The jwtgate scenarios run
 the shipped haproxy/haproxy.cfg and spoe-jwt.conf through `spoa.devkit.stack.Stack`; the
 only edits are `nbthread 1`, the final `default_backend` turned into `http-request return`,
-and JWTGATE_MAX_WAITING_FRAMES=8 where two agent processes run (as docs/operations.md
-advises). The no-auth and native `jwt_verify` configs (bench/haproxy/) take their global,
-defaults and log-format from that same file.
+JWTGATE_MAX_WAITING_FRAMES=8 where two agent processes run (as docs/operations.md
+advises), and JWTGATE_SHADOW=0, the shipped default (Stack turns it on for the demo). The
+agent's configuration (bench.common.agent_config) has the shipped issuer rules and a
+default policy, without the example's admin and shadow policies.
+
+The no-auth and native `jwt_verify` configs (bench/haproxy/) take their global, defaults
+and log-format from that same file, but not its front-end rules (header removal, request
+checks, policy ACLs, X-JWT-* headers): they do less per request than the shipped file, so
+their rates are upper bounds for an operator who adds those rules.
 
 Each scenario gets a closed-loop saturation run (rps, p50/p99, CPU per request of HAProxy
-and of the agent from /proc utime+stime), then a paced run at half that rate (wrk's
-`delay()` hook, see bench/haproxy/wrk.lua) for latency without queueing.
+and of the agent from /proc utime+stime), then a paced run offered about half that rate
+(wrk's `delay()` hook with random pauses, see bench/haproxy/wrk.lua) for latency without
+queueing; its table column gives the rate it achieved.
 """
 
 from __future__ import annotations
@@ -134,6 +141,9 @@ class WrkRun:
     cdf: list[tuple[float, float]] = field(default_factory=list)  # (percentile, ms)
     haproxy_cpu_us: float = float("nan")  # per request
     agent_cpu_us: float = float("nan")
+    # The unique tokens ran out before the run's end: wrk stopped, and rps (over the whole
+    # duration) is a lower bound.
+    tokens_ran_out: bool = False
 
 
 @dataclass
@@ -384,16 +394,16 @@ class Bench:
                 agent.stop()
         else:
             os.environ["JWTGATE_HAPROXY_DIR"] = str(self.haproxy_dir)
+            # The shipped default: no /shadow rules (Stack turns them on for the demo).
+            haproxy_env = {"JWTGATE_SHADOW": "0"}
+            if scenario.max_waiting_frames is not None:
+                haproxy_env["JWTGATE_MAX_WAITING_FRAMES"] = str(scenario.max_waiting_frames)
             options = StackOptions(
                 agent_config=agent_config(self.key_files),
                 agents=scenario.agents,
                 workers=scenario.workers,
                 backends=1,
-                haproxy_env=(
-                    {}
-                    if scenario.max_waiting_frames is None
-                    else {"JWTGATE_MAX_WAITING_FRAMES": str(scenario.max_waiting_frames)}
-                ),
+                haproxy_env=haproxy_env,
                 workdir=self.workdir / f"stack-{scenario.alg}-{scenario.agents}x{scenario.workers}",
             )
             options.workdir.mkdir(exist_ok=True)  # type: ignore[union-attr]
@@ -434,6 +444,7 @@ class Bench:
             )
             if scenario.unique and saturated.requests + WRK_CONNECTIONS >= supply:
                 # wrk stopped sending when the tokens ran out: the rate is a lower bound.
+                saturated.tokens_ran_out = True
                 self.log(f"    WARNING: all {supply} tokens were used; raise RATE_GUESS")
             rate = max(saturated.rps / 2, 100.0)
             if not paced:

@@ -1,9 +1,11 @@
 -- wrk script for every benchmark run. Arguments: delay_ms token_file [cycle]
--- delay_ms > 0 paces the run: each connection waits delay_ms between its requests, so the
--- offered rate is about connections * 1000 / delay_ms and nothing queues in the client.
--- wrk times a request from the moment it is written, so the pause is not part of the
--- latency. 0 is a closed loop. wrk asks for delay() after init(), so it is defined there,
--- and only for paced runs.
+-- delay_ms > 0 paces the run: each connection waits between its requests for a random
+-- time with a mean of delay_ms (exponential, as the gaps between independent arrivals
+-- are), so the offered rate is about connections * 1000 / (delay_ms + latency). A fixed
+-- pause kept the connections in step: they sent in bursts, which queued. wrk times a
+-- request from the moment it is written, so the pause is not part of the latency. 0 is a
+-- closed loop. wrk asks for delay() after init(), so it is defined there, and only for
+-- paced runs.
 -- With a token file every request carries the next token, so none repeats and every
 -- check is a cache miss; when the file runs out the thread stops, so the run ends
 -- early instead of turning into cache hits. "-" means none: wrk's -H header is sent.
@@ -17,8 +19,9 @@ local cycle = false
 function init(args)
   local delay_ms = tonumber(args[1]) or 0
   if delay_ms > 0 then
+    math.randomseed(os.time() + math.floor(os.clock() * 1e6))
     function delay()
-      return delay_ms
+      return math.floor(-math.log(1 - math.random()) * delay_ms + 0.5)
     end
   end
   cycle = args[3] == "cycle"
