@@ -569,8 +569,8 @@ def _failure_kind(exc: BaseException) -> str:
     return "error"  # connection refused, TLS, ...
 
 
-# What a fetch fetches; a failure's cause starts with one of them.
-_DOCUMENTS = ("JWKS", "discovery document")
+# What a fetch fetches; a failure's cause that starts with one of them says which.
+_DOCUMENTS = ("JWKS", "discovery")
 
 
 def _describe(exc: BaseException) -> str:
@@ -835,7 +835,9 @@ class KeyManager:
 
     async def _refresh(self, state: _IssuerState) -> bool:
         timing = state.timing
-        fetching = "discovery document"  # what failed, for a cause that does not say
+        # What failed, for a cause that does not say.
+        discovering = isinstance(state.source, OidcDiscoverySource) and state.jwks_url is None
+        fetching = "discovery document" if discovering else "JWKS"
         try:
             url = await self._resolve_jwks_url(state)
             fetching = "JWKS"

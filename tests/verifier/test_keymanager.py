@@ -789,6 +789,15 @@ def test_a_failed_connection_says_which_document_and_why() -> None:
         assert cause == f"{document}: URLError: ConnectionRefusedError: Connection refused"
 
 
+def test_a_cause_that_names_its_document_gets_no_second_name(server: JwksServer) -> None:
+    """Regression (diff review): "discovery answered HTTP 503" was logged as "discovery
+    document: discovery answered HTTP 503"."""
+    server.set("/.well-known/openid-configuration", "down", status=503)
+    harness = Harness(OidcDiscoverySource(server.url("")))
+    assert not harness.start_once(timeout=0.2)
+    assert harness.of_type(FetchFailed)[0].cause == "discovery answered HTTP 503"
+
+
 def test_a_start_during_an_outage_serves_the_saved_keys_for_what_remains_of_max_stale(
     server: JwksServer, key_a: KeyPair, tmp_path: Path
 ) -> None:
