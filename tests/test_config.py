@@ -571,14 +571,25 @@ def test_problems_come_out_in_the_same_order_every_time() -> None:
     assert len(outputs) == 1
 
 
-def test_a_key_that_names_its_alg_serves_beside_another_rsa_algorithm(tmp_path: Path) -> None:
-    """The mend for a key check-config refuses as serving two algorithms: its alg."""
+@pytest.mark.parametrize("form", ["pem", "jwk", "jwks"])
+def test_a_key_that_names_its_alg_serves_beside_another_rsa_algorithm(
+    tmp_path: Path, form: str
+) -> None:
+    """The mend for a key check-config refuses as serving two algorithms: its alg in the
+    key's table. Regression (diff review): the table's alg reached PEM keys only, so a JWK
+    or JWKS file without alg stayed refused however it was configured."""
     from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwcrypto import jwk
 
-    key_file = tmp_path / "key.pem"
-    key_file.write_bytes(
-        _public_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    )
+    public_pem = _public_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    member = json.loads(jwk.JWK.from_pem(public_pem).export_public())
+    content = {
+        "pem": public_pem,
+        "jwk": json.dumps(member).encode(),
+        "jwks": json.dumps({"keys": [member]}).encode(),
+    }[form]
+    key_file = tmp_path / f"key.{form}"
+    key_file.write_bytes(content)
     check_valid(
         tmp_path,
         MINIMAL.replace('algorithms = ["RS256"]', TWO_RSA_ALGORITHMS).replace(

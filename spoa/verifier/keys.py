@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography import x509
@@ -330,5 +330,25 @@ def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None 
         if not key_set.keys:
             why = "; ".join(dict.fromkeys(report.skipped)) or "its keys array is empty"
             raise KeyLoadError(f"no usable key in its JWKS ({why})")
-        return key_set
-    return KeySet((load_jwk(document),))
+        return KeySet(tuple(_as_configured(key, None, alg) for key in key_set.keys))
+    return KeySet((_as_configured(load_jwk(document), kid, alg),))
+
+
+def _as_configured(key: VerificationKey, kid: str | None, alg: str | None) -> VerificationKey:
+    """A key of a JWK or JWKS file with the `kid` and `alg` configured for the file: each
+    fills in what the key leaves out and must agree with what it says. (A JWKS's keys
+    take the alg only: one kid cannot name several keys.)"""
+    if alg is not None:
+        if key.alg is None:
+            pinned = replace(key, alg=alg)
+            if not pinned.fits(alg):
+                raise KeyLoadError(f"algorithm {alg} does not fit its {key.kind} key")
+            key = pinned
+        elif not same_signature(key.alg, alg):
+            raise KeyLoadError(f"its key names alg {key.alg}, not the {alg} configured for it")
+    if kid is not None:
+        if key.kid is None:
+            key = replace(key, kid=kid)
+        elif key.kid != kid:
+            raise KeyLoadError("its key names another kid than the one configured for it")
+    return key

@@ -305,3 +305,22 @@ def test_shared_key_slots_name_the_key_types_several_algorithms_fit() -> None:
     assert shared_key_slots({"ES256", "ES384", "ES512"}) == frozenset()
     assert shared_key_slots({"EdDSA", "Ed25519", "Ed448"}) == frozenset()
     assert shared_key_slots({"HS256", "HS512"}) == {(KeyKind.OCT, None)}
+
+
+def test_a_key_files_table_fills_in_and_must_agree_with_its_jwk() -> None:
+    """A JWK or JWKS file takes the kid and alg of its `keys` table where its keys name
+    none; where they do, the two must agree (diff review: only PEM keys took them)."""
+    rsa_key = make_key("RS256", kid="r")
+    bare = {k: v for k, v in rsa_key.public_jwk().items() if k not in ("alg", "kid")}
+    one = load_key_file_bytes(json.dumps(bare).encode(), kid="k1", alg="PS256").keys[0]
+    assert (one.kid, one.alg) == ("k1", "PS256")
+    key_set = load_key_file_bytes(json.dumps({"keys": [bare]}).encode(), kid="k1", alg="PS256")
+    assert [(key.kid, key.alg) for key in key_set.keys] == [(None, "PS256")]
+    named = {**bare, "kid": "r", "alg": "RS256"}
+    with pytest.raises(KeyLoadError, match="names alg RS256, not the PS256"):
+        load_key_file_bytes(json.dumps(named).encode(), alg="PS256")
+    with pytest.raises(KeyLoadError, match="another kid"):
+        load_key_file_bytes(json.dumps(named).encode(), kid="k1")
+    ec_key = make_key("ES256", kid="e").public_jwk()
+    with pytest.raises(KeyLoadError, match="does not fit"):
+        load_key_file_bytes(json.dumps(ec_key).encode(), alg="ES384")
