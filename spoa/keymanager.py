@@ -72,7 +72,9 @@ class TransportError(KeySourceError):
 
 @dataclass(frozen=True, slots=True)
 class KeyFile:
-    """A PEM public key or certificate, a JWK or a JWKS; kid/alg apply to PEM keys."""
+    """A PEM public key or certificate, a JWK or a JWKS. kid and alg fill in what its key
+    leaves out (a JWKS's keys of the alg's type take the alg only), and must agree with
+    what it names."""
 
     path: str
     kid: str | None = None
@@ -136,6 +138,11 @@ def load_static_keys(source: StaticKeySource) -> KeySet:
             raise KeySourceError(
                 f"key file {key_file.path}: {no_fitting_key(loaded, source.algorithms)}"
             )
+        _, unserved = serving_keys(loaded, source.algorithms)
+        if unserved:  # the operator's own file: say so rather than leave a key idle
+            raise KeySourceError(
+                f"key file {key_file.path}: {unserved[0]}: name its alg (RFC 8725 3.1)"
+            )
         keys.extend(loaded.keys)
     keys.extend(hmac_key(s.secret, alg=s.alg, kid=s.kid) for s in source.secrets)
     if not keys:
@@ -163,6 +170,21 @@ def no_fitting_key(key_set: KeySet, algorithms: tuple[str, ...]) -> str:
             f"({allowed}): a key serves one (RFC 8725 3.1), so name its alg or allow one"
         )
     return f"no key in it fits the issuer's algorithms ({allowed})"
+
+
+def serving_keys(key_set: KeySet, algorithms: tuple[str, ...]) -> tuple[KeySet, tuple[str, ...]]:
+    """The set without the keys that would not serve the issuer (keys.serving: no alg,
+    and several allowed algorithms fit them), and why each was left out."""
+    kept = serving(key_set.keys, shared_key_slots(algorithms)) if algorithms else key_set.keys
+    if len(kept) == len(key_set.keys):
+        return key_set, ()
+    kept_ids = {id(key) for key in kept}
+    why = tuple(
+        f"key {key.kid!r} names no alg, and several of the issuer's algorithms fit it"
+        for key in key_set.keys
+        if id(key) not in kept_ids
+    )
+    return KeySet(kept), why
 
 
 # --- Events --------------------------------------------------------------------------------
@@ -743,6 +765,7 @@ class KeyManager:
             return False
         if not key_set.keys or not fits_any(key_set, state.source.algorithms):
             return False
+        key_set, _ = serving_keys(key_set, state.source.algorithms)
         self._serve_dated(state, key_set, fetched_at, age)
         schedule = state.schedule
         schedule.expires_at = schedule.last_success  # its IdP is failing: serving stale now
@@ -853,6 +876,7 @@ class KeyManager:
             algorithms = state.source.algorithms
             if not fits_any(key_set, algorithms):
                 raise KeySourceError(f"JWKS: {no_fitting_key(key_set, algorithms)}")
+            key_set, unserved = serving_keys(key_set, algorithms)
         except Exception as exc:
             ticks = self._monotonic()
             state.jwks_url = None  # discover again next time
@@ -878,7 +902,8 @@ class KeyManager:
             self._store.confirm(state.name, now)
         else:  # new keys, or keys the schedule had expired
             self._store.replace(state.name, key_set, now, max_stale=timing.max_stale)
-        self._emit(KeysFetched(state.name, len(key_set.keys), lifetime, report.skipped))
+        skipped = report.skipped + unserved
+        self._emit(KeysFetched(state.name, len(key_set.keys), lifetime, skipped))
         self._save(state.name, source_id(state.source), response.body, now)
         added = tuple(sorted(label for kid, label in new.items() if kid not in old))
         removed = tuple(sorted(label for kid, label in old.items() if kid not in new))

@@ -330,14 +330,22 @@ def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None 
         if not key_set.keys:
             why = "; ".join(dict.fromkeys(report.skipped)) or "its keys array is empty"
             raise KeyLoadError(f"no usable key in its JWKS ({why})")
-        return KeySet(tuple(_as_configured(key, None, alg) for key in key_set.keys))
+        # One kid cannot name several keys; the alg goes to the keys of its type.
+        algorithm = ALGORITHMS.get(alg) if alg is not None else None
+        return KeySet(
+            tuple(
+                _as_configured(key, None, alg)
+                if algorithm is not None and algorithm.kind is key.kind
+                else key
+                for key in key_set.keys
+            )
+        )
     return KeySet((_as_configured(load_jwk(document), kid, alg),))
 
 
 def _as_configured(key: VerificationKey, kid: str | None, alg: str | None) -> VerificationKey:
     """A key of a JWK or JWKS file with the `kid` and `alg` configured for the file: each
-    fills in what the key leaves out and must agree with what it says. (A JWKS's keys
-    take the alg only: one kid cannot name several keys.)"""
+    fills in what the key leaves out and must agree with what it says."""
     if alg is not None:
         if key.alg is None:
             pinned = replace(key, alg=alg)

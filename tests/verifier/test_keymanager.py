@@ -52,6 +52,7 @@ from spoa.keymanager import (
     StaleServingStarted,
     StaticKeySource,
     UrllibFetch,
+    load_static_keys,
     source_id,
 )
 from spoa.verifier import JwksTiming, MemoryKeyStore, Reason, Verifier, load_jwks
@@ -739,6 +740,40 @@ def test_a_key_set_whose_keys_would_each_serve_two_algorithms_is_a_failed_fetch(
     named = Harness(source)
     named.start_then_refresh(server, {"keys": [{**unnamed, "alg": "PS256"}]})
     assert not named.of_type(FetchFailed)
+
+
+def test_keys_that_would_serve_two_algorithms_are_left_out_and_said(
+    server: JwksServer, key_a: KeyPair
+) -> None:
+    """Regression (diff review): in a set where other keys serve, a key without alg (with
+    RS256 and PS256 allowed) stayed in the set and the key count, idle, and nothing said
+    why its tokens failed. It is now left out, and the fetch names it among the skipped."""
+    source = JwksUrlSource(server.url("/jwks"), algorithms=("ES256", "PS256", "RS256"))
+    unnamed = {k: v for k, v in make_key("RS256", kid="b").public_jwk().items() if k != "alg"}
+    server.set("/jwks", {"keys": [key_a.public_jwk(), unnamed]})
+    harness = Harness(source)
+    assert harness.start_once()
+    fetched = harness.of_type(KeysFetched)[-1]
+    assert fetched.key_count == 1
+    assert fetched.skipped == (
+        "key 'b' names no alg, and several of the issuer's algorithms fit it",
+    )
+    held = harness.store.get("main")
+    assert held is not None
+    assert [key.kid for key in held.key_set.keys] == ["a"]
+
+
+def test_a_key_file_with_a_key_that_would_serve_two_algorithms_is_refused(
+    tmp_path: Path, key_a: KeyPair
+) -> None:
+    unnamed = {k: v for k, v in make_key("RS256", kid="b").public_jwk().items() if k != "alg"}
+    path = tmp_path / "keys.jwks"
+    path.write_text(json.dumps({"keys": [key_a.public_jwk(), unnamed]}))
+    source = StaticKeySource((KeyFile(str(path)),), algorithms=("ES256", "PS256", "RS256"))
+    with pytest.raises(KeySourceError, match=r"key 'b' names no alg.*name its alg"):
+        load_static_keys(source)
+    pinned = StaticKeySource((KeyFile(str(path), alg="RS256"),), algorithms=source.algorithms)
+    assert len(load_static_keys(pinned).keys) == 2
 
 
 def test_a_key_set_with_no_key_for_the_allowed_algorithms_keeps_the_last_good_keys(
