@@ -510,7 +510,7 @@ def run_all(
                 log(
                     f"    {s.rps:8.0f} rps  p50 {s.p50_ms:.2f} ms  p99 {s.p99_ms:.2f} ms  "
                     f"HAProxy {s.haproxy_cpu_us:.1f} µs/req  agent {s.agent_cpu_us:.1f} µs/req  "
-                    f"non-2xx {s.non_2xx}  | paced {result.paced_rate:.0f}/s: "
+                    f"non-2xx {s.non_2xx}  | paced {p.rps:.0f}/s: "
                     f"p50 {p.p50_ms:.2f} ms p99 {p.p99_ms:.2f} ms"
                 )
             results.append(result)
