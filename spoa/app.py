@@ -445,7 +445,12 @@ def key_event_logger(metrics: Metrics) -> Callable[[KeyEvent], None]:
             )
         elif isinstance(event, KeysRestored):
             metrics.jwks_keys(event.issuer, event.key_count, event.fetched_at)
-            log.warning("jwks_restored_from_disk", issuer=event.issuer, age=round(event.age, 1))
+            log.warning(
+                "jwks_restored_from_disk",
+                issuer=event.issuer,
+                age=round(event.age, 1),
+                skipped=list(event.skipped) or None,
+            )
         elif isinstance(event, ArchiveFailed):
             log.warning(
                 "jwks_not_saved", issuer=event.issuer, cause=event.cause, directory=event.directory

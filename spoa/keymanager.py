@@ -72,9 +72,9 @@ class TransportError(KeySourceError):
 
 @dataclass(frozen=True, slots=True)
 class KeyFile:
-    """A PEM public key or certificate, a JWK or a JWKS. kid and alg fill in what its key
-    leaves out (a JWKS's keys of the alg's type take the alg only), and must agree with
-    what it names."""
+    """A PEM public key or certificate, a JWK or a JWKS. kid and alg fill in what a PEM or
+    JWK key leaves out, and must agree with what it names; in a JWKS, the alg goes to the
+    keys that name none and that it fits."""
 
     path: str
     kid: str | None = None
@@ -141,7 +141,8 @@ def load_static_keys(source: StaticKeySource) -> KeySet:
         _, unserved = serving_keys(loaded, source.algorithms)
         if unserved:  # the operator's own file: say so rather than leave a key idle
             raise KeySourceError(
-                f"key file {key_file.path}: {unserved[0]}: name its alg (RFC 8725 3.1)"
+                f"key file {key_file.path}: {unserved[0]}: name its alg, in the file or with"
+                " `alg` in its keys table (one algorithm per key, RFC 8725 3.1)"
             )
         keys.extend(loaded.keys)
     keys.extend(hmac_key(s.secret, alg=s.alg, kid=s.kid) for s in source.secrets)
@@ -180,11 +181,15 @@ def serving_keys(key_set: KeySet, algorithms: tuple[str, ...]) -> tuple[KeySet, 
         return key_set, ()
     kept_ids = {id(key) for key in kept}
     why = tuple(
-        f"key {key.kid!r} names no alg, and several of the issuer's algorithms fit it"
+        f"{_key_name(key)} names no alg, and several of the issuer's algorithms fit it"
         for key in key_set.keys
         if id(key) not in kept_ids
     )
     return KeySet(kept), why
+
+
+def _key_name(key: VerificationKey) -> str:
+    return "a key without kid" if key.kid is None else f"key {key.kid!r}"
 
 
 # --- Events --------------------------------------------------------------------------------
@@ -241,6 +246,7 @@ class KeysRestored:
     age: float  # seconds since that process fetched them
     key_count: int
     fetched_at: float  # Unix time
+    skipped: tuple[str, ...] = ()  # keys of the saved set left out, and why
 
 
 @dataclass(frozen=True, slots=True)
@@ -765,11 +771,11 @@ class KeyManager:
             return False
         if not key_set.keys or not fits_any(key_set, state.source.algorithms):
             return False
-        key_set, _ = serving_keys(key_set, state.source.algorithms)
+        key_set, unserved = serving_keys(key_set, state.source.algorithms)
         self._serve_dated(state, key_set, fetched_at, age)
         schedule = state.schedule
         schedule.expires_at = schedule.last_success  # its IdP is failing: serving stale now
-        self._emit(KeysRestored(state.name, age, len(key_set.keys), fetched_at))
+        self._emit(KeysRestored(state.name, age, len(key_set.keys), fetched_at, unserved))
         return True
 
     def _serve_dated(

@@ -330,22 +330,25 @@ def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None 
         if not key_set.keys:
             why = "; ".join(dict.fromkeys(report.skipped)) or "its keys array is empty"
             raise KeyLoadError(f"no usable key in its JWKS ({why})")
-        # One kid cannot name several keys; the alg goes to the keys of its type.
-        algorithm = ALGORITHMS.get(alg) if alg is not None else None
-        return KeySet(
-            tuple(
-                _as_configured(key, None, alg)
-                if algorithm is not None and algorithm.kind is key.kind
-                else key
-                for key in key_set.keys
-            )
-        )
+        if alg is None:
+            return key_set
+        # One kid cannot name several keys, and a set may hold keys of several types.
+        return KeySet(tuple(_alg_filled_in(key, alg) for key in key_set.keys))
     return KeySet((_as_configured(load_jwk(document), kid, alg),))
 
 
+def _alg_filled_in(key: VerificationKey, alg: str) -> VerificationKey:
+    """A JWKS file's key pinned to its configured `alg`, when it names none and `alg`
+    fits it; otherwise the key as it is."""
+    if key.alg is not None:
+        return key
+    pinned = replace(key, alg=alg)
+    return pinned if pinned.fits(alg) else key
+
+
 def _as_configured(key: VerificationKey, kid: str | None, alg: str | None) -> VerificationKey:
-    """A key of a JWK or JWKS file with the `kid` and `alg` configured for the file: each
-    fills in what the key leaves out and must agree with what it says."""
+    """A JWK file's key with the `kid` and `alg` configured for the file: each fills in
+    what the key leaves out and must agree with what it says."""
     if alg is not None:
         if key.alg is None:
             pinned = replace(key, alg=alg)

@@ -763,6 +763,28 @@ def test_keys_that_would_serve_two_algorithms_are_left_out_and_said(
     assert [key.kid for key in held.key_set.keys] == ["a"]
 
 
+def test_a_restored_set_says_which_keys_it_left_out(
+    server: JwksServer, key_a: KeyPair, tmp_path: Path
+) -> None:
+    """Regression (second diff review): keys left out of a set restored from keys_dir
+    were dropped without a word, where a fetch names them."""
+    archive = KeyArchive(tmp_path / "keys")
+    source = JwksUrlSource(server.url("/jwks"), algorithms=("ES256", "PS256", "RS256"))
+    unnamed = {k: v for k, v in make_key("RS256", kid="b").public_jwk().items() if k != "alg"}
+    saved = json.dumps({"keys": [key_a.public_jwk(), unnamed]}).encode()
+    archive.prepare()
+    archive.save("main", source_id(source), saved, NOW)
+    server.set("/jwks", "upstream down", status=503)
+    later = Harness(source, archive=archive)
+    later.clock.now = NOW + 100
+    assert later.start_once(timeout=0.3)
+    (restored,) = later.of_type(KeysRestored)
+    assert restored.key_count == 1
+    assert restored.skipped == (
+        "key 'b' names no alg, and several of the issuer's algorithms fit it",
+    )
+
+
 def test_a_key_file_with_a_key_that_would_serve_two_algorithms_is_refused(
     tmp_path: Path, key_a: KeyPair
 ) -> None:
@@ -770,10 +792,14 @@ def test_a_key_file_with_a_key_that_would_serve_two_algorithms_is_refused(
     path = tmp_path / "keys.jwks"
     path.write_text(json.dumps({"keys": [key_a.public_jwk(), unnamed]}))
     source = StaticKeySource((KeyFile(str(path)),), algorithms=("ES256", "PS256", "RS256"))
-    with pytest.raises(KeySourceError, match=r"key 'b' names no alg.*name its alg"):
+    with pytest.raises(KeySourceError, match=r"key 'b' names no alg.*`alg` in its keys table"):
         load_static_keys(source)
     pinned = StaticKeySource((KeyFile(str(path), alg="RS256"),), algorithms=source.algorithms)
     assert len(load_static_keys(pinned).keys) == 2
+    nameless = {k: v for k, v in unnamed.items() if k != "kid"}
+    path.write_text(json.dumps({"keys": [key_a.public_jwk(), nameless]}))
+    with pytest.raises(KeySourceError, match="a key without kid names no alg"):
+        load_static_keys(source)
 
 
 def test_a_key_set_with_no_key_for_the_allowed_algorithms_keeps_the_last_good_keys(

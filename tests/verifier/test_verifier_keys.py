@@ -308,14 +308,12 @@ def test_shared_key_slots_name_the_key_types_several_algorithms_fit() -> None:
 
 
 def test_a_key_files_table_fills_in_and_must_agree_with_its_jwk() -> None:
-    """A JWK or JWKS file takes the kid and alg of its `keys` table where its keys name
-    none; where they do, the two must agree (diff review: only PEM keys took them)."""
+    """A JWK file takes the kid and alg of its `keys` table where its key names none;
+    where it does, the two must agree (diff review: only PEM keys took them)."""
     rsa_key = make_key("RS256", kid="r")
     bare = {k: v for k, v in rsa_key.public_jwk().items() if k not in ("alg", "kid")}
     one = load_key_file_bytes(json.dumps(bare).encode(), kid="k1", alg="PS256").keys[0]
     assert (one.kid, one.alg) == ("k1", "PS256")
-    key_set = load_key_file_bytes(json.dumps({"keys": [bare]}).encode(), kid="k1", alg="PS256")
-    assert [(key.kid, key.alg) for key in key_set.keys] == [(None, "PS256")]
     named = {**bare, "kid": "r", "alg": "RS256"}
     with pytest.raises(KeyLoadError, match="names alg RS256, not the PS256"):
         load_key_file_bytes(json.dumps(named).encode(), alg="PS256")
@@ -324,3 +322,20 @@ def test_a_key_files_table_fills_in_and_must_agree_with_its_jwk() -> None:
     ec_key = make_key("ES256", kid="e").public_jwk()
     with pytest.raises(KeyLoadError, match="does not fit"):
         load_key_file_bytes(json.dumps(ec_key).encode(), alg="ES384")
+
+
+def test_a_jwks_files_alg_goes_to_the_keys_that_name_none_and_that_it_fits() -> None:
+    """Regression (second diff review): a JWKS file's configured alg was forced on every
+    key of its type, so a set with a key naming another alg, or keys of two curves, was
+    refused whatever the file's alg."""
+    named = make_key("RS256", kid="a").public_jwk(alg="PS256")
+    bare = {k: v for k, v in make_key("RS256", kid="b").public_jwk().items() if k != "alg"}
+    p256, p384 = (
+        make_key("ES256", kid="p256").public_jwk(),
+        make_key("ES384", kid="p384").public_jwk(),
+    )
+    document = json.dumps({"keys": [named, bare, p256, p384]}).encode()
+    pinned = {key.kid: key.alg for key in load_key_file_bytes(document, alg="RS256").keys}
+    assert pinned == {"a": "PS256", "b": "RS256", "p256": None, "p384": None}
+    by_curve = {key.kid: key.alg for key in load_key_file_bytes(document, alg="ES256").keys}
+    assert by_curve == {"a": "PS256", "b": None, "p256": "ES256", "p384": None}
