@@ -117,6 +117,13 @@ def jwks(*keys: KeyPair) -> dict[str, Any]:
     return {"keys": [k.public_jwk() for k in keys]}
 
 
+def unpinned_rsa_jwk(kid: str) -> dict[str, Any]:
+    """An RSA JWK that names no alg: with RS256 and PS256 both allowed it would serve both."""
+    jwk = make_key("RS256", kid=kid).public_jwk()
+    assert "alg" not in jwk
+    return jwk
+
+
 class Harness:
     def __init__(
         self,
@@ -727,8 +734,7 @@ def test_a_key_set_whose_keys_would_each_serve_two_algorithms_is_a_failed_fetch(
     stay. The same keys naming their alg are a good fetch."""
     server.set("/jwks", jwks(key_a))
     source = JwksUrlSource(server.url("/jwks"), algorithms=("ES256", "PS256", "RS256"))
-    unnamed = make_key("RS256", kid="r").public_jwk()
-    unnamed.pop("alg", None)
+    unnamed = unpinned_rsa_jwk("r")
     harness = Harness(source)
     harness.start_then_refresh(server, {"keys": [unnamed]})
     failure = harness.of_type(FetchFailed)[-1]
@@ -749,7 +755,7 @@ def test_keys_that_would_serve_two_algorithms_are_left_out_and_said(
     RS256 and PS256 allowed) stayed in the set and the key count, idle, and nothing said
     why its tokens failed. It is now left out, and the fetch names it among the skipped."""
     source = JwksUrlSource(server.url("/jwks"), algorithms=("ES256", "PS256", "RS256"))
-    unnamed = {k: v for k, v in make_key("RS256", kid="b").public_jwk().items() if k != "alg"}
+    unnamed = unpinned_rsa_jwk("b")
     server.set("/jwks", {"keys": [key_a.public_jwk(), unnamed]})
     harness = Harness(source)
     assert harness.start_once()
@@ -770,7 +776,7 @@ def test_a_restored_set_says_which_keys_it_left_out(
     were dropped without a word, where a fetch names them."""
     archive = KeyArchive(tmp_path / "keys")
     source = JwksUrlSource(server.url("/jwks"), algorithms=("ES256", "PS256", "RS256"))
-    unnamed = {k: v for k, v in make_key("RS256", kid="b").public_jwk().items() if k != "alg"}
+    unnamed = unpinned_rsa_jwk("b")
     saved = json.dumps({"keys": [key_a.public_jwk(), unnamed]}).encode()
     archive.prepare()
     archive.save("main", source_id(source), saved, NOW)
@@ -788,7 +794,7 @@ def test_a_restored_set_says_which_keys_it_left_out(
 def test_a_key_file_with_a_key_that_would_serve_two_algorithms_is_refused(
     tmp_path: Path, key_a: KeyPair
 ) -> None:
-    unnamed = {k: v for k, v in make_key("RS256", kid="b").public_jwk().items() if k != "alg"}
+    unnamed = unpinned_rsa_jwk("b")
     path = tmp_path / "keys.jwks"
     path.write_text(json.dumps({"keys": [key_a.public_jwk(), unnamed]}))
     source = StaticKeySource((KeyFile(str(path)),), algorithms=("ES256", "PS256", "RS256"))
