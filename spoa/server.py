@@ -623,19 +623,14 @@ class _AgentProtocol(asyncio.Protocol):
         if event.status is Status.NORMAL:
             return
         fields = {"spop_status": int(event.status), "reason": event.message}
-        if by_haproxy:
-            # HAProxy ended it, with its own status: 1 or 2 (its `timeout idle`) are routine,
-            # not the agent's timeouts below; 3 and up mean it refused a frame of ours.
-            if event.status.is_normal:
-                log.info("spop_haproxy_disconnect", extra=fields)
-            else:
-                self._observer.protocol_error(event.status)
-                log.warning("spop_haproxy_disconnect", extra=fields)
-            return
         if not event.status.is_normal:
-            # A warning, as HAProxy's own DISCONNECT of 3 and up: a frame was refused.
+            # A frame was refused, by HAProxy (its DISCONNECT, 3 and up) or by the agent.
             self._observer.protocol_error(event.status)
-            log.warning("spop_connection_error", extra=fields)
+            what = "spop_haproxy_disconnect" if by_haproxy else "spop_connection_error"
+            log.warning(what, extra=fields)
+        elif by_haproxy:
+            # 1 or 2 (e.g. its `timeout idle`): routine, not the agent's timeouts below.
+            log.info("spop_haproxy_disconnect", extra=fields)
         elif event.status is Status.TIMEOUT:
             # Not a protocol error, but a peer that never sent its HELLO or trickled a
             # frame is worth a line (so is an idle close).
