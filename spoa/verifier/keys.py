@@ -350,13 +350,12 @@ def _as_configured(key: VerificationKey, kid: str | None, alg: str | None) -> Ve
     """A JWK file's key with the `kid` and `alg` configured for the file: each fills in
     what the key leaves out and must agree with what it says."""
     if alg is not None:
-        if key.alg is None:
-            pinned = replace(key, alg=alg)
-            if not pinned.fits(alg):
-                raise KeyLoadError(f"algorithm {alg} does not fit its {key.kind} key")
-            key = pinned
-        elif not same_signature(key.alg, alg):
+        filled = _alg_filled_in(key, alg)
+        if filled.alg is None:
+            raise KeyLoadError(f"algorithm {alg} does not fit its {key.kind} key")
+        if not same_signature(filled.alg, alg):
             raise KeyLoadError(f"its key names alg {key.alg}, not the {alg} configured for it")
+        key = filled
     if kid is not None:
         if key.kid is None:
             key = replace(key, kid=kid)
