@@ -158,8 +158,8 @@ def fits_any(key_set: KeySet, algorithms: tuple[str, ...]) -> bool:
     that names no alg counts only where it fits one of them (keys.serving)."""
     if not algorithms:
         return True
-    keys = serving(key_set.keys, shared_key_slots(algorithms))
-    return any(key.fits(alg) for key in keys for alg in algorithms)
+    kept, _ = serving_keys(key_set, algorithms)
+    return any(key.fits(alg) for key in kept.keys for alg in algorithms)
 
 
 def no_fitting_key(key_set: KeySet, algorithms: tuple[str, ...]) -> str:
