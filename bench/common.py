@@ -5,13 +5,15 @@ haproxy/jwtgate.toml."""
 from __future__ import annotations
 
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from spoa.devkit.keys import SigningKey, generate_signing_key, load_signing_key_pem
+from spoa.devkit.stack import stopping_on_signals
 from spoa.devkit.tokens import mint_token
 from spoa.protocol import FrameType, Message, build_frame, encode_kv_list, encode_messages
 from spoa.verifier import (
@@ -252,3 +254,17 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     return total / _CLOCK_TICKS
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit with what a bench command's `main` returns. A `kill`, `timeout` or closed
+    terminal stops it as Ctrl-C does, with every process it started stopped, and ends in
+    exit status 130 and one line, not a traceback. (Regression: `timeout` killed the
+    load generator alone, and the agent it had started ran on.)"""
+    with stopping_on_signals():
+        try:
+            code = main()
+        except KeyboardInterrupt:
+            print("interrupted: every process it started is stopped", file=sys.stderr)
+            code = 130
+    sys.exit(code)

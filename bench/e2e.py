@@ -46,6 +46,7 @@ from bench.common import (
     mint,
     mint_many,
     process_tree,
+    run_main,
     write_public_keys,
 )
 from spoa.devkit.keys import SigningKey
@@ -567,6 +568,11 @@ def as_dict(result: ScenarioResult) -> dict[str, Any]:
     return asdict(result)
 
 
-if __name__ == "__main__":
+def main() -> int:
     for item in run_all(float(sys.argv[1]) if len(sys.argv) > 1 else 5.0):
         print(as_dict(item))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     "tests/protocol/test_fuzz_connection.py",
@@ -56,4 +58,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

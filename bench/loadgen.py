@@ -36,6 +36,7 @@ from bench.common import (
     mint,
     mint_many,
     process_tree,
+    run_main,
     write_public_keys,
 )
 from spoa.devkit.stack import ManagedProcess, free_port, wait_for_port
@@ -428,4 +429,4 @@ def run_suites(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -31,6 +31,7 @@ from bench.common import (
     issuer_verifier,
     make_keys,
     mint_many,
+    run_main,
 )
 
 BASE_TOKENS = 200
@@ -144,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -23,6 +23,7 @@ from bench.common import (
     mint,
     mint_many,
     process_tree,
+    run_main,
     write_public_keys,
 )
 from bench.loadgen import AgentUnderTest, TokenSource, format_result, run_load
@@ -109,4 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

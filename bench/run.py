@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import e2e, loadgen
+from bench.common import run_main
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
@@ -295,4 +296,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

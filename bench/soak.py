@@ -20,7 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import agent_config, make_keys, mint, mint_many, process_tree, write_public_keys
+from bench.common import (
+    agent_config,
+    make_keys,
+    mint,
+    mint_many,
+    process_tree,
+    run_main,
+    write_public_keys,
+)
 from bench.loadgen import AgentUnderTest, TokenSource, run_load
 
 
@@ -94,4 +102,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

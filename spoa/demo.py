@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import shutil
-import signal
 import statistics
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 from tempfile import mkdtemp
 
 from spoa.devkit.issuer import LocalIssuer
-from spoa.devkit.stack import Stack, StackError, StackOptions
+from spoa.devkit.stack import Stack, StackError, StackOptions, stopping_on_signals
 from spoa.devkit.tokens import alg_none_token, expired_token, forge_signature
 
 AUDIENCE = "demo-api"
@@ -177,21 +176,9 @@ def _description(challenge: str) -> str:
     return challenge[start : challenge.find('"', start)]
 
 
-def _stop_on_signal(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run_demo(options: DemoOptions) -> int:
-    # A closed terminal (SIGHUP) or a `kill` (SIGTERM) stops the demo as Ctrl-C does: the
-    # processes it started run in sessions of their own and would outlive it otherwise.
-    previous = {
-        signum: signal.signal(signum, _stop_on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)
-    }
-    try:
+    with stopping_on_signals():
         return _run_demo(options)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _run_demo(options: DemoOptions) -> int:

@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +38,29 @@ _JWT_HEADER = re.compile(r"x[-_]jwt[-_]")
 
 class StackError(DevkitError):
     """A process of the stack could not be started or did not become ready."""
+
+
+_STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # A second `kill` must not cut short the clean-up the first one started.
+    for stopping in _STOPPING_SIGNALS:
+        signal.signal(stopping, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """Within: a `kill` or `timeout` (SIGTERM) or a closed terminal (SIGHUP) stops the
+    caller as Ctrl-C does, so its `finally` blocks run. The processes started here run in
+    sessions of their own (Ctrl-C reaches us, not them) and would outlive it otherwise."""
+    previous = {signum: signal.signal(signum, _interrupt) for signum in _STOPPING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
