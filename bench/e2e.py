@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,9 @@ class WrkRun:
     cdf: list[tuple[float, float]] = field(default_factory=list)  # (percentile, ms)
     haproxy_cpu_us: float = float("nan")  # per request
     agent_cpu_us: float = float("nan")
+    # wrk's own CPU per request: on the core an unpinned agent mostly shares, it takes
+    # what the agent does not get.
+    wrk_cpu_us: float = float("nan")
     # The unique tokens ran out before the run's end: wrk stopped, and rps (over the whole
     # duration) is a lower bound.
     tokens_ran_out: bool = False
@@ -261,6 +265,12 @@ def run_wrk(
     return parse_wrk(result.stdout)
 
 
+def _children_cpu_seconds() -> float:
+    """CPU of this process's children that ended and were waited for: wrk, once it is."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measured(
     url: str,
     seconds: float,
@@ -270,11 +280,12 @@ def measured(
 ) -> WrkRun:
     haproxy_pids = [haproxy_pid]
     agent_pids = [pid for root in agent_roots for pid in process_tree(root)]
-    before = cpu_seconds(haproxy_pids), cpu_seconds(agent_pids)
+    before = cpu_seconds(haproxy_pids), cpu_seconds(agent_pids), _children_cpu_seconds()
     run = run_wrk(url, seconds, **wrk_args)
-    after = cpu_seconds(haproxy_pids), cpu_seconds(agent_pids)
+    after = cpu_seconds(haproxy_pids), cpu_seconds(agent_pids), _children_cpu_seconds()
     if run.requests:
         run.haproxy_cpu_us = (after[0] - before[0]) / run.requests * 1e6
+        run.wrk_cpu_us = (after[2] - before[2]) / run.requests * 1e6
         if agent_pids:
             run.agent_cpu_us = (after[1] - before[1]) / run.requests * 1e6
     return run
@@ -511,6 +522,7 @@ def run_all(
                 log(
                     f"    {s.rps:8.0f} rps  p50 {s.p50_ms:.2f} ms  p99 {s.p99_ms:.2f} ms  "
                     f"HAProxy {s.haproxy_cpu_us:.1f} µs/req  agent {s.agent_cpu_us:.1f} µs/req  "
+                    f"wrk {s.wrk_cpu_us:.1f} µs/req  "
                     f"non-2xx {s.non_2xx}  | paced {p.rps:.0f}/s: "
                     f"p50 {p.p50_ms:.2f} ms p99 {p.p99_ms:.2f} ms"
                 )

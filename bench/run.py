@@ -136,10 +136,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "## End to end through HAProxy 2.6 (wrk -t1 -c32, HAProxy nbthread 1 on its own core)",
         "",
-        "| scenario | rps | p50 ms | p99 ms | HAProxy µs/req | agent µs/req | vs no-auth "
+        "| scenario | rps | p50 ms | p99 ms | HAProxy µs/req | agent µs/req | wrk µs/req "
+        "| vs no-auth "
         "| vs native, same alg | vs minimal ACK agent | paced rps | paced p50 ms "
         "| paced p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in e2e_rows:
         s, p = row["saturated"], row["paced"]
@@ -149,7 +150,8 @@ def markdown(report: dict[str, Any]) -> str:
         rps = f"≥ {s['rps']:.0f}" if s.get("tokens_ran_out") else f"{s['rps']:.0f}"
         lines.append(
             f"| {row['scenario']['name']} | {rps} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} "
-            f"| {s['haproxy_cpu_us']:.1f} | {s['agent_cpu_us']:.1f} | {_ratio(s['rps'], noauth)} "
+            f"| {s['haproxy_cpu_us']:.1f} | {s['agent_cpu_us']:.1f} "
+            f"| {s.get('wrk_cpu_us', math.nan):.1f} | {_ratio(s['rps'], noauth)} "
             f"| {_ratio(s['rps'], native.get(row['scenario']['alg'], math.nan))} "
             f"| {_ratio(s['rps'], minimal)} "
             f"| {p['rps']:.0f} | {p['p50_ms']:.2f} "
@@ -248,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             "offering about half the saturated rate, each connection pausing a random time "
             f"(exponential, mean {e2e.PACED_DELAY_MS} ms) between requests; the rate they "
             "achieved is shown. "
-            "CPU per request from /proc utime+stime deltas. The no-auth and native configs "
-            "lack the shipped front-end rules, so they do less per request than jwtgate's. "
+            "CPU per request from /proc utime+stime deltas (wrk's from its rusage). The "
+            "no-auth and native configs lack the shipped front-end rules, so they do less per "
+            "request than jwtgate's. "
             "A rate marked ≥ ran out of unique tokens before the end."
         ),
     }
