@@ -149,10 +149,23 @@ read_value(const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t end)
         *pos = read_varint(buf, *pos, end, &number);
         if (*pos < 0)
             return NULL;
-        if (kind == 2)
-            return PyLong_FromLong((long)(int32_t)(uint32_t)(number & 0xFFFFFFFFu));
-        if (kind == 3)
-            return PyLong_FromUnsignedLong((unsigned long)(number & 0xFFFFFFFFu));
+        if (kind == 2) {
+            /* 32 bits, or a negative sign-extended to 64; anything else is refused, as
+               its low bits would be another number (types.py). */
+            if (number <= 0xFFFFFFFFu)
+                return PyLong_FromLong((long)(int32_t)(uint32_t)number);
+            if (number >= 0xFFFFFFFF80000000u)
+                return PyLong_FromLongLong((long long)(int64_t)number);
+            fail(invalid_frame, "INT32 value out of range");
+            return NULL;
+        }
+        if (kind == 3) {
+            if (number > 0xFFFFFFFFu) {
+                fail(invalid_frame, "UINT32 value out of range");
+                return NULL;
+            }
+            return PyLong_FromUnsignedLong((unsigned long)number);
+        }
         if (kind == 4)
             return PyLong_FromLongLong((long long)(int64_t)number);
         return PyLong_FromUnsignedLongLong((unsigned long long)number);

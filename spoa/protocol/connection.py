@@ -65,6 +65,7 @@ _NOTIFY = FrameType.NOTIFY.value
 _HAPROXY_HELLO = FrameType.HAPROXY_HELLO.value
 _HAPROXY_DISCONNECT = FrameType.HAPROXY_DISCONNECT.value
 _FIN = FrameFlags.FIN.value  # in the last byte of FLAGS
+_KNOWN_FRAME_TYPES = frozenset(frame_type.value for frame_type in FrameType)
 
 
 class _State(Enum):
@@ -273,7 +274,8 @@ class AgentConnection:
         if end - start < MIN_FRAME_BODY:
             raise InvalidFrame("frame shorter than its header")
         frame_type = buf[start]
-        if not buf[start + 4] & _FIN:
+        if not buf[start + 4] & _FIN and frame_type in _KNOWN_FRAME_TYPES:
+            # An unknown type is skipped below whatever its flags, as HAProxy does.
             raise FragmentationNotSupported("fragmented frame (FIN not set)")
         ids_start = pos = start + 5
         stream_id = buf[pos]

@@ -19,6 +19,8 @@ Value = None | bool | int | str | bytes | IPv4Address | IPv6Address
 _INT64_MIN = -(1 << 63)
 _SIGN_BIT = 1 << 63
 _TWO_TO_64 = 1 << 64
+_UINT32_MAX = 0xFFFFFFFF
+_INT32_MIN_SIGN_EXTENDED = _TWO_TO_64 - (1 << 31)
 
 
 class DataType(IntEnum):
@@ -133,12 +135,18 @@ def decode_value(buf: Buffer, pos: int, end: int) -> tuple[Value, int]:
         return bool(type_byte & BOOL_TRUE_FLAG), pos
     if kind <= 5:
         number, pos = decode_varint(buf, pos, end)
-        if kind == 2:  # INT32: two's complement of its low 32 bits
-            number &= 0xFFFFFFFF
-            if number & 0x80000000:
-                number -= 1 << 32
-        elif kind == 3:  # UINT32
-            number &= 0xFFFFFFFF
+        if kind == 2:  # INT32: 32 bits, or a negative sign-extended to 64 as HAProxy sends it
+            if number <= _UINT32_MAX:
+                if number & 0x80000000:
+                    number -= 1 << 32
+            elif number >= _INT32_MIN_SIGN_EXTENDED:
+                number -= _TWO_TO_64
+            else:
+                # Its low bits would be another number (a max-frame-size of 2**32 + 1000
+                # read as 1000): refused, not truncated.
+                raise InvalidFrame("INT32 value out of range")
+        elif kind == 3 and number > _UINT32_MAX:
+            raise InvalidFrame("UINT32 value out of range")
         elif kind == 4 and number & _SIGN_BIT:  # INT64
             number -= _TWO_TO_64
         return number, pos

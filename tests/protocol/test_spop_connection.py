@@ -32,8 +32,10 @@ from spoa.protocol import (
     decode_kv_list,
     encode_kv_list,
     encode_messages,
+    encode_varint,
     split_frames,
 )
+from spoa.protocol.types import encode_string
 
 HELLO_ITEMS: dict[str, Value] = {
     "supported-versions": "2.0",
@@ -58,6 +60,13 @@ def hello_without(key: str) -> bytes:
 def notify(stream_id: int = 1, frame_id: int = 1, *messages: Message) -> bytes:
     payload = encode_messages(messages or (REQUEST,))
     return build_frame(FrameType.NOTIFY, stream_id, frame_id, payload)
+
+
+def hello_with_raw(name: str, typed_value: bytes) -> bytes:
+    """A HELLO whose item `name` carries hand-made typed data (what encode never makes)."""
+    items = encode_kv_list((k, v) for k, v in HELLO_ITEMS.items() if k != name)
+    payload = items + encode_string(name) + typed_value
+    return build_frame(FrameType.HAPROXY_HELLO, 0, 0, payload)
 
 
 def disconnect(status: int, message: str) -> bytes:
@@ -252,6 +261,18 @@ INVALID_HELLO: list[tuple[str, bytes, Status]] = [
     ("no max-frame-size", hello_without("max-frame-size"), Status.MAX_FRAME_SIZE_MISSING),
     ("max-frame-size not a number", hello(max_frame_size="big"), Status.MAX_FRAME_SIZE_MISSING),
     ("max-frame-size below 256", hello(max_frame_size=255), Status.BAD_MAX_FRAME_SIZE),
+    # Regression: a 32-bit item kept the low bits of a larger varint, so 2**32 + 1000
+    # negotiated 1000 (the raw SPOP probe).
+    (
+        "max-frame-size UINT32 over 32 bits",
+        hello_with_raw("max-frame-size", b"\x03" + encode_varint(2**32 + 1000)),
+        Status.INVALID_FRAME,
+    ),
+    (
+        "max-frame-size INT32 over 32 bits",
+        hello_with_raw("max-frame-size", b"\x02" + encode_varint(2**32 + 1000)),
+        Status.INVALID_FRAME,
+    ),
     ("no capabilities", hello_without("capabilities"), Status.CAPABILITIES_MISSING),
     # Regression: a number or binary capabilities got 4, where its peers get 5 and 6.
     ("capabilities not a string", hello(capabilities=1), Status.CAPABILITIES_MISSING),
@@ -300,6 +321,15 @@ def test_inflight_limit() -> None:
 def test_unknown_frame_types_are_skipped() -> None:
     conn = ready()
     events = conn.receive_data(build_frame(50, 0, 0, b"whatever") + notify(3, 1), 1.0)
+    assert events == [NotifyReceived(3, 1, (REQUEST,))]
+
+
+def test_unknown_frame_types_are_skipped_whatever_their_flags() -> None:
+    """SPOE.txt 3.2.2: unknown frames may be skipped; HAProxy reads the type before FIN.
+    Regression: one without FIN was refused as a fragment (status 10)."""
+    conn = ready()
+    unknown = build_frame(42, 0, 0, b"zz", FrameFlags.NONE)
+    events = conn.receive_data(unknown + notify(3, 1), 1.0)
     assert events == [NotifyReceived(3, 1, (REQUEST,))]
 
 
