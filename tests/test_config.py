@@ -73,6 +73,17 @@ def test_minimal_config_gets_safe_defaults() -> None:
     assert config.policies["default"].report_only is False
 
 
+def test_one_string_stands_for_an_array_of_one() -> None:
+    """As docs/configuration.md says, for every array of strings, not only audiences."""
+    text = MINIMAL.replace('["api"]', '"api"').replace('["RS256"]', '"RS256"')
+    text = text.replace('issuers = ["corp"]', 'issuers = "corp"\nrequire_scopes = "read"')
+    config = parse_config(text)
+    issuer = config.issuer("corp")
+    assert (issuer.audiences, issuer.algorithms) == (("api",), ("RS256",))
+    policy = config.policies["default"]
+    assert (policy.issuers, policy.require_scopes) == (("corp",), ("read",))
+
+
 def test_the_shipped_example_is_valid() -> None:
     config = load_config(ROOT / "haproxy" / "jwtgate.toml")
     assert set(config.policies) == {"default", "admin", "shadow"}
