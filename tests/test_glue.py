@@ -170,8 +170,10 @@ def test_missing_token_has_no_error_code(handler: CheckJwtHandler) -> None:
     }
 
 
-def test_basic_scheme_is_no_bearer_token(handler: CheckJwtHandler) -> None:
-    result = run(handler, message(authorization="Basic YWxpY2U6eA=="))
+@pytest.mark.parametrize("header", ["Basic YWxpY2U6eA==", "Bearer\ta.b.c", "Bearer,a.b.c"])
+def test_another_scheme_is_no_bearer_token(handler: CheckJwtHandler, header: str) -> None:
+    # HTTP separates the scheme with spaces only (docs/reasons.md, missing_token).
+    result = run(handler, message(authorization=header))
     assert result["reason"] == "missing_token"
 
 
