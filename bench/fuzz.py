@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import run_main
-
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     "tests/protocol/test_fuzz_connection.py",
@@ -58,4 +56,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    raise SystemExit(main())
