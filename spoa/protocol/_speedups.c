@@ -334,6 +334,11 @@ skip_value(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end)
         return pos;
     case 2:
     case 3:
+        /* As read_value: a 32-bit value that does not fit is malformed. */
+        pos = read_varint(buf, pos, end, &number);
+        if (pos >= 0 && number > 0xFFFFFFFFu && (kind == 3 || number < 0xFFFFFFFF80000000u))
+            return -1;
+        return pos;
     case 4:
     case 5:
         return read_varint(buf, pos, end, &number);

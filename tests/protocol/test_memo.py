@@ -437,7 +437,13 @@ def test_non_canonical_key_values_never_get_a_different_answer(raw: bytes, value
         min_size=2,
         max_size=2,
     ),
-    st.lists(st.sampled_from([b"\x02\x05", b"\x11", b"\x0c", b"\x06\x01", b"\x04\xff"])),
+    st.lists(
+        st.sampled_from(
+            [b"\x02\x05", b"\x11", b"\x0c", b"\x06\x01", b"\x04\xff"]
+            + [b"\x02" + encode_varint(n) for n in (2**31, 2**32, 2**64 - 2**31 - 1, 2**64 - 1)]
+            + [b"\x03" + encode_varint(n) for n in (2**32 - 1, 2**32)]
+        )
+    ),
 )
 @settings(max_examples=fuzz_examples(100))
 def test_c_answers_a_prefix_of_the_reference_on_hand_made_typed_data(
@@ -505,6 +511,16 @@ STOPS: list[tuple[str, bytes]] = [
     ("reserved type in another argument", raw_notify(2, 1, NOTIFY_PAYLOAD[:-2] + b"\x0c")),
     ("truncated ipv6 argument", raw_notify(2, 1, NOTIFY_PAYLOAD[:-2] + b"\x07\x00\x00")),
     ("truncated int argument", raw_notify(2, 1, NOTIFY_PAYLOAD[:-2] + b"\x04\xf0")),
+    # Regression: the C scanner read any varint here, where decoding refuses 32-bit
+    # values that do not fit (status 4), and replayed the answer.
+    (
+        "UINT32 argument over 32 bits",
+        raw_notify(2, 1, NOTIFY_PAYLOAD[:-2] + b"\x03" + encode_varint(2**32 + 1000)),
+    ),
+    (
+        "INT32 argument over 32 bits",
+        raw_notify(2, 1, NOTIFY_PAYLOAD[:-2] + b"\x02" + encode_varint(2**40)),
+    ),
     (
         "string past its frame",
         raw_notify(
