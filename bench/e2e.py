@@ -47,7 +47,6 @@ from bench.common import (
     mint,
     mint_many,
     process_tree,
-    run_main,
     write_public_keys,
 )
 from spoa.devkit.keys import SigningKey
@@ -57,6 +56,7 @@ from spoa.devkit.stack import (
     StackOptions,
     free_port,
     haproxy_binary,
+    run_main,
     wait_for_port,
 )
 

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from spoa.devkit.stack import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     "tests/protocol/test_fuzz_connection.py",
@@ -56,4 +58,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run by its path, so it sees the installed `spoa`, not the `bench` package. A `kill`
+    # of this process alone then also stops the pytest it runs.
+    run_main(main)

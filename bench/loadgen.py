@@ -36,10 +36,9 @@ from bench.common import (
     mint,
     mint_many,
     process_tree,
-    run_main,
     write_public_keys,
 )
-from spoa.devkit.stack import ManagedProcess, free_port, wait_for_port
+from spoa.devkit.stack import ManagedProcess, free_port, run_main, wait_for_port
 from spoa.protocol import FrameType, encode_messages, encode_varint
 
 MIXES = ("hits", "unique", "mix95")

@@ -31,8 +31,8 @@ from bench.common import (
     issuer_verifier,
     make_keys,
     mint_many,
-    run_main,
 )
+from spoa.devkit.stack import run_main
 
 BASE_TOKENS = 200
 ALG = "RS256"

@@ -23,10 +23,10 @@ from bench.common import (
     mint,
     mint_many,
     process_tree,
-    run_main,
     write_public_keys,
 )
 from bench.loadgen import AgentUnderTest, TokenSource, format_result, run_load
+from spoa.devkit.stack import run_main
 
 
 def _short(frame: str) -> str:

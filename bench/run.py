@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import e2e, loadgen
-from bench.common import run_main
+from spoa.devkit.stack import run_main
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"

@@ -26,10 +26,10 @@ from bench.common import (
     mint,
     mint_many,
     process_tree,
-    run_main,
     write_public_keys,
 )
 from bench.loadgen import AgentUnderTest, TokenSource, run_load
+from spoa.devkit.stack import run_main
 
 
 def rss_mib(pid: int) -> float:

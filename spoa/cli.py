@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -416,11 +415,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "the benchmark suite lives in the source checkout (scripts/bench, bench/); "
             "run this from an editable install of it"
         )
-    # scripts/bench sets up, bounds the run's time and stops every process it starts;
-    # Ctrl-C reaches it too, as it shares the terminal's process group.
+    # scripts/bench sets up, bounds the run's time and stops every process it starts. It
+    # takes this process's place, so a `kill` of `jwtgate bench` reaches it (a child
+    # would have been orphaned with everything it started).
     sys.stdout.flush()
-    argv = [str(script), *(["--short"] if args.short else [])]
-    return subprocess.run(argv, check=False).returncode
+    sys.stderr.flush()
+    os.execv(script, [str(script), *(["--short"] if args.short else [])])  # noqa: S606 (our own script)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -76,3 +76,47 @@ def test_sigterm_to_the_load_generator_stops_its_agent() -> None:
             os.kill(agent, signal.SIGKILL)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+MINTING = """
+from bench.common import make_keys, mint_many
+from spoa.devkit.stack import run_main
+key = make_keys(("RS256",))["RS256"]
+print("minting", flush=True)
+run_main(lambda: len(mint_many(key, 1_000_000)) and 0)
+"""
+
+
+def test_sigterm_while_minting_stops_the_workers_at_once() -> None:
+    """Regression: the minting pool waited for all its work when interrupted, so a killed
+    bench command ran on for minutes with its workers (and a second kill was ignored)."""
+    command = subprocess.Popen(
+        [sys.executable, "-c", MINTING],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    workers: list[int] = []
+    try:
+        assert command.stdout is not None
+        assert command.stdout.readline() == "minting\n"
+        deadline = time.monotonic() + 30
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = process_tree(command.pid)[1:]
+            time.sleep(0.05)
+        assert len(workers) >= 2, "no minting workers"
+        command.send_signal(signal.SIGTERM)
+        _, stderr = command.communicate(timeout=15)
+        assert command.returncode == 130
+        assert "Traceback" not in stderr
+        assert all(_gone(pid) for pid in workers)
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+        for pid in workers:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -310,6 +310,23 @@ def test_bench_runs_the_checkouts_script_and_passes_its_exit_code(tmp_path: Path
     assert (root / "scripts" / "ran").read_text() == "bench was run with: --short\n"
 
 
+def test_bench_takes_the_place_of_the_command(tmp_path: Path) -> None:
+    """So that a `kill` of `jwtgate bench` reaches scripts/bench and its clean-up.
+    Regression: it ran as a child, orphaned with everything it started."""
+    root = _package_copy(tmp_path)
+    (root / "scripts").mkdir()
+    script = root / "scripts" / "bench"
+    script.write_text('#!/bin/sh\necho $$ > "$(dirname "$0")/pid"\n')
+    script.chmod(0o755)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "spoa", "bench"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert command.wait(30) == 0
+    assert int((root / "scripts" / "pid").read_text()) == command.pid
+
+
 def test_bench_outside_a_checkout_says_where_the_suite_is(tmp_path: Path) -> None:
     root = _package_copy(tmp_path)
     result = _jwtgate_from(root, "bench")

@@ -24,12 +24,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from spoa.devkit.errors import DevkitError
 
@@ -54,13 +54,32 @@ def _interrupt(signum: int, frame: object) -> None:
 def stopping_on_signals() -> Iterator[None]:
     """Within: a `kill` or `timeout` (SIGTERM) or a closed terminal (SIGHUP) stops the
     caller as Ctrl-C does, so its `finally` blocks run. The processes started here run in
-    sessions of their own (Ctrl-C reaches us, not them) and would outlive it otherwise."""
-    previous = {signum: signal.signal(signum, _interrupt) for signum in _STOPPING_SIGNALS}
+    sessions of their own (Ctrl-C reaches us, not them) and would outlive it otherwise.
+    A signal the caller was started ignoring (`nohup`) stays ignored."""
+    previous = {
+        signum: signal.signal(signum, _interrupt)
+        for signum in _STOPPING_SIGNALS
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Exit with what a command's `main` returns. A `kill`, `timeout` or closed terminal
+    stops it as Ctrl-C does, with every process it started stopped, and ends in exit
+    status 130 and one line, not a traceback. (Regression: `timeout` killed the bench's
+    load generator alone, and the agent it had started ran on.)"""
+    with stopping_on_signals():
+        try:
+            code = main()
+        except KeyboardInterrupt:
+            print("interrupted: every process it started is stopped", file=sys.stderr)
+            code = 130
+    sys.exit(code)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

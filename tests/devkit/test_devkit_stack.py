@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 
-from spoa.devkit.stack import EchoBackend
+from spoa.devkit.stack import EchoBackend, stopping_on_signals
 
 
 def _responses(raw: bytes, count: int) -> list[dict[str, object]]:
@@ -47,3 +48,16 @@ def test_a_request_body_is_read_not_taken_for_the_next_request() -> None:
         assert backend.requests == 2
     finally:
         backend.stop()
+
+
+def test_signals_started_ignored_stay_ignored() -> None:
+    """Under `nohup` a closed terminal must not stop a long bench run (regression: the
+    handler replaced the inherited SIG_IGN)."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stopping_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
