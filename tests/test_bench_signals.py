@@ -42,9 +42,10 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_sigterm_to_the_load_generator_stops_its_agent() -> None:
-    loadgen = subprocess.Popen(
-        [sys.executable, "-m", "bench.loadgen", "--spawn", "--mix", "hits", "--duration", "120"],
+def _start(*args: str) -> subprocess.Popen[str]:
+    """A Python command of the checkout in a session of its own (killable as a group)."""
+    return subprocess.Popen(
+        [sys.executable, *args],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=subprocess.PIPE,
@@ -52,6 +53,10 @@ def test_sigterm_to_the_load_generator_stops_its_agent() -> None:
         text=True,
         start_new_session=True,
     )
+
+
+def test_sigterm_to_the_load_generator_stops_its_agent() -> None:
+    loadgen = _start("-m", "bench.loadgen", "--spawn", "--mix", "hits", "--duration", "120")
     agent = None
     workdir = None
     try:
@@ -90,15 +95,7 @@ run_main(lambda: len(mint_many(key, 1_000_000)) and 0)
 def test_sigterm_while_minting_stops_the_workers_at_once() -> None:
     """Regression: the minting pool waited for all its work when interrupted, so a killed
     bench command ran on for minutes with its workers (and a second kill was ignored)."""
-    command = subprocess.Popen(
-        [sys.executable, "-c", MINTING],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    command = _start("-c", MINTING)
     workers: list[int] = []
     try:
         assert command.stdout is not None
