@@ -134,11 +134,11 @@ def load_static_keys(source: StaticKeySource) -> KeySet:
             raise KeySourceError(f"key file {key_file.path}: {exc}") from exc
         if not loaded.keys:
             raise KeySourceError(f"key file {key_file.path}: holds no usable keys")
-        if not fits_any(loaded, source.algorithms):
+        served, unserved = serving_keys(loaded, source.algorithms)
+        if not any_fits(served, source.algorithms):
             raise KeySourceError(
                 f"key file {key_file.path}: {no_fitting_key(loaded, source.algorithms)}"
             )
-        _, unserved = serving_keys(loaded, source.algorithms)
         if unserved:  # the operator's own file: say so rather than leave a key idle
             raise KeySourceError(
                 f"key file {key_file.path}: {unserved[0]}: name its alg, in the file or with"
@@ -156,10 +156,12 @@ def fits_any(key_set: KeySet, algorithms: tuple[str, ...]) -> bool:
     (an empty allow-list asks nothing). A set that fails this would reject every token
     with unsupported_alg, and a fetch that brought it would look like a good one. A key
     that names no alg counts only where it fits one of them (keys.serving)."""
-    if not algorithms:
-        return True
-    kept, _ = serving_keys(key_set, algorithms)
-    return any(key.fits(alg) for key in kept.keys for alg in algorithms)
+    return any_fits(serving_keys(key_set, algorithms)[0], algorithms)
+
+
+def any_fits(served: KeySet, algorithms: tuple[str, ...]) -> bool:
+    """`fits_any` for a set `serving_keys` already gave."""
+    return not algorithms or any(key.fits(alg) for key in served.keys for alg in algorithms)
 
 
 def no_fitting_key(key_set: KeySet, algorithms: tuple[str, ...]) -> str:
@@ -769,9 +771,10 @@ class KeyManager:
             key_set, _ = load_jwks(body, max_keys=state.timing.max_keys)
         except Exception:  # a damaged file is no reason to stop starting
             return False
-        if not key_set.keys or not fits_any(key_set, state.source.algorithms):
+        served, unserved = serving_keys(key_set, state.source.algorithms)
+        if not key_set.keys or not any_fits(served, state.source.algorithms):
             return False
-        key_set, unserved = serving_keys(key_set, state.source.algorithms)
+        key_set = served
         self._serve_dated(state, key_set, fetched_at, age)
         schedule = state.schedule
         schedule.expires_at = schedule.last_success  # its IdP is failing: serving stale now
@@ -880,9 +883,10 @@ class KeyManager:
             if not key_set.keys:
                 raise KeySourceError("JWKS holds no usable signing keys")
             algorithms = state.source.algorithms
-            if not fits_any(key_set, algorithms):
+            served, unserved = serving_keys(key_set, algorithms)
+            if not any_fits(served, algorithms):
                 raise KeySourceError(f"JWKS: {no_fitting_key(key_set, algorithms)}")
-            key_set, unserved = serving_keys(key_set, algorithms)
+            key_set = served
         except Exception as exc:
             ticks = self._monotonic()
             state.jwks_url = None  # discover again next time
