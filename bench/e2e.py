@@ -23,6 +23,7 @@ queueing; its table column gives the rate it achieved.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -580,8 +581,25 @@ def as_dict(result: ScenarioResult) -> dict[str, Any]:
     return asdict(result)
 
 
-def main() -> int:
-    for item in run_all(float(sys.argv[1]) if len(sys.argv) > 1 else 5.0):
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run the end-to-end scenarios through HAProxy 2.6 and print each result "
+        "(scripts/bench runs them all, with the tables)."
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="per saturated run")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        metavar="TEXT",
+        help="only the scenarios whose name holds TEXT (repeatable; default: all)",
+    )
+    args = parser.parse_args(argv)
+    chosen = tuple(
+        s for s in SCENARIOS if not args.scenario or any(t in s.name for t in args.scenario)
+    )
+    if not chosen:
+        parser.error("no scenario name holds " + " or ".join(map(repr, args.scenario)))
+    for item in run_all(args.seconds, scenarios=chosen):
         print(as_dict(item))
     return 0
 

@@ -24,6 +24,7 @@ COMMANDS = [
     ["-m", "bench.soak"],
     ["-m", "bench.miss_cost"],
     ["-m", "bench.profile_agent"],
+    ["-m", "bench.e2e"],  # regression: read its first argument as seconds, --help too
 ]
 
 
