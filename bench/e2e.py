@@ -586,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the end-to-end scenarios through HAProxy 2.6 and print each result "
         "(scripts/bench runs them all, with the tables)."
     )
-    parser.add_argument("--seconds", type=float, default=5.0, help="per saturated run")
+    parser.add_argument(
+        "--seconds", type=_whole_seconds, default=5, help="per saturated run (whole seconds)"
+    )
     parser.add_argument(
         "--scenario",
         action="append",
@@ -598,10 +600,25 @@ def main(argv: list[str] | None = None) -> int:
         s for s in SCENARIOS if not args.scenario or any(t in s.name for t in args.scenario)
     )
     if not chosen:
-        parser.error("no scenario name holds " + " or ".join(map(repr, args.scenario)))
-    for item in run_all(args.seconds, scenarios=chosen):
+        names = ", ".join(s.name for s in SCENARIOS)
+        parser.error(
+            "no scenario name holds " + " or ".join(map(repr, args.scenario)) + f"; names: {names}"
+        )
+    results = run_all(args.seconds, scenarios=chosen)
+    for item in results:
         print(as_dict(item))
-    return 0
+    return 1 if any(item.error for item in results) else 0
+
+
+def _whole_seconds(text: str) -> int:
+    """wrk takes a duration in whole seconds."""
+    try:
+        seconds = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return seconds
 
 
 if __name__ == "__main__":
