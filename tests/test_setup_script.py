@@ -12,6 +12,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,21 +36,20 @@ def _run(script: Path, cwd: Path, python: str | None) -> subprocess.CompletedPro
     )
 
 
-def test_a_program_that_only_exits_0_is_no_python(tmp_path: Path) -> None:
-    # Regression (caught before it landed): an exit-status check let /bin/true through,
-    # and the run went on to remove the checkout's .venv.
+@pytest.mark.parametrize(
+    "python",
+    [
+        # Regression (caught before it landed): an exit-status check let /bin/true
+        # through, and the run went on to remove the checkout's .venv.
+        "/bin/true",
+        "no-such-python3",
+    ],
+)
+def test_a_python_it_cannot_use_is_named(tmp_path: Path, python: str) -> None:
     script = _fake_checkout(tmp_path)
-    done = _run(script, tmp_path, "/bin/true")
+    done = _run(script, tmp_path, python)
     assert done.returncode == 1
-    assert "PYTHON=/bin/true is not a Python 3.11 or newer" in done.stderr
-    assert (tmp_path / ".venv" / "pyvenv.cfg").exists()
-
-
-def test_a_missing_python_is_named(tmp_path: Path) -> None:
-    script = _fake_checkout(tmp_path)
-    done = _run(script, tmp_path, "no-such-python3")
-    assert done.returncode == 1
-    assert "PYTHON=no-such-python3 is not" in done.stderr
+    assert f"PYTHON={python} is not a Python 3.11 or newer" in done.stderr
     assert (tmp_path / ".venv" / "pyvenv.cfg").exists()
 
 
