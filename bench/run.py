@@ -151,7 +151,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {row['scenario']['name']} | {rps} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} "
             f"| {s['haproxy_cpu_us']:.1f} | {s['agent_cpu_us']:.1f} "
-            f"| {s.get('wrk_cpu_us', math.nan):.1f} | {_ratio(s['rps'], noauth)} "
+            f"| {s['wrk_cpu_us']:.1f} | {_ratio(s['rps'], noauth)} "
             f"| {_ratio(s['rps'], native.get(row['scenario']['alg'], math.nan))} "
             f"| {_ratio(s['rps'], minimal)} "
             f"| {p['rps']:.0f} | {p['p50_ms']:.2f} "

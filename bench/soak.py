@@ -20,14 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (
-    agent_config,
-    make_keys,
-    mint,
-    mint_many,
-    process_tree,
-    write_public_keys,
-)
+from bench.common import agent_config, make_keys, mint, mint_many, process_tree, write_public_keys
 from bench.loadgen import AgentUnderTest, TokenSource, run_load
 from spoa.devkit.stack import run_main
 

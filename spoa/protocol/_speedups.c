@@ -117,6 +117,17 @@ address(PyObject *type, const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t en
     return result;
 }
 
+/* INT32 (kind 2) and UINT32 (kind 3) varints hold 32 bits; an INT32 may also come as a
+   negative sign-extended to 64, as HAProxy encodes it. Anything else is malformed, as its
+   low bits would be another number (types.py). Other kinds always fit. */
+static inline int
+fits_32_bits(unsigned kind, uint64_t number)
+{
+    if (number <= 0xFFFFFFFFu || kind > 3)
+        return 1;
+    return kind == 2 && number >= 0xFFFFFFFF80000000u;
+}
+
 /* decode_value: one typed value. */
 static PyObject *
 read_value(const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t end)
@@ -149,23 +160,16 @@ read_value(const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t end)
         *pos = read_varint(buf, *pos, end, &number);
         if (*pos < 0)
             return NULL;
-        if (kind == 2) {
-            /* 32 bits, or a negative sign-extended to 64; anything else is refused, as
-               its low bits would be another number (types.py). */
-            if (number <= 0xFFFFFFFFu)
-                return PyLong_FromLong((long)(int32_t)(uint32_t)number);
-            if (number >= 0xFFFFFFFF80000000u)
-                return PyLong_FromLongLong((long long)(int64_t)number);
-            fail(invalid_frame, "INT32 value out of range");
+        if (!fits_32_bits(kind, number)) {
+            fail(invalid_frame, kind == 2 ? "INT32 value out of range" : "UINT32 value out of range");
             return NULL;
         }
-        if (kind == 3) {
-            if (number > 0xFFFFFFFFu) {
-                fail(invalid_frame, "UINT32 value out of range");
-                return NULL;
-            }
+        if (kind == 2)  /* 32 bits, or already sign-extended to 64 */
+            return PyLong_FromLongLong(number <= 0xFFFFFFFFu
+                                           ? (long long)(int32_t)(uint32_t)number
+                                           : (long long)(int64_t)number);
+        if (kind == 3)
             return PyLong_FromUnsignedLong((unsigned long)number);
-        }
         if (kind == 4)
             return PyLong_FromLongLong((long long)(int64_t)number);
         return PyLong_FromUnsignedLongLong((unsigned long long)number);
@@ -334,11 +338,8 @@ skip_value(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end)
         return pos;
     case 2:
     case 3:
-        /* As read_value: a 32-bit value that does not fit is malformed. */
         pos = read_varint(buf, pos, end, &number);
-        if (pos >= 0 && number > 0xFFFFFFFFu && (kind == 3 || number < 0xFFFFFFFF80000000u))
-            return -1;
-        return pos;
+        return pos >= 0 && !fits_32_bits(kind, number) ? -1 : pos;
     case 4:
     case 5:
         return read_varint(buf, pos, end, &number);
