@@ -310,6 +310,9 @@ class AgentConnection:
                 raise InvalidFrame("HELLO with a stream-id or frame-id other than 0")
             self._handle_hello(buf, pos, end)
         elif frame_type == _HAPROXY_DISCONNECT:
+            if stream_id or frame_id:
+                # As for HELLO (SPOE.txt 3.2.8); HAProxy's own peers refuse such a frame.
+                raise InvalidFrame("DISCONNECT with a stream-id or frame-id other than 0")
             self._handle_disconnect(buf, pos, end)
         elif state is _State.AWAIT_HELLO:
             raise InvalidFrame("first frame is not HAPROXY-HELLO")

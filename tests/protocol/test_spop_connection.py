@@ -424,6 +424,18 @@ def test_haproxy_disconnect(code: int, status: Status) -> None:
     assert status.is_normal == (code in (0, 2))
 
 
+@pytest.mark.parametrize(("stream_id", "frame_id"), [(1, 0), (0, 1), (7, 9)])
+def test_haproxy_disconnect_with_ids_is_an_invalid_frame(stream_id: int, frame_id: int) -> None:
+    # SPOE.txt 3.2.8: its stream-id and frame-id are 0, as a HELLO's are.
+    conn = ready()
+    payload = encode_kv_list((("status-code", 0), ("message", "bye")))
+    frame = build_frame(FrameType.HAPROXY_DISCONNECT, stream_id, frame_id, payload)
+    (event,) = conn.receive_data(frame, 1.0)
+    assert isinstance(event, ConnectionClosed)
+    assert event.status is Status.INVALID_FRAME
+    assert sent_disconnect_status(conn) == Status.INVALID_FRAME
+
+
 def test_eof_is_a_normal_close() -> None:
     conn = ready()
     assert conn.receive_data(b"", 1.0) == [ConnectionClosed(Status.NORMAL, "peer closed")]
