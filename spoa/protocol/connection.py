@@ -339,7 +339,9 @@ class AgentConnection:
             raise BadMaxFrameSize("max-frame-size below 256")
         healthcheck = items.get("healthcheck") is True
         capabilities_text = items.get("capabilities")
-        if capabilities_text is None and not healthcheck:
+        if capabilities_text is None:
+            # Mandatory in every HELLO (SPOE.txt 3.2.4); HAProxy's health check sends it
+            # empty.
             raise CapabilitiesMissing("HELLO without capabilities")
         if capabilities_text is not None and not isinstance(capabilities_text, str):
             # As for the other two items: a value of the wrong type is one not found.

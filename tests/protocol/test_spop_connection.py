@@ -161,14 +161,16 @@ def test_healthcheck_hello_gets_hello_then_closes() -> None:
     assert conn.closed
 
 
-def test_healthcheck_hello_may_omit_capabilities() -> None:
+def test_healthcheck_hello_without_capabilities_is_status_7() -> None:
+    # SPOE.txt 3.2.4 makes capabilities mandatory; HAProxy 2.6's `option spop-check`
+    # HELLO carries it as "" (captured from a real one), which the test above sends.
     payload = encode_kv_list(
         [("supported-versions", "2.0"), ("max-frame-size", 16380), ("healthcheck", True)]
     )
     conn = AgentConnection(now=0.0)
     events = conn.receive_data(build_frame(FrameType.HAPROXY_HELLO, 0, 0, payload), 0.0)
-    assert isinstance(events[0], HelloReceived)
-    assert closed_events(events)[0].status == Status.NORMAL
+    assert closed_events(events)[0].status == Status.CAPABILITIES_MISSING
+    assert sent_disconnect_status(conn) == Status.CAPABILITIES_MISSING
 
 
 # -- malformed input -----------------------------------------------------------
