@@ -321,14 +321,18 @@ def _parse_header(segment: bytes) -> _Header:
     kid = header.get("kid")
     if "kid" in header and not isinstance(kid, str):
         raise _reject("kid is not a string")
+    for name in ("typ", "cty"):  # media types: strings (RFC 7515 4.1.9, 4.1.10)
+        if name in header and not isinstance(header[name], str):
+            raise _reject(f"{name} is not a string")
     cty = header.get("cty")
     if isinstance(cty, str) and cty.lower() in ("jwt", "application/jwt"):
         # RFC 7519 7.2: the payload is then another JWT to process in turn. jwtgate checks
         # one layer, so it refuses rather than read the outer payload as the claims.
         raise _reject("nested JWTs (cty JWT) are not supported")
-    if "b64" in header:
+    if "b64" in header and header["b64"] is not True:
         # RFC 7797 unencoded payloads are not supported; refuse rather than misread them.
-        raise _reject("b64 header parameter is not supported")
+        # true asks for the usual base64url payload: nothing to refuse (RFC 7797 3).
+        raise _reject("b64 header parameter other than true is not supported")
     if "crit" in header:
         crit = header["crit"]
         if (

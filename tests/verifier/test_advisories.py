@@ -312,8 +312,25 @@ def test_base64url_must_be_strict(es_key: KeyPair) -> None:
     assert verdict.reason is Reason.MALFORMED
 
 
-def test_unencoded_payload_option_is_refused(es_key: KeyPair) -> None:
-    token = mint(es_key, header={"b64": False})
+@pytest.mark.parametrize("b64", [False, 0, 1, "true"])
+def test_unencoded_payload_option_is_refused(b64: object, es_key: KeyPair) -> None:
+    token = mint(es_key, header={"b64": b64})
+    assert _verify_with([es_key.verification_key()], {"ES256"}, token).reason is Reason.MALFORMED
+
+
+def test_b64_true_is_the_usual_payload(es_key: KeyPair) -> None:
+    """Regression: b64 true was refused, but it asks for the ordinary base64url payload
+    (RFC 7797 3), and without crit it needs no understanding (RFC 7515 4.1.11)."""
+    token = mint(es_key, header={"b64": True})
+    assert _verify_with([es_key.verification_key()], {"ES256"}, token).ok
+
+
+@pytest.mark.parametrize("name", ["typ", "cty"])
+@pytest.mark.parametrize("value", [5, True, ["JWT"], {"a": 1}])
+def test_typ_and_cty_are_strings(name: str, value: object, es_key: KeyPair) -> None:
+    """Regression: with no typ rule, a typ or cty of another type was accepted; both
+    are media type strings (RFC 7515 4.1.9, 4.1.10)."""
+    token = mint(es_key, header={name: value})
     assert _verify_with([es_key.verification_key()], {"ES256"}, token).reason is Reason.MALFORMED
 
 
