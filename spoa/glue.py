@@ -497,11 +497,12 @@ def payload_segment(token: str) -> str | None:
 def claim_text(value: Any) -> str:
     """A claim as a header value, exactly as signed, or "" when it cannot be one.
 
-    Never altered, so two different claims never forward the same text: a string with a
+    Never altered: a value forwards as its signed text or not at all (a list as its items
+    joined with `,`, which a string holding `,` can look like). A string with a
     character that is not printable (controls, U+2028, bidi marks, ...), with white space
     at either end (HTTP trims it) or over MAX_VAR_BYTES is not forwarded; nor is an
-    object, or a list unless every item is a scalar that forwards and holds no `,` (the
-    list is joined with `,`). The exact payload is always in `claims`.
+    object, or a list unless every item is a scalar that forwards and holds no `,`. The
+    exact payload is always in `claims`.
     """
     if type(value) is str:
         if value.isascii():
