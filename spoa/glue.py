@@ -565,7 +565,8 @@ def _extract_token(args: Mapping[str, Any], query_param: str) -> tuple[str | Non
         scheme, _, rest = header.strip(_OWS).partition(" ")
         if scheme.lower() == "bearer":
             token = rest.strip(" ")
-            if not token or " " in token or not token.isascii():
+            # Two tokens, split by either kind of HTTP white space, are not one.
+            if not token or " " in token or "\t" in token or not token.isascii():
                 return None, _INVALID_REQUEST
     other = args.get(ARG_TOKEN)
     if other:

@@ -177,7 +177,11 @@ def test_another_scheme_is_no_bearer_token(handler: CheckJwtHandler, header: str
     assert result["reason"] == "missing_token"
 
 
-@pytest.mark.parametrize("header", ["Bearer", "Bearer a b", "Bearer  \u00e9t\u00e9"])
+@pytest.mark.parametrize(
+    "header",
+    # "a\tb" regression: a tab between two tokens gave 401 malformed, a space 400.
+    ["Bearer", "Bearer a b", "Bearer a\tb", "Bearer  \u00e9t\u00e9"],
+)
 def test_malformed_bearer_header_is_400(handler: CheckJwtHandler, header: str) -> None:
     result = run(handler, message(authorization=header))
     assert result["status"] == 400
