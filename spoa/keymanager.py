@@ -838,6 +838,13 @@ class KeyManager:
             await asyncio.wait_for(asyncio.shield(task), state.timing.fetch_timeout)
         except TimeoutError:
             return False
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this waiter itself was cancelled
+            # aclose (a reload, a shutdown) cancelled the fetch: the kid stays unknown
+            # here. Regression: the waiting checks got no answer at all.
+            return False
         found = self._has_kid(issuer_name, kid)
         if not found and decision is RefetchDecision.FETCH:
             state.schedule.remember_unknown_kid(kid, self._monotonic())

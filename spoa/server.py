@@ -586,8 +586,17 @@ class _AgentProtocol(asyncio.Protocol):
         for name, awaitable in pending:
             try:
                 actions.extend(await awaitable)
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as cancelled:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the connection is gone (connection_lost cancels its tasks)
+                # Something the handler waited on was cancelled, not this answer: the
+                # NOTIFY still gets its ACK, failing closed. Regression: none was sent,
+                # and the frame stayed in flight for the life of the connection.
+                _close_unstarted(pending)
+                self._handler_failed(name, cancelled)
+                actions = list(self._fallback)
+                break
             except Exception as error:
                 _close_unstarted(pending)
                 self._handler_failed(name, error)
@@ -598,7 +607,7 @@ class _AgentProtocol(asyncio.Protocol):
         self._report_inflight()
         self._update_reading()
 
-    def _handler_failed(self, message_name: str, error: Exception) -> None:
+    def _handler_failed(self, message_name: str, error: BaseException) -> None:
         # The exception text may quote a token: log its type only. HAProxy gets the
         # fallback actions (fail closed).
         self._observer.handler_failed()

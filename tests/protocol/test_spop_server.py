@@ -267,6 +267,40 @@ def test_failing_handler_fails_closed_without_logging_secrets(
         assert SECRET_TOKEN not in str(record.__dict__)
 
 
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_handler_whose_wait_is_cancelled_elsewhere_still_gets_an_ack(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+) -> None:
+    """Regression: a reload cancelled the key fetch a check was waiting on. The
+    CancelledError came out of the handler, the agent sent no ACK and counted the frame
+    in flight for the life of the connection."""
+
+    async def body(server: SpoaServer, port: int) -> None:
+        fetch: asyncio.Future[list[Action]] = asyncio.get_running_loop().create_future()
+
+        async def waits_on_fetch(message: Message) -> list[Action]:
+            return await fetch
+
+        server.handlers["waits"] = waits_on_fetch
+        client = await Client.connect(port)
+        await client.send(notify(1, msg("waits")))
+        for _ in range(100):
+            if observer.inflight:
+                break
+            await asyncio.sleep(0.01)
+        assert observer.inflight == 1
+        fetch.cancel()  # as KeyManager.aclose cancels its fetch task
+        assert await client.ack() == (1, FALLBACK)
+        assert observer.inflight == 0
+        assert observer.handler_failures == 1
+        await client.send(notify(2, msg("echo", id="still-open")))
+        assert await client.ack() == (2, [SetVar(Scope.TXN, "echo", "still-open")])
+        await client.close()
+
+    observer = Recorder()
+    serve({"echo": sync_echo}, body, observer=observer, loop_factory=loop_factory)
+
+
 def test_healthcheck_hello_is_answered_then_closed() -> None:
     async def body(server: SpoaServer, port: int) -> None:
         client = await Client.connect(port, greet=False)

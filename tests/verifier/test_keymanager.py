@@ -237,6 +237,28 @@ def test_start_retries_until_the_idp_answers(server: JwksServer, key_a: KeyPair)
     assert len(harness.of_type(FetchFailed)) >= 2
 
 
+def test_a_refetch_whose_fetch_is_cancelled_by_aclose_finds_nothing(
+    server: JwksServer, key_a: KeyPair, key_b: KeyPair
+) -> None:
+    """Regression: a reload closes the old key manager, which cancelled the fetch that
+    checks with an unknown kid were waiting on; the CancelledError reached the SPOP layer
+    and those checks got no answer. They now end as a refetch that found nothing."""
+    server.set("/jwks", jwks(key_a))
+    timing = JwksTiming(fetch_timeout=5.0, refetch_interval=0.0)
+    harness = Harness(JwksUrlSource(server.url("/jwks")), timing)
+
+    async def scenario() -> bool:
+        assert await harness.manager.start(timeout=2.0)
+        server.set("/jwks", jwks(key_a, key_b), delay=3.0)  # the refetch stalls
+        waiting = asyncio.ensure_future(harness.manager.refetch_unknown_kid("main", "b"))
+        while server.requests("/jwks") < 2:
+            await asyncio.sleep(0.01)
+        await harness.manager.aclose()
+        return await waiting
+
+    assert run(scenario) is False
+
+
 def test_carried_keys_serve_at_once_and_keep_their_age(server: JwksServer, key_a: KeyPair) -> None:
     """A reload during an IdP outage: the previous keys of the same source serve at once,
     aging from their own fetch (so max_stale still counts from it)."""
