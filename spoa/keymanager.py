@@ -702,8 +702,9 @@ class KeyManager:
             else:
                 remote.append(state)
         if remote:
+            deadline = asyncio.get_running_loop().time() + timeout
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._until_keyed(remote), timeout)
+                await asyncio.wait_for(self._until_keyed(remote, deadline), timeout)
             for state in remote:  # an IdP that hangs: its first fetch never even failed
                 self._restore(state)
         return all(self._store.get(name) is not None for name in self._issuers)
@@ -721,7 +722,10 @@ class KeyManager:
         state = self._issuers.get(issuer_name)
         return state.last_failure if state is not None else None
 
-    async def _until_keyed(self, pending: list[_IssuerState]) -> None:
+    async def _until_keyed(self, pending: list[_IssuerState], deadline: float) -> None:
+        """Fetch until every issuer holds keys. `deadline` is on the event loop's clock,
+        which start's timeout runs on."""
+        last_try_made = False
         while pending:
             # Shielded: a start-up that gives up must not cancel a fetch half done.
             done = await asyncio.gather(*(asyncio.shield(self._fetch_task(s)) for s in pending))
@@ -732,7 +736,17 @@ class KeyManager:
             ]
             if pending:
                 retry_at = min(state.schedule.next_attempt_at for state in pending)
-                await asyncio.sleep(max(retry_at - self._monotonic(), 0.0))
+                delay = max(retry_at - self._monotonic(), 0.0)
+                remaining = deadline - asyncio.get_running_loop().time()
+                # Time for a fetch before the deadline, or half of what is left.
+                room = min(max(s.timing.fetch_timeout for s in pending), remaining / 2)
+                if not last_try_made and delay > remaining - room:
+                    # The back-off would pass the deadline: one last try in time.
+                    # Regression: an IdP back in the window's second half was never
+                    # asked again, and start-up failed.
+                    delay = max(remaining - room, 0.0)
+                    last_try_made = True
+                await asyncio.sleep(delay)
 
     def release_archive(self) -> None:
         """This manager's configuration was accepted: save the sets it fetched while held,

@@ -237,6 +237,30 @@ def test_start_retries_until_the_idp_answers(server: JwksServer, key_a: KeyPair)
     assert len(harness.of_type(FetchFailed)) >= 2
 
 
+def test_start_tries_once_more_before_its_deadline(server: JwksServer, key_a: KeyPair) -> None:
+    """Regression: attempts followed the back-off alone, so with attempts at 0, 1, 3, 7
+    and 15 s of a 30 s ready_timeout, an IdP back at 16 s was never asked again and the
+    agent exited. The same schedule here, five times faster and with room for one fetch
+    (fetch_timeout) before the deadline: the IdP comes back after the fourth attempt."""
+    server.set("/jwks", "down", status=500)
+    timing = JwksTiming(backoff_initial=0.2, backoff_max=10.0, fetch_timeout=0.5)
+    harness = Harness(JwksUrlSource(server.url("/jwks")), timing)
+
+    async def scenario() -> bool:
+        try:
+            starting = asyncio.ensure_future(harness.manager.start(timeout=2.0))
+            while len(harness.of_type(FetchFailed)) < 4:  # at about 0, 0.2, 0.6, 1.4 s
+                await asyncio.sleep(0.01)
+            server.set("/jwks", jwks(key_a))
+            return await starting  # the next back-off step would be at 3.0 s
+        finally:
+            await harness.manager.aclose()
+
+    assert run(scenario)
+    assert server.requests("/jwks") == 5
+    assert harness.verify(key_a) is Reason.OK
+
+
 def test_a_refetch_whose_fetch_is_cancelled_by_aclose_finds_nothing(
     server: JwksServer, key_a: KeyPair, key_b: KeyPair
 ) -> None:
@@ -327,8 +351,8 @@ def test_oidc_discovery_refuses_a_different_issuer(server: JwksServer, key_a: Ke
     assert not harness.start_once(timeout=0.3)
     assert server.requests("/k") == 0
     failures = harness.of_type(FetchFailed)
-    assert len(failures) == 1
-    assert "issuer" in failures[0].cause
+    assert len(failures) == 2  # the first, and the last try before the deadline
+    assert all("discovered issuer differs" in failure.cause for failure in failures)
     assert harness.verify(key_a) is Reason.KEYS_UNAVAILABLE
 
 
