@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
 
+import pytest
+
+from spoa.devkit import stack
 from spoa.devkit.stack import EchoBackend, stopping_on_signals
 
 
@@ -48,6 +52,30 @@ def test_a_request_body_is_read_not_taken_for_the_next_request() -> None:
         assert backend.requests == 2
     finally:
         backend.stop()
+
+
+def test_answers_are_not_held_back_by_nagles_algorithm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (fault review): headers and body went out in two writes, and the body
+    waited for the client's delayed ACK: 40 ms on every kept-alive request, in the demo's
+    latency figures and in any end-to-end timing over keep-alive."""
+    nodelay: list[int] = []
+    setup = stack._EchoHandler.setup
+
+    def recording_setup(handler: stack._EchoHandler) -> None:
+        setup(handler)
+        nodelay.append(handler.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(stack._EchoHandler, "setup", recording_setup)
+    backend = EchoBackend("app").start()
+    try:
+        client = http.client.HTTPConnection("127.0.0.1", backend.port, timeout=5)
+        for _ in range(2):  # kept alive: one connection
+            client.request("GET", "/api")
+            assert client.getresponse().read()
+        client.close()
+    finally:
+        backend.stop()
+    assert nodelay == [1]
 
 
 def test_signals_started_ignored_stay_ignored() -> None:
