@@ -429,10 +429,13 @@ class _AgentProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         conn = self._conn
-        if conn is not None:
-            self._handle_events(conn.receive_data(b"", self._loop.time()))
-            self._flush()
-        return False
+        if conn is None:
+            return False
+        self._handle_events(conn.receive_data(b"", self._loop.time()))
+        self._flush()
+        # True keeps the transport open for the ACKs of NOTIFYs still being answered;
+        # the last one closes it (_flush).
+        return conn.draining
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A reset from HAProxy is a normal close: 3.1+ drops pooled connections that way.
@@ -671,8 +674,8 @@ class _AgentProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         conn = self._conn
         transport = self._transport
-        if conn is None or transport is None or transport.is_closing():
-            return
+        if conn is None or transport is None or transport.is_closing() or conn.draining:
+            return  # after the peer's end there is nothing to read (resuming reads it again)
         should_pause = self._write_paused or conn.inflight >= self._server.limits.max_inflight
         if should_pause and not self._reading_paused:
             self._reading_paused = True

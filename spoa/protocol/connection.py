@@ -71,6 +71,7 @@ _KNOWN_FRAME_TYPES = frozenset(frame_type.value for frame_type in FrameType)
 class _State(Enum):
     AWAIT_HELLO = "await-hello"
     READY = "ready"
+    DRAINING = "draining"  # HAProxy closed its side; NOTIFYs in flight still get ACKs
     CLOSED = "closed"
 
 
@@ -185,6 +186,12 @@ class AgentConnection:
         return self._state is _State.CLOSED
 
     @property
+    def draining(self) -> bool:
+        """HAProxy closed its side with NOTIFYs in flight: their ACKs may still be sent,
+        and the last one closes the connection."""
+        return self._state is _State.DRAINING
+
+    @property
     def close_status(self) -> Status | None:
         """The status of the DISCONNECT that ended the connection, sent or received; None
         while open, or when the peer closed without one."""
@@ -207,13 +214,22 @@ class AgentConnection:
     # -- input -------------------------------------------------------------
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
-        """Feed bytes from HAProxy; b"" means the peer closed its side."""
+        """Feed bytes from HAProxy; b"" means the peer closed its side. Then the NOTIFYs
+        still in flight may be acknowledged (`draining`); the last ACK closes."""
         if self._state is _State.CLOSED:
             return self._take_events()
+        if self._state is _State.DRAINING:
+            if not data:  # the caller says the connection is gone: nothing more to send
+                self._close(Status.NORMAL, "peer closed", disconnected=False)
+            return self._take_events()  # no input after the peer's end
         self._last_input = now
         if self._hello_deadline is None:
             self._hello_deadline = now + self._hello_timeout
         if not data:
+            if self._state is _State.READY and self._inflight and not self._inbuf:
+                # Every NOTIFY gets its ACK (SPOE.txt 3.2.6), even after a half-close.
+                self._state = _State.DRAINING
+                return self._take_events()
             message = "peer closed mid-frame" if self._inbuf else "peer closed"
             self._close(Status.NORMAL, message, disconnected=False)
             return self._take_events()
@@ -402,6 +418,8 @@ class AgentConnection:
             raise FrameTooBig("ACK longer than the negotiated max-frame-size")
         del self._inflight[key]
         self._outbox.append(frame)
+        if self._state is _State.DRAINING and not self._inflight:
+            self._close(Status.NORMAL, "peer closed", disconnected=False)
 
     def send_disconnect(self, status: Status, message: str) -> None:
         """Queue AGENT-DISCONNECT and close. `ConnectionClosed` comes out of the

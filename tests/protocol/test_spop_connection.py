@@ -406,7 +406,9 @@ def test_acks_in_any_order() -> None:
 def test_ack_after_close_is_ignored() -> None:
     conn = ready()
     conn.receive_data(notify(1, 1), 1.0)
-    conn.receive_data(b"", 2.0)
+    conn.receive_data(b"", 2.0)  # HAProxy's end: the ACK could still go
+    conn.receive_data(b"", 2.5)  # the connection's: it cannot
+    assert conn.closed
     conn.send_ack(1, 1, [SetVar(Scope.TXN, "late", True)])
     assert conn.data_to_send() == b""
 
@@ -436,6 +438,35 @@ def test_haproxy_disconnect_with_ids_is_an_invalid_frame(stream_id: int, frame_i
     assert isinstance(event, ConnectionClosed)
     assert event.status is Status.INVALID_FRAME
     assert sent_disconnect_status(conn) == Status.INVALID_FRAME
+
+
+def test_after_a_half_close_the_notifys_in_flight_still_get_their_acks() -> None:
+    """Regression (conformance review): EOF closed at once and dropped the answers
+    still being worked out; every NOTIFY must be acknowledged (SPOE.txt 3.2.6)."""
+    conn = ready()
+    conn.receive_data(notify(1, 1) + notify(3, 1), 1.0)
+    assert conn.receive_data(b"", 2.0) == []
+    assert conn.draining
+    assert not conn.closed
+    assert conn.receive_data(notify(5, 1), 2.5) == []  # nothing is read after the end
+    conn.send_ack(3, 1, [SetVar(Scope.TXN, "n", 3)])
+    assert not conn.closed
+    conn.send_ack(1, 1, [SetVar(Scope.TXN, "n", 1)])
+    assert conn.closed
+    frames = split_frames(conn.data_to_send())
+    assert [(f.header.type, f.header.stream_id) for f in frames] == [
+        (FrameType.ACK, 3),
+        (FrameType.ACK, 1),
+    ]
+    assert conn.handle_timeout(3.0) == [ConnectionClosed(Status.NORMAL, "peer closed")]
+
+
+def test_a_half_close_with_nothing_in_flight_closes_at_once() -> None:
+    conn = ready()
+    conn.receive_data(notify(1, 1), 1.0)
+    conn.send_ack(1, 1, [])
+    assert conn.receive_data(b"", 2.0) == [ConnectionClosed(Status.NORMAL, "peer closed")]
+    assert not conn.draining
 
 
 def test_eof_is_a_normal_close() -> None:

@@ -301,6 +301,35 @@ def test_a_handler_whose_wait_is_cancelled_elsewhere_still_gets_an_ack(
     serve({"echo": sync_echo}, body, observer=observer, loop_factory=loop_factory)
 
 
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_half_closed_connection_still_gets_its_acks(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+) -> None:
+    """Regression (conformance review): NOTIFY, then shutdown(SHUT_WR), gave the
+    AGENT-HELLO and a FIN: the answer still being worked out was dropped."""
+
+    async def body(server: SpoaServer, port: int) -> None:
+        async def slow_echo(message: Message) -> list[Action]:
+            await asyncio.sleep(0.05)
+            return [SetVar(Scope.TXN, "echo", message.get("id"))]
+
+        server.handlers["slow"] = slow_echo
+        client = await Client.connect(port)
+        await client.send(notify(1, msg("slow", id="a")) + notify(2, msg("slow", id="b")))
+        client.writer.write_eof()
+        acks = sorted([await client.ack(), await client.ack()], key=lambda ack: ack[0])
+        assert acks == [
+            (1, [SetVar(Scope.TXN, "echo", "a")]),
+            (2, [SetVar(Scope.TXN, "echo", "b")]),
+        ]
+        assert await client.at_eof()
+        await client.close()
+        await connections_closed(server)
+        assert server.connection_count == 0
+
+    serve({}, body, loop_factory=loop_factory)
+
+
 def test_healthcheck_hello_is_answered_then_closed() -> None:
     async def body(server: SpoaServer, port: int) -> None:
         client = await Client.connect(port, greet=False)
