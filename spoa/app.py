@@ -592,6 +592,9 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.shutdown()
+        if self.engine is not None:
+            # The cache's counts since the last tick too (regression: only flush ran).
+            self._report_cache(self.engine)
         self.metrics.flush()
         if self.engine is not None:
             await self.engine.aclose()

@@ -418,13 +418,16 @@ class Metrics:
                 self._replayed.inc(replayed - self._replayed_flushed)
                 self._replayed_flushed = replayed
             for hit, child in ((True, self._verify_hit), (False, self._verify_miss)):
+                # Read once: the event loop may add to it while this thread flushes.
+                # Regression: it was read twice, and what came between was never exported.
+                seconds = self._seconds_totals[hit]
                 _add_observations(
                     child,
                     self._bucket_totals[hit],
                     self._bucket_flushed[hit],
-                    self._seconds_totals[hit] - self._seconds_flushed[hit],
+                    seconds - self._seconds_flushed[hit],
                 )
-                self._seconds_flushed[hit] = self._seconds_totals[hit]
+                self._seconds_flushed[hit] = seconds
 
     def cache_stats(self, entries: int, hits: int, misses: int, evictions: int) -> None:
         """Report the verified-token cache's cumulative totals and current size.

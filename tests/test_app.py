@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -548,3 +549,54 @@ def test_the_keys_gauge_follows_what_the_store_can_use() -> None:
     store.replace("corp", key_set, time.time() - 100.0, max_stale=1000.0)  # usable again
     worker._publish_readiness()
     assert held() == 2
+
+
+def test_a_worker_that_stops_reports_its_last_cache_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (observability review): a normal stop flushed the per-request counts
+    but not the token cache's, so the misses and hits since the last 5 s tick were lost
+    (docs/operations.md: a worker that stops normally writes its last counts)."""
+    from spoa.app import bind_listener
+    from spoa.devkit.keys import SigningKey
+    from spoa.devkit.stack import free_port
+    from spoa.devkit.tokens import mint_token
+    from spoa.verifier import Policy, RequestContext
+
+    secret = "s" * 32
+    monkeypatch.setenv("JWTGATE_TEST_SECRET", secret)
+    config = parse_config(
+        f'[agent]\nlisten = "127.0.0.1:{free_port()}"\n[metrics]\nlisten = ""\n'
+        '[[issuers]]\nname = "corp"\nissuer = "https://id.example.com/"\n'
+        'audiences = ["api"]\nalgorithms = ["HS256"]\n'
+        'keys = [{ secret_env = "JWTGATE_TEST_SECRET", kid = "h1", alg = "HS256" }]\n'
+        '[policies.default]\nissuers = ["corp"]\n'
+    )
+    metrics = Metrics(issuers=["corp"], reasons=[r.value for r in Reason])
+    worker = Worker(config, None, metrics)
+    key = SigningKey("h1", "HS256", secret.encode())
+    token = mint_token(key, {"iss": "https://id.example.com/", "aud": "api", "sub": "u"})
+
+    async def scenario() -> None:
+        serving = asyncio.Event()
+        sock = bind_listener(config)
+        running = asyncio.create_task(worker.run(sock, on_serving=serving.set))
+        await asyncio.wait_for(serving.wait(), 10)
+        assert worker.engine is not None
+        verifier = worker.engine.verifier
+        context = RequestContext("GET", "/", "h")
+        for _ in range(2):  # a miss, then a hit
+            assert verifier.verify(token, Policy("default", ("corp",)), context, time.time()).ok
+        worker._stop.set()
+        await asyncio.wait_for(running, 10)
+        sock.close()
+
+    thresholds = gc.get_threshold()
+    try:
+        asyncio.run(scenario())
+    finally:  # a worker tunes the collector for its process: give this one its own back
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+    sample = metrics.registry.get_sample_value
+    assert sample("jwtgate_token_cache_misses_total") == 1
+    assert sample("jwtgate_token_cache_hits_total") == 1

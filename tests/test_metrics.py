@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+import spoa.metrics as metrics_module
 from spoa import __version__
 from spoa.metrics import (
     MULTIPROC_ENV,
@@ -505,6 +506,35 @@ def test_per_request_counts_are_exact_after_a_flush() -> None:
         (("issuer", "corp"), ("outcome", "accept"), ("policy", "api"), ("reason", "ok")),
     )
     assert samples[verdicts] == 5
+
+
+def test_a_verdict_recorded_during_a_flush_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (observability review): flush read the histogram's running sum twice,
+    and what the event loop added between the reads (the scrape thread flushes) was never
+    exported."""
+    metrics = Metrics(issuers=ISSUERS, policies=POLICIES, reasons=REASONS)
+    metrics.record_verdict("accept", "ok", "corp", "api", 1.0, False)
+    bulk_add = metrics_module._add_observations
+    raced: list[bool] = []
+
+    def add_while_a_request_lands(child: Any, *args: Any) -> None:
+        bulk_add(child, *args)
+        if child is metrics._verify_miss and not raced:
+            raced.append(True)
+            metrics.record_verdict("accept", "ok", "corp", "api", 2.0, False)
+
+    monkeypatch.setattr(metrics_module, "_add_observations", add_while_a_request_lands)
+    metrics.flush()
+    monkeypatch.undo()
+    metrics.flush()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+    }
+    miss = (("cache", "miss"),)
+    assert samples[("jwtgate_verify_duration_seconds_count", miss)] == 2
+    assert samples[("jwtgate_verify_duration_seconds_sum", miss)] == pytest.approx(3.0)
 
 
 class _RecordingLog:
