@@ -122,15 +122,25 @@ def _leading_fields(_logger: WrappedLogger, _method: str, event_dict: EventDict)
 
 _LEADING: Final = ("timestamp", "level", "logger", "event")
 
-# C0 and C1 controls and DEL as visible escapes, e.g. ESC as "\\x1b".
-_CONTROL_ESCAPES: Final = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+def _visible(char: str) -> str:
+    """A character that is not printable as an escape, e.g. ESC as "\\x1b", U+2028 as
+    "\\u2028": controls, but also line and paragraph separators and bidi marks, which
+    split or reorder a line in viewers that honour them (a forged line in the console
+    format, where values are not quoted)."""
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _escape_controls(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     for key, value in event_dict.items():
         # A formatted traceback keeps its lines; it is our text, not a client's.
         if isinstance(value, str) and key != "exception" and not value.isprintable():
-            event_dict[key] = value.translate(_CONTROL_ESCAPES)
+            event_dict[key] = "".join(map(_visible, value))
     return event_dict
 
 

@@ -146,6 +146,22 @@ def test_console_lines_escape_control_characters(stream: io.StringIO) -> None:
     assert "x0aforged line" in output
 
 
+def test_console_lines_escape_unicode_separators_and_bidi_marks(stream: io.StringIO) -> None:
+    """Regression (observability review): only C0/C1 controls were escaped, so a kid of
+    "\\u2028<timestamp> [critical] admin_login_ok" showed as a second, forged line in
+    viewers that split on U+2028, and U+202E reordered what followed it."""
+    configure_logging("info", "console", stream)
+    forged = "\u20282026-11-30T06:59:18Z\u2000[critical\u2000]\u2000admin_login_ok"
+    structlog.get_logger().info("token_rejected", kid=forged, sub="x\u202etxt.exe")
+    output = stream.getvalue()
+    assert len(output.splitlines()) == 1
+    for raw in ("\u2028", "\u202e"):
+        assert raw not in output
+    assert "kid=\\u20282026-11-30" in output
+    assert "sub=x\\u202etxt.exe" in output
+    assert "\\u2000[critical" in output  # other spaces than SP are not printable either
+
+
 def test_configure_replaces_its_own_root_handler(stream: io.StringIO) -> None:
     before = len(logging.getLogger().handlers)
     configure_logging("info", "json", stream)
