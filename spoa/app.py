@@ -355,7 +355,15 @@ class VerdictRecorder:
     def configure(self, config: Config, limiter: RejectionLogLimiter) -> None:
         """Take the [log] settings (at start and on reload)."""
         self.access_log = config.log.access_log
+        previous = getattr(self, "limiter", None)
+        if previous is not None:
+            # Regression: a reload dropped the count of rejections not yet reported.
+            limiter.take_over(previous)
         self.limiter = limiter
+
+    def unreported_suppressed(self) -> int:
+        """Rejections suppressed since the last logged one (said once, at stop)."""
+        return self.limiter.take_suppressed()
 
     def on_verdict(
         self,
@@ -598,7 +606,10 @@ class Worker:
         self.metrics.flush()
         if self.engine is not None:
             await self.engine.aclose()
-        log.info("agent_stopped", pid=os.getpid())
+        suppressed = self.recorder.unreported_suppressed()
+        log.info(
+            "agent_stopped", pid=os.getpid(), **({"suppressed": suppressed} if suppressed else {})
+        )
 
     def _publish_issuer_settings(self) -> None:
         if self.engine is not None:

@@ -276,6 +276,14 @@ class RejectionLogLimiter:
             pending, self._pending = self._pending, 0
             return pending
 
+    def take_over(self, previous: RejectionLogLimiter) -> None:
+        """Carry the suppressed events `previous` has not reported yet (a reload swaps
+        limiters; the next logged rejection still tells how many were dropped)."""
+        pending = previous.take_suppressed()
+        with self._lock:
+            self._pending += pending
+            self._suppressed_total += pending
+
     def emit(self, log_method: Callable[..., Any], event: str, **fields: Any) -> bool:
         """Log `event` if the bucket allows it, adding `suppressed=N` when N > 0 were dropped.
 

@@ -600,3 +600,26 @@ def test_a_worker_that_stops_reports_its_last_cache_counts(
     sample = metrics.registry.get_sample_value
     assert sample("jwtgate_token_cache_misses_total") == 1
     assert sample("jwtgate_token_cache_hits_total") == 1
+
+
+def test_a_reload_keeps_the_count_of_rejections_not_yet_logged() -> None:
+    """Regression (observability review): the reload's new rejection limiter started
+    from zero, and the next logged rejection no longer said how many were dropped."""
+    from spoa.logs import RejectionLogLimiter
+
+    config = parse_config(MINIMAL)
+    recorder = VerdictRecorder(Metrics(reasons=[r.value for r in Reason]), config)
+    frozen = lambda: 0.0  # noqa: E731 - no refill: every event after the burst is dropped
+    first = RejectionLogLimiter(1.0, 1, frozen)
+    recorder.configure(config, first)
+    logged: list[dict[str, Any]] = []
+    for _ in range(4):
+        first.emit(lambda _event, **fields: logged.append(fields), "rejected")
+    assert len(logged) == 1
+    second = RejectionLogLimiter(1.0, 1, frozen)
+    recorder.configure(config, second)  # a reload
+    second.emit(lambda _event, **fields: logged.append(fields), "rejected")
+    assert logged[1] == {"suppressed": 3}
+    assert recorder.unreported_suppressed() == 0
+    second.emit(lambda _event, **fields: logged.append(fields), "rejected")
+    assert recorder.unreported_suppressed() == 1  # what a stop reports
