@@ -369,7 +369,7 @@ class VerdictRecorder:
         self,
         verdict: Verdict,
         policy: str,
-        seconds: float,
+        seconds: float | None,
         token: str | None,
         report_only: bool,
     ) -> None:

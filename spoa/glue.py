@@ -99,7 +99,7 @@ class VerdictObserver(Protocol):
         self,
         verdict: Verdict,
         policy: str,
-        seconds: float,
+        seconds: float | None,  # None: decided without verifying a token
         token: str | None,
         report_only: bool,
     ) -> None: ...
@@ -226,9 +226,9 @@ class CheckJwtHandler:
         try:
             for message, policy_name, selected, token, context, decided in prepared:
                 if decided is not None:
-                    results.append(
-                        self._finish(decided, policy_name, selected, token, now, reading)
-                    )
+                    # No token was verified (none sent, two sent, no such policy): not a
+                    # verification to time. Regression: they diluted the miss latencies.
+                    results.append(self._finish(decided, policy_name, selected, token, now, None))
                     continue
                 assert selected is not None
                 assert token is not None
@@ -299,7 +299,7 @@ class CheckJwtHandler:
         selected: PolicyRuntime | None,
         token: str | None,
         now: float,
-        seconds: float,
+        seconds: float | None,
     ) -> Sequence[Action]:
         """Count and log the verdict, then turn it into actions."""
         if self._observer is not None:

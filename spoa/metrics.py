@@ -360,15 +360,17 @@ class Metrics:
         reason: str,
         issuer: str | None,
         policy: str | None,
-        seconds: float,
+        seconds: float | None,
         cache_hit: bool,
     ) -> None:
-        """Count one verdict and observe how long the verification took."""
+        """Count one verdict and observe how long the verification took (None: no token
+        was verified, e.g. none was sent; counted, not timed)."""
         key = self._verdict_key(outcome, reason, issuer, policy)
         totals = self._verdict_totals
         totals[key] = totals.get(key, 0) + 1
-        self._bucket_totals[cache_hit][bisect_left(self._bounds, seconds)] += 1
-        self._seconds_totals[cache_hit] += seconds
+        if seconds is not None:
+            self._bucket_totals[cache_hit][bisect_left(self._bounds, seconds)] += 1
+            self._seconds_totals[cache_hit] += seconds
 
     def _verdict_key(
         self, outcome: str, reason: str, issuer: str | None, policy: str | None

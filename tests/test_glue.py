@@ -505,15 +505,20 @@ def test_fallback_is_fail_closed() -> None:
 class Recorder:
     def __init__(self, *, fail_on_policy: str | None = None) -> None:
         self.calls: list[tuple[str, str, bool, bool]] = []
-        self.seconds: list[float] = []
+        self.seconds: list[float | None] = []
         self.fail_on_policy = fail_on_policy
 
     def on_verdict(
-        self, verdict: Verdict, policy: str, seconds: float, token: str | None, report_only: bool
+        self,
+        verdict: Verdict,
+        policy: str,
+        seconds: float | None,
+        token: str | None,
+        report_only: bool,
     ) -> None:
         if policy == self.fail_on_policy:
             raise RuntimeError("observer broke")
-        assert seconds >= 0
+        assert seconds is None or seconds >= 0
         self.calls.append((verdict.reason.value, policy, token is not None, report_only))
         self.seconds.append(seconds)
 
@@ -527,6 +532,20 @@ def test_every_verdict_is_observed() -> None:
         ("ok", "default", True, False),
         ("missing_token", "shadow", False, True),
     ]
+
+
+def test_only_verified_tokens_are_timed() -> None:
+    """Regression (observability review): requests with no token to verify were timed
+    as cache misses, and anonymous traffic pulled the miss latencies down."""
+    recorder = Recorder()
+    handler = CheckJwtHandler(make_runtime(), clock=lambda: NOW, observer=recorder)
+    run(handler, message(authorization=f"Bearer {token()}"))
+    run(handler, message(authorization="Bearer x.y.z"))  # read, refused: a verification
+    run(handler, message())  # missing_token
+    run(handler, message(authorization="Bearer a b"))  # invalid_request
+    run(handler, message(authorization=f"Bearer {token()}", policy="nope"))  # unknown_policy
+    timed = [seconds is not None for seconds in recorder.seconds]
+    assert timed == [True, True, False, False, False]
 
 
 # --- an unknown kid waits for one bounded refetch, against a real JWKS server ---------------
@@ -745,8 +764,9 @@ def test_each_verdict_of_a_batch_is_observed_with_its_share_of_the_time() -> Non
         ("missing_token", "default", False, False),
         ("unknown_policy", "x", False, False),
     ]
-    # Reading is shared by all three; verifying by the one token verified.
-    assert recorder.seconds == [3.0, 1.0, 1.0]
+    # Reading is shared by all three, verifying by the one token verified; only that
+    # one is timed (the others verified no token).
+    assert recorder.seconds == [3.0, None, None]
     assert handler.many([]) == []
 
 

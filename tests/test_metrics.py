@@ -508,6 +508,17 @@ def test_per_request_counts_are_exact_after_a_flush() -> None:
     assert samples[verdicts] == 5
 
 
+def test_a_verdict_without_a_verification_is_counted_not_timed() -> None:
+    metrics = Metrics(issuers=ISSUERS, policies=POLICIES, reasons=REASONS)
+    metrics.record_verdict("reject", "missing_token", None, "api", None, False)
+    metrics.flush()
+    sample = metrics.registry.get_sample_value
+    # missing_token is no reason this instance knows: "other".
+    labels = {"outcome": "reject", "reason": "other", "issuer": "unknown", "policy": "api"}
+    assert sample("jwtgate_verdicts_total", labels) == 1
+    assert sample("jwtgate_verify_duration_seconds_count", {"cache": "miss"}) == 0
+
+
 def test_a_verdict_recorded_during_a_flush_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression (observability review): flush read the histogram's running sum twice,
     and what the event loop added between the reads (the scrape thread flushes) was never
