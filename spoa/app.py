@@ -167,10 +167,14 @@ def log_verifier_error(error: Exception) -> None:
 
 def _read_secret(env: str | None, path: str | None) -> bytes:
     if env:
-        value = os.environ.get(env, "")
+        # The raw bytes: a value that is not UTF-8 is still a secret (regression: encoding
+        # os.environ's text raised, with a byte of the secret in the message).
+        value = os.environb.get(os.fsencode(env))
+        if value is None:
+            raise StartupError(f"the environment variable {env} holding an HMAC secret is not set")
         if not value:
             raise StartupError(f"the environment variable {env} holding an HMAC secret is empty")
-        return value.encode()
+        return value
     assert path is not None
     try:
         return Path(path).read_bytes().strip()

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -295,9 +296,11 @@ def read_config(
     """`load_config`, and the text it read."""
     file = Path(path)
     try:
-        data = Path(text_from if text_from is not None else file).read_bytes()
+        data = _read_bounded(Path(text_from if text_from is not None else file))
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from None
+    except ValueError as exc:
+        raise ConfigError([f"{file}: {exc}"]) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -306,6 +309,28 @@ def read_config(
             [f"{file}: line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); TOML files are UTF-8"]
         ) from None
     return text, parse_config(text, source=str(file), base_dir=file.parent)
+
+
+# Far above any real configuration. A bigger file (or /dev/zero, a FIFO) is refused before
+# it is read: a reload reads on the agent's event loop and must not take it down.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def _read_bounded(path: Path) -> bytes:
+    """A regular file's bytes, at most MAX_CONFIG_BYTES; ValueError says why not."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = stream.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB; not a configuration file?")
+    return data
+
+
+def _os_problem(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).lower()
 
 
 def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -608,17 +633,31 @@ class _Reader:
         path = Path(text)
         if not path.is_absolute():
             path = self.base_dir / path
-        if path.exists() and not path.is_dir():
-            raise _Expected("a directory")
+        try:
+            if path.exists() and not path.is_dir():
+                raise _Expected("a directory")
+        except OSError as exc:  # 3.11's exists() raises on EACCES
+            raise _Expected(f"a directory it can reach ({_os_problem(exc)})") from None
         return str(path)
 
     def existing_file(self, value: Any) -> str:
+        return self._readable_file(value, echo=True)
+
+    def secret_file(self, value: Any) -> str:
+        # A secret pasted here by mistake must not be echoed (as for secret_env).
+        return self._readable_file(value, echo=False)
+
+    def _readable_file(self, value: Any, *, echo: bool) -> str:
         text = _string()(value)
         path = Path(text)
         if not path.is_absolute():
             path = self.base_dir / path
-        if not path.is_file():
-            raise _Expected("a readable file")
+        try:
+            found = path.is_file()
+        except OSError as exc:  # 3.11's is_file() raises on EACCES
+            raise _Expected(f"a readable file ({_os_problem(exc)})", echo=echo) from None
+        if not found:
+            raise _Expected("a readable file", echo=echo)
         return str(path)
 
     def static_keys(self, value: Any) -> tuple[StaticKey, ...]:
@@ -643,7 +682,7 @@ class _Reader:
         key = StaticKey(
             file=self.get(table, "file", self.existing_file, None),
             secret_env=self.get(table, "secret_env", _env_secret, None),
-            secret_file=self.get(table, "secret_file", self.existing_file, None),
+            secret_file=self.get(table, "secret_file", self.secret_file, None),
             kid=self.get(table, "kid", _string(), None),
             alg=self.get(table, "alg", _algorithm, None),
         )

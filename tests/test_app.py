@@ -122,6 +122,12 @@ def test_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert [f.kid for f in static.files] == ["k1"]
     assert static.secrets[0].secret == b"s" * 32
     assert static.secrets[0].alg == "HS256"
+    # Regression (config review): a value that is not UTF-8 raised UnicodeEncodeError,
+    # whose text showed one byte of the secret. Its raw bytes are the secret.
+    monkeypatch.setitem(os.environb, b"JWTGATE_TEST_HS", b"s" * 32 + b"\xff")
+    static = key_source(parse_config(text, base_dir=tmp_path).issuer("corp"))
+    assert isinstance(static, StaticKeySource)
+    assert static.secrets[0].secret == b"s" * 32 + b"\xff"
 
 
 def test_policies_become_verifier_policies() -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from spoa.app import StartupError, build_engine, key_source
 from spoa.config import (
+    MAX_CONFIG_BYTES,
     AgentSettings,
     CacheSettings,
     ConfigError,
@@ -26,6 +27,7 @@ from spoa.config import (
     load_config,
     parse_config,
     parse_duration,
+    read_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,8 +171,13 @@ def test_hmac_needs_a_secret_that_exists(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("JWTGATE_TEST_SECRET", raising=False)
     issuer = parse_config(text).issuer("corp")
     assert issuer.keys[0].secret_env == "JWTGATE_TEST_SECRET"
+    # Regression (config review): an unset variable was said to be empty.
+    with pytest.raises(StartupError, match="JWTGATE_TEST_SECRET holding an HMAC secret is not set"):
+        key_source(issuer)
+    monkeypatch.setenv("JWTGATE_TEST_SECRET", "")
     with pytest.raises(StartupError, match="JWTGATE_TEST_SECRET holding an HMAC secret is empty"):
         key_source(issuer)
+    monkeypatch.delenv("JWTGATE_TEST_SECRET")
     # `run` says which issuer wanted it, as check-config does for files.
     with pytest.raises(StartupError, match=r"^issuers\[0\] \(corp\): the environment variable"):
         asyncio.run(build_engine(parse_config(text), lambda event: None))
@@ -275,6 +282,69 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     line = MINIMAL.count("\n") + 1
     assert f"line {line}: not UTF-8 (byte 0xe9)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_configuration_that_is_no_regular_file_or_too_big_is_refused_unread(
+    tmp_path: Path,
+) -> None:
+    """Regression (config review): the file was read whole, on the agent's event loop
+    for a reload: /dev/zero ran it out of memory, a FIFO blocked it for good, and 150 MB
+    of comments froze SPOP for 1.6 s."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.toml"
+    huge.write_bytes(MINIMAL.encode() + b"#" * (MAX_CONFIG_BYTES + 1))
+    for path, problem in (
+        (Path("/dev/zero"), "not a regular file"),
+        (fifo, "not a regular file"),
+        (huge, "larger than 1024 KiB"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            read_config(path)
+        (found,) = caught.value.problems
+        assert found.startswith(f"{path}: {problem}")
+
+
+def test_a_key_path_it_may_not_look_at_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (config review): Path.is_file() raises on EACCES in Python 3.11, and a
+    key file or keys_dir under a directory the agent's user cannot enter was an
+    'internal error' naming no key. (The tests run as root: the error is simulated.)"""
+
+    def denied(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    monkeypatch.setattr(Path, "exists", denied)
+    text = (
+        MINIMAL.replace(
+            'jwks_uri = "https://id.example.com/jwks.json"', 'jwks_file = "/root/jwks.json"'
+        )
+        + '[cache]\nkeys_dir = "/root/keys"\n'
+    )
+    found = problems(text)
+    assert any(
+        p.startswith("issuers[0].jwks_file: expected a readable file (permission denied)")
+        for p in found
+    ), found
+    assert any(
+        p.startswith("cache.keys_dir: expected a directory it can reach (permission denied)")
+        for p in found
+    ), found
+
+
+def test_a_secret_pasted_as_a_secret_file_is_not_echoed() -> None:
+    pasted = "kT9#xQ2!vLm8$wR4zP7@nB5^cF1&hJ6*"
+    text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["HS256"]').replace(
+        'jwks_uri = "https://id.example.com/jwks.json"',
+        f'keys = [{{ secret_file = "{pasted}", kid = "h1", alg = "HS256" }}]',
+    )
+    found = problems(text)
+    assert any(
+        p.startswith("issuers[0].keys[0].secret_file: expected a readable file") for p in found
+    )
+    assert pasted not in " ".join(found)
 
 
 @pytest.mark.parametrize(
