@@ -604,8 +604,11 @@ class _Reader:
                 " failed refresh retried) before they go stale",
             )
         if algorithms:
-            hmac = set(algorithms) & HMAC_ALGORITHMS
-            if hmac and "keys" not in table:
+            # Each HMAC algorithm needs a secret of its own among the keys. Regression:
+            # any `keys` table passed, so HS256 beside an RSA key file had no secret.
+            secrets = {k.alg for k in values["keys"] if k.secret_env or k.secret_file}
+            hmac = set(algorithms) & HMAC_ALGORITHMS - secrets
+            if hmac and ("keys" not in table or values["keys"]):  # else keys said why
                 self.fail(
                     "algorithms",
                     f"{', '.join(sorted(hmac))} need an explicitly configured secret in `keys`;"

@@ -334,6 +334,23 @@ def test_a_key_path_it_may_not_look_at_is_a_config_error(
     ), found
 
 
+def test_each_hmac_algorithm_needs_its_own_secret(tmp_path: Path) -> None:
+    """Regression (config review): any `keys` table passed, so HS256 beside an RSA key
+    file was accepted with no secret at all."""
+    (tmp_path / "secret").write_text("s" * 64)
+    keys = 'keys = [{ secret_file = "secret", kid = "h1", alg = "HS256" }]'
+    text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["HS256", "HS512"]').replace(
+        'jwks_uri = "https://id.example.com/jwks.json"', keys
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, base_dir=tmp_path)
+    assert caught.value.problems == [
+        "issuers[0].algorithms: HS512 need an explicitly configured secret in `keys`; HMAC is"
+        " never used with keys from a JWKS"
+    ]
+    parse_config(text.replace('"HS256", "HS512"', '"HS256"'), base_dir=tmp_path)
+
+
 def test_a_secret_pasted_as_a_secret_file_is_not_echoed() -> None:
     pasted = "kT9#xQ2!vLm8$wR4zP7@nB5^cF1&hJ6*"
     text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["HS256"]').replace(
