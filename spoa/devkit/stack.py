@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 from spoa.devkit.errors import DevkitError
 
-_JWT_HEADER = re.compile(r"x[-_]jwt[-_]")
+_JWT_HEADER = re.compile(r"x[^a-z0-9]jwt[^a-z0-9]")  # as haproxy.cfg deletes them
 
 
 class StackError(DevkitError):
@@ -256,7 +256,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
                 "client_address_headers": {
                     k.lower(): v
                     for k, v in self.headers.items()
-                    if k.lower().replace("_", "-") in _CLIENT_ADDRESS_HEADERS
+                    if re.sub("[^a-z0-9]", "-", k.lower()) in _CLIENT_ADDRESS_HEADERS
                 },
             },
         )
