@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1091,7 +1091,10 @@ class Supervisor:
             if self.config.metrics.address is not None:
                 host, port = self.config.metrics.address
                 listener = MetricsServer(
-                    multiprocess_registry(self.metrics_dir), host, port, readiness=self.ready
+                    multiprocess_registry(self.metrics_dir, issuers=self._configured_issuers),
+                    host,
+                    port,
+                    readiness=self.ready,
                 )
                 try:
                     listener.start()
@@ -1120,7 +1123,7 @@ class Supervisor:
         issuer without usable keys."""
         serving = len(self.serving)
         try:
-            states = _issuer_ready_samples(self.metrics_dir)
+            states = _issuer_ready_samples(self.metrics_dir, self._configured_issuers)
         except (OSError, ValueError):  # a worker's file being created right now
             return False, {"workers": serving, "issuers": "unreadable, retry"}
         ok = serving == self.config.agent.workers and bool(states) and all(states.values())
@@ -1128,6 +1131,11 @@ class Supervisor:
         if self.diverged:
             detail["configuration"] = "the workers run different ones: reload again"
         return ok and not self.diverged, detail
+
+    def _configured_issuers(self) -> frozenset[str]:
+        """The issuers of the configuration in force (a reload may have dropped some,
+        whose gauges the workers cannot remove)."""
+        return frozenset(issuer.name for issuer in self.config.issuers)
 
     def _write_snapshot(self, text: str) -> None:
         """Replace the workers' copy of the configuration in one step (no worker reads
@@ -1476,8 +1484,10 @@ def config_digest(text: str) -> str:
 _REPORT = re.compile(rb"C([0-9a-f]{16}):([0-9a-f]{16}|)\n")
 
 
-def _issuer_ready_samples(metrics_dir: Path) -> dict[str, bool]:
-    registry = multiprocess_registry(metrics_dir)
+def _issuer_ready_samples(
+    metrics_dir: Path, issuers: Callable[[], Collection[str]]
+) -> dict[str, bool]:
+    registry = multiprocess_registry(metrics_dir, issuers=issuers)
     states: dict[str, bool] = {}
     for family in registry.collect():
         if family.name == "jwtgate_issuer_ready":

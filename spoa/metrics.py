@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -571,15 +571,45 @@ class _KeySetAgeCollector:
             yield _age_family([family], now)
 
 
-class _MultiProcessCollector:
-    """The merged worker files, plus the age derived from the merged key-set times."""
+# The gauges that describe one issuer's keys now. A worker cannot remove a series in
+# multiprocess mode, so after a reload that drops an issuer they linger until it restarts.
+_PER_ISSUER_GAUGES = frozenset(
+    {
+        "jwtgate_jwks_keys",
+        "jwtgate_jwks_keyset_timestamp_seconds",
+        "jwtgate_jwks_max_stale_seconds",
+        "jwtgate_jwks_last_success_timestamp_seconds",
+        "jwtgate_issuer_ready",
+    }
+)
 
-    def __init__(self, path: str, clock: Callable[[], float]) -> None:
+
+class _MultiProcessCollector:
+    """The merged worker files, plus the age derived from the merged key-set times. With
+    `issuers`, the per-issuer gauges of issuers no longer configured are left out (their
+    readiness and key age would keep alerts firing for an issuer that is gone)."""
+
+    def __init__(
+        self,
+        path: str,
+        clock: Callable[[], float],
+        issuers: Callable[[], Collection[str]] | None = None,
+    ) -> None:
         self._inner = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
         self._clock = clock
+        self._issuers = issuers
 
     def collect(self) -> Iterator[Metric]:
         families = list(self._inner.collect())  # type: ignore[no-untyped-call]
+        if self._issuers is not None:
+            configured = self._issuers()
+            for family in families:
+                if family.name in _PER_ISSUER_GAUGES:
+                    family.samples = [
+                        sample
+                        for sample in family.samples
+                        if sample.labels.get("issuer") in configured
+                    ]
         yield from families
         yield _age_family(families, self._clock())
 
@@ -617,14 +647,18 @@ def prepare_multiprocess_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def multiprocess_registry(
-    path: str | os.PathLike[str] | None = None, *, clock: Callable[[], float] = time.time
+    path: str | os.PathLike[str] | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    issuers: Callable[[], Collection[str]] | None = None,
 ) -> CollectorRegistry:
-    """A registry that merges every worker's metrics at scrape time, for the supervisor."""
+    """A registry that merges every worker's metrics at scrape time, for the supervisor;
+    `issuers` gives the issuers configured now (see _MultiProcessCollector)."""
     directory = str(path) if path is not None else os.environ.get(MULTIPROC_ENV, "")
     if not directory or not os.path.isdir(directory):
         raise ValueError(f"{MULTIPROC_ENV} is not set or is not a directory")
     registry = CollectorRegistry()
-    registry.register(_MultiProcessCollector(directory, clock))
+    registry.register(_MultiProcessCollector(directory, clock, issuers))
     return registry
 
 

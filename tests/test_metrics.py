@@ -450,6 +450,24 @@ def test_multiprocess_mode_merges_two_workers(
         assert value(samples, "jwtgate_jwks_fetches_total", issuer="corp", result="ok") == 2
         assert value(samples, "jwtgate_jwks_max_stale_seconds", issuer="corp") == 86_400
 
+        # Regression (observability review): after a reload that dropped an issuer, the
+        # workers' gauges for it (they cannot remove series) kept /readyz at 503 and the
+        # key alerts firing. The supervisor leaves out what is no longer configured.
+        dropped = multiprocess_registry(
+            directory, clock=FakeClock(10_000.0), issuers=lambda: {"partner"}
+        )
+        with MetricsServer(dropped) as after_reload:
+            left = scrape(after_reload.port)
+        for gauge in (
+            "jwtgate_issuer_ready",
+            "jwtgate_jwks_keys",
+            "jwtgate_jwks_age_seconds",
+            "jwtgate_jwks_max_stale_seconds",
+            "jwtgate_jwks_last_success_timestamp_seconds",
+        ):
+            assert value(left, gauge, issuer="corp") is None, gauge
+        assert value(left, "jwtgate_jwks_fetches_total", issuer="corp", result="ok") == 2
+
         # The unready worker exits: its live gauges go, its counters stay.
         pid = workers[1].pid
         assert pid is not None
