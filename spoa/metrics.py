@@ -218,7 +218,7 @@ class Metrics:
         )
         self._protocol_errors = Counter(
             "jwtgate_spop_protocol_errors_total",
-            "SPOP protocol errors, by the DISCONNECT status sent.",
+            "SPOP protocol errors, by the DISCONNECT status sent or received (3 and above).",
             ["status"],
             registry=reg,
         )

@@ -52,6 +52,9 @@ ReplayObserver = Callable[[list[Hashable]], None]
 
 # How long a closing connection may take to write its last frames before it is reset.
 CLOSE_GRACE = 2.0
+# A DISCONNECT's message is the peer's text, up to a whole frame: logged this long at most,
+# so a line stays about the same size whatever a peer sends (as the clipped kid and alg).
+LOGGED_MESSAGE_CHARS = 256
 
 
 class AcceptBalancer(Protocol):
@@ -634,7 +637,10 @@ class _AgentProtocol(asyncio.Protocol):
     def _on_closed(self, event: ConnectionClosed, by_haproxy: bool) -> None:
         if event.status is Status.NORMAL:
             return
-        fields = {"spop_status": int(event.status), "reason": event.message}
+        message = event.message
+        if len(message) > LOGGED_MESSAGE_CHARS:
+            message = message[:LOGGED_MESSAGE_CHARS] + "…"
+        fields = {"spop_status": int(event.status), "reason": message}
         if not event.status.is_normal:
             # A frame was refused, by HAProxy (its DISCONNECT, 3 and up) or by the agent.
             self._observer.protocol_error(event.status)

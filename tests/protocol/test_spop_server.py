@@ -28,7 +28,7 @@ from spoa.protocol import (
     encode_messages,
     split_frames,
 )
-from spoa.server import ServerLimits, SpoaServer
+from spoa.server import LOGGED_MESSAGE_CHARS, ServerLimits, SpoaServer
 
 FALLBACK = [SetVar(Scope.TXN, "valid", False)]
 SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.c2lnbmF0dXJl"
@@ -395,6 +395,23 @@ def test_a_disconnect_from_haproxy_is_logged_as_its_own_not_as_the_agents(
         ("spop_haproxy_disconnect", "INFO", 2),
         ("spop_haproxy_disconnect", "WARNING", 4),
     ]
+
+
+def test_a_peers_disconnect_message_is_clipped_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (observability review): the peer's message went into the log whole,
+    15 KB a line from a DISCONNECT that fills a frame."""
+    caplog.set_level(logging.INFO, logger="spoa.server")
+
+    async def body(server: SpoaServer, port: int) -> None:
+        client = await Client.connect(port)
+        await client.send(haproxy_disconnect(4, "x" * 15000))
+        assert await client.disconnect_status() == Status.NORMAL
+        await client.close()
+        await connections_closed(server)
+
+    serve({}, body)
+    (record,) = [r for r in caplog.records if r.getMessage() == "spop_haproxy_disconnect"]
+    assert record.reason == "x" * LOGGED_MESSAGE_CHARS + "…"
 
 
 def haproxy_disconnect(status: int, message: str) -> bytes:
