@@ -91,6 +91,7 @@ from spoa.verifier import (
     Reason,
     Verdict,
     Verifier,
+    hmac_key,
 )
 from spoa.verifier.parsing import SPEEDUPS as BASE64URL_SPEEDUPS
 
@@ -132,7 +133,7 @@ def key_source(issuer: IssuerSettings, *, environment: bool = True) -> KeySource
     if issuer.jwks_file:
         return StaticKeySource(files=(KeyFile(issuer.jwks_file),), algorithms=issuer.algorithms)
     files, secrets = [], []
-    for key in issuer.keys:
+    for index, key in enumerate(issuer.keys):
         if key.file:
             files.append(KeyFile(key.file, kid=key.kid, alg=key.alg))
             continue
@@ -140,6 +141,11 @@ def key_source(issuer: IssuerSettings, *, environment: bool = True) -> KeySource
         if key.secret_env and not environment:
             continue
         secret = _read_secret(key.secret_env, key.secret_file)
+        try:
+            hmac_key(secret, alg=key.alg)  # its length, said with where it came from
+        except KeyLoadError as exc:
+            where = f"secret_env {key.secret_env}" if key.secret_env else key.secret_file
+            raise StartupError(f"keys[{index}] ({where}): {exc}") from None
         secrets.append(HmacSecret(secret, key.alg, key.kid))
     return StaticKeySource(tuple(files), tuple(secrets), issuer.algorithms)
 

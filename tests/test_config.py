@@ -351,6 +351,22 @@ def test_each_hmac_algorithm_needs_its_own_secret(tmp_path: Path) -> None:
     parse_config(text.replace('"HS256", "HS512"', '"HS256"'), base_dir=tmp_path)
 
 
+def test_a_short_secret_is_named_by_its_key(tmp_path: Path) -> None:
+    """Regression (config review): 'HS256 secret must be at least 32 bytes' named
+    neither the key nor its file."""
+    from spoa.app import static_key_problems
+
+    (tmp_path / "short.secret").write_text("too short")
+    text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["HS256"]').replace(
+        'jwks_uri = "https://id.example.com/jwks.json"',
+        'keys = [{ secret_file = "short.secret", kid = "h1", alg = "HS256" }]',
+    )
+    assert static_key_problems(parse_config(text, base_dir=tmp_path)) == [
+        f"issuers[0] (corp): keys[0] ({tmp_path / 'short.secret'}): HS256 secret must be at"
+        " least 32 bytes"
+    ]
+
+
 def test_a_secret_pasted_as_a_secret_file_is_not_echoed() -> None:
     pasted = "kT9#xQ2!vLm8$wR4zP7@nB5^cF1&hJ6*"
     text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["HS256"]').replace(
