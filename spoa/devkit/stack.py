@@ -222,6 +222,7 @@ class ManagedProcess:
 
 
 _CLIENT_ADDRESS_HEADERS = frozenset({"x-forwarded-for", "forwarded", "x-real-ip"})
+_ROUTING_HEADERS = frozenset({"x-original-url", "x-rewrite-url"})
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
@@ -251,6 +252,12 @@ class _EchoHandler(BaseHTTPRequestHandler):
                     k.lower(): v
                     for k, v in self.headers.items()
                     if k.lower() in ("upgrade", "connection", "http2-settings")
+                },
+                # What a service might route by instead of the path.
+                "routing_headers": {
+                    k.lower(): v
+                    for k, v in self.headers.items()
+                    if re.sub("[^a-z0-9]", "-", k.lower()) in _ROUTING_HEADERS
                 },
                 # What the service would take for the client's address.
                 "client_address_headers": {

@@ -350,6 +350,37 @@ def test_the_service_gets_the_client_address_from_haproxy_only(
     assert reply.json["client_address_headers"] == {"x-forwarded-for": "127.0.0.1"}
 
 
+def test_routing_override_headers_never_reach_the_service(
+    gateway: tuple[Stack, LocalIssuer],
+) -> None:
+    """Regression (HAProxy review): X-Original-URL reached the service, and servers that
+    route by it would serve /admin/users under the policy of the path HAProxy saw."""
+    stack, issuer = gateway
+    spoofed = [("X-Original-URL", "/admin/users"), ("X_Rewrite_URL", "/admin/users")]
+    reply = request(stack, token=mint(issuer), headers=spoofed)
+    assert reply.status == 200
+    assert reply.json["routing_headers"] == {}
+
+
+@pytest.mark.parametrize("named", ["X-JWT-Reason", "x_jwt_sub", "X-Forwarded-For", "Forwarded"])
+def test_a_connection_header_naming_an_identity_header_is_refused(
+    gateway: tuple[Stack, LocalIssuer], named: str
+) -> None:
+    """Regression (HAProxy review): `Connection: keep-alive, X-JWT-Reason` was passed on,
+    and a proxy between HAProxy and the service drops the headers it names: a report-only
+    rejection would have reached the service looking verified."""
+    stack, issuer = gateway
+    before = sum(backend.requests for backend in stack.backends)
+    request_bytes = (
+        f"GET /shadow/x HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, {named}\r\n"
+        f"Authorization: Bearer {mint(issuer)}\r\n\r\n"
+    )
+    assert raw_status(stack, request_bytes.encode()) == 400
+    assert sum(backend.requests for backend in stack.backends) == before
+    fine = request_bytes.replace(f", {named}", "")
+    assert raw_status(stack, fine.encode()) == 200
+
+
 def test_policy_paths_match_whole_segments_in_any_case(gateway: tuple[Stack, LocalIssuer]) -> None:
     stack, issuer = gateway
     reader = mint(issuer)
