@@ -55,6 +55,8 @@ CLOSE_GRACE = 2.0
 # A DISCONNECT's message is the peer's text, up to a whole frame: logged this long at most,
 # so a line stays about the same size whatever a peer sends (as the clipped kid and alg).
 LOGGED_MESSAGE_CHARS = 256
+# Distinct unknown message names logged (once each) per process.
+UNHANDLED_NAMES_LOGGED = 8
 
 
 class AcceptBalancer(Protocol):
@@ -191,6 +193,7 @@ class SpoaServer:
         self._acceptor: _BalancedAcceptor | None = None
         self._connections: set[_AgentProtocol] = set()
         self._closing = False
+        self._unhandled_names: set[str] = set()
 
     @property
     def bound_port(self) -> int:
@@ -243,6 +246,18 @@ class SpoaServer:
         # Let connection_lost callbacks run so no task outlives the server.
         while self._connections and loop.time() < deadline + 1.0:
             await asyncio.sleep(0.005)
+
+    def unhandled_message(self, name: str) -> None:
+        """A message no handler takes gets the fallback actions (fail closed). Said once
+        per name (a few names at most): a name misspelled in the SPOE configuration
+        would otherwise turn every request away with nothing in the log."""
+        if name in self._unhandled_names or len(self._unhandled_names) >= UNHANDLED_NAMES_LOGGED:
+            return
+        self._unhandled_names.add(name)
+        log.warning(
+            "spoe_message_unhandled",
+            extra={"spoe_message": name[:LOGGED_MESSAGE_CHARS], "handled": sorted(self.handlers)},
+        )
 
     def _make_protocol(self) -> _AgentProtocol:
         return _AgentProtocol(self)
@@ -527,6 +542,7 @@ class _AgentProtocol(asyncio.Protocol):
                 continue
             handler = self._handlers.get(message.name)
             if handler is None:
+                self._server.unhandled_message(message.name)
                 continue
             many = getattr(handler, "many", None)
             if callable(many):

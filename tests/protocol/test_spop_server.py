@@ -397,6 +397,27 @@ def test_a_disconnect_from_haproxy_is_logged_as_its_own_not_as_the_agents(
     ]
 
 
+def test_a_message_no_handler_takes_is_said_once_per_name(caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (observability review): a message name misspelled in the SPOE
+    configuration failed every check closed with nothing in the log."""
+    caplog.set_level(logging.WARNING, logger="spoa.server")
+
+    async def body(server: SpoaServer, port: int) -> None:
+        client = await Client.connect(port)
+        for stream_id, name in enumerate(["check-jtw", "check-jtw", "other"], start=1):
+            await client.send(notify(stream_id, msg(name, id="x")))
+            assert await client.ack() == (stream_id, FALLBACK)
+        await client.close()
+
+    serve({"echo": sync_echo}, body)
+    unhandled = [
+        (r.spoe_message, r.handled)
+        for r in caplog.records
+        if r.getMessage() == "spoe_message_unhandled"
+    ]
+    assert unhandled == [("check-jtw", ["echo"]), ("other", ["echo"])]
+
+
 def test_a_peers_disconnect_message_is_clipped_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
     """Regression (observability review): the peer's message went into the log whole,
     15 KB a line from a DISCONNECT that fills a frame."""
