@@ -471,7 +471,7 @@ class _AgentProtocol(asyncio.Protocol):
         if conn is None:
             return
         if not conn.closed:
-            conn.receive_data(b"", self._loop.time())
+            conn.connection_lost()
         if self._reported_inflight:
             self._observer.inflight_changed(-self._reported_inflight)
             self._reported_inflight = 0

@@ -177,6 +177,7 @@ class AgentConnection:
         self._hello_deadline = None if now is None else now + hello_timeout
         self._last_input = now
         self._close_status: Status | None = None
+        self._drain_deadline: float | None = None
         self._memo = answer_memo
 
     # -- state -------------------------------------------------------------
@@ -219,16 +220,16 @@ class AgentConnection:
         if self._state is _State.CLOSED:
             return self._take_events()
         if self._state is _State.DRAINING:
-            if not data:  # the caller says the connection is gone: nothing more to send
-                self._close(Status.NORMAL, "peer closed", disconnected=False)
             return self._take_events()  # no input after the peer's end
         self._last_input = now
         if self._hello_deadline is None:
             self._hello_deadline = now + self._hello_timeout
         if not data:
             if self._state is _State.READY and self._inflight and not self._inbuf:
-                # Every NOTIFY gets its ACK (SPOE.txt 3.2.6), even after a half-close.
+                # Every NOTIFY gets its ACK (SPOE.txt 3.2.6), even after a half-close;
+                # within frame_timeout, so that a stuck handler cannot hold it for good.
                 self._state = _State.DRAINING
+                self._drain_deadline = now + self._frame_timeout
                 return self._take_events()
             message = "peer closed mid-frame" if self._inbuf else "peer closed"
             self._close(Status.NORMAL, message, disconnected=False)
@@ -443,6 +444,8 @@ class AgentConnection:
         """When `handle_timeout` should next be called, on the caller's clock."""
         if self._state is _State.AWAIT_HELLO:
             return self._hello_deadline
+        if self._state is _State.DRAINING:
+            return self._drain_deadline
         if self._state is not _State.READY:
             return None
         frame = self._frame_deadline()
@@ -483,6 +486,19 @@ class AgentConnection:
             elif idle is not None and now >= idle:
                 self._outbox.append(build_disconnect(Status.TIMEOUT, "idle timeout"))
                 self._close(Status.TIMEOUT, "idle timeout")
+        elif (
+            self._state is _State.DRAINING
+            and self._drain_deadline is not None
+            and now >= self._drain_deadline
+        ):
+            self._close(Status.TIMEOUT, "answers not ready in time after the peer's end")
+        return self._take_events()
+
+    def connection_lost(self) -> list[Event]:
+        """The transport is gone (reset, or closed after a half-close): close at once,
+        with whatever is still in flight."""
+        if self._state is not _State.CLOSED:
+            self._close(Status.NORMAL, "peer closed", disconnected=False)
         return self._take_events()
 
     # -- internals ---------------------------------------------------------

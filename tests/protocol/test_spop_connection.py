@@ -407,7 +407,7 @@ def test_ack_after_close_is_ignored() -> None:
     conn = ready()
     conn.receive_data(notify(1, 1), 1.0)
     conn.receive_data(b"", 2.0)  # HAProxy's end: the ACK could still go
-    conn.receive_data(b"", 2.5)  # the connection's: it cannot
+    conn.connection_lost()  # the connection's: it cannot
     assert conn.closed
     conn.send_ack(1, 1, [SetVar(Scope.TXN, "late", True)])
     assert conn.data_to_send() == b""
@@ -459,6 +459,28 @@ def test_after_a_half_close_the_notifys_in_flight_still_get_their_acks() -> None
         (FrameType.ACK, 1),
     ]
     assert conn.handle_timeout(3.0) == [ConnectionClosed(Status.NORMAL, "peer closed")]
+
+
+def test_a_drain_that_outlasts_the_frame_timeout_is_closed() -> None:
+    """Review: a handler that never answers must not hold a half-closed connection
+    (and its slot of max_connections) for good."""
+    conn = ready(frame_timeout=3)
+    conn.receive_data(notify(1, 1), 1.0)
+    conn.receive_data(b"", 2.0)
+    assert conn.next_deadline() == 5.0
+    assert conn.handle_timeout(4.9) == []
+    (closed,) = conn.handle_timeout(5.0)
+    assert closed == ConnectionClosed(
+        Status.TIMEOUT, "answers not ready in time after the peer's end"
+    )
+    assert conn.closed
+
+
+def test_a_lost_connection_closes_at_once_with_answers_in_flight() -> None:
+    conn = ready()
+    conn.receive_data(notify(1, 1), 1.0)
+    assert conn.connection_lost() == [ConnectionClosed(Status.NORMAL, "peer closed")]
+    assert not conn.draining
 
 
 def test_a_half_close_with_nothing_in_flight_closes_at_once() -> None:

@@ -397,6 +397,28 @@ def test_a_disconnect_from_haproxy_is_logged_as_its_own_not_as_the_agents(
     ]
 
 
+def test_a_half_closed_connection_whose_answer_never_comes_is_closed() -> None:
+    """Review: draining had no deadline, so a handler that never answered kept a
+    half-closed connection, and its task, for good."""
+
+    async def body(server: SpoaServer, port: int) -> None:
+        never: asyncio.Future[list[Action]] = asyncio.get_running_loop().create_future()
+
+        async def stuck(message: Message) -> list[Action]:
+            return await never
+
+        server.handlers["stuck"] = stuck
+        client = await Client.connect(port)
+        await client.send(notify(1, msg("stuck")))
+        client.writer.write_eof()
+        assert await client.at_eof()  # closed after frame_timeout, with no ACK
+        await client.close()
+        await connections_closed(server)
+        assert server.connection_count == 0
+
+    serve({}, body, limits=ServerLimits(frame_timeout=0.2))
+
+
 def test_a_message_no_handler_takes_is_said_once_per_name(caplog: pytest.LogCaptureFixture) -> None:
     """Regression (observability review): a message name misspelled in the SPOE
     configuration failed every check closed with nothing in the log."""
