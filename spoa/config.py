@@ -318,8 +318,11 @@ MAX_CONFIG_BYTES = 1024 * 1024
 
 def _read_bounded(path: Path) -> bytes:
     """A regular file's bytes, at most MAX_CONFIG_BYTES; ValueError says why not."""
-    # O_NONBLOCK: opening a FIFO must not wait for a writer.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(path.stat().st_mode):  # a device is not even opened
+        raise ValueError("not a regular file")
+    # Checked again once open (it may have been swapped). O_NONBLOCK: a FIFO put there
+    # meanwhile must not block the open; O_NOCTTY: nor a terminal become ours.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     with os.fdopen(fd, "rb") as stream:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
@@ -606,9 +609,16 @@ class _Reader:
         if algorithms:
             # Each HMAC algorithm needs a secret of its own among the keys. Regression:
             # any `keys` table passed, so HS256 beside an RSA key file had no secret.
-            secrets = {k.alg for k in values["keys"] if k.secret_env or k.secret_file}
-            hmac = set(algorithms) & HMAC_ALGORITHMS - secrets
-            if hmac and ("keys" not in table or values["keys"]):  # else keys said why
+            # Read from the tables as written: a secret entry with its own problem
+            # (a missing file) is still the secret meant for its alg.
+            raw_keys = table.get("keys")
+            secrets = {
+                entry.get("alg")
+                for entry in (raw_keys if isinstance(raw_keys, list) else ())
+                if isinstance(entry, dict) and ("secret_env" in entry or "secret_file" in entry)
+            }
+            hmac = (set(algorithms) & HMAC_ALGORITHMS) - secrets
+            if hmac:
                 self.fail(
                     "algorithms",
                     f"{', '.join(sorted(hmac))} need an explicitly configured secret in `keys`;"

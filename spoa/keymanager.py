@@ -634,11 +634,21 @@ class _IssuerState:
     unavailable_reported: bool = False
     last_failure: str | None = None
 
+    @property
+    def discovering(self) -> bool:
+        """Its next fetch reads the discovery document first (the JWKS URL is not known)."""
+        return isinstance(self.source, OidcDiscoverySource) and self.jwks_url is None
+
 
 def _labels(key_set: KeySet | None) -> dict[str, str]:
     if key_set is None:
         return {}
     return {key.key_id: key.kid if key.kid is not None else key.key_id for key in key_set.keys}
+
+
+def _attempt_time(state: _IssuerState) -> float:
+    """The longest one fetch attempt of `state` can take: two fetches when discovering."""
+    return state.timing.fetch_timeout * (2 if state.discovering else 1)
 
 
 class KeyManager:
@@ -738,8 +748,9 @@ class KeyManager:
                 retry_at = min(state.schedule.next_attempt_at for state in pending)
                 delay = max(retry_at - self._monotonic(), 0.0)
                 remaining = deadline - asyncio.get_running_loop().time()
-                # Time for a fetch before the deadline, or half of what is left.
-                room = min(max(s.timing.fetch_timeout for s in pending), remaining / 2)
+                # Time for a fetch before the deadline (two for a discovery document not
+                # yet read: it comes before the JWKS), or half of what is left.
+                room = min(max(_attempt_time(s) for s in pending), remaining / 2)
                 if not last_try_made and delay > remaining - room:
                     # The back-off would pass the deadline: one last try in time.
                     # Regression: an IdP back in the window's second half was never
@@ -889,8 +900,7 @@ class KeyManager:
     async def _refresh(self, state: _IssuerState) -> bool:
         timing = state.timing
         # What failed, for a cause that does not say.
-        discovering = isinstance(state.source, OidcDiscoverySource) and state.jwks_url is None
-        fetching = "discovery document" if discovering else "JWKS"
+        fetching = "discovery document" if state.discovering else "JWKS"
         try:
             url = await self._resolve_jwks_url(state)
             fetching = "JWKS"

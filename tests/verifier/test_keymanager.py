@@ -261,6 +261,21 @@ def test_start_tries_once_more_before_its_deadline(server: JwksServer, key_a: Ke
     assert harness.verify(key_a) is Reason.OK
 
 
+def test_the_last_try_leaves_room_for_discovery_and_then_the_jwks() -> None:
+    """Review: an issuer still to read its discovery document makes two fetches per
+    attempt, so the last try before the deadline must leave room for both."""
+    from spoa.keymanager import _attempt_time
+
+    timing = JwksTiming(fetch_timeout=2.0)
+    discovery = Harness(OidcDiscoverySource("https://id.example.com/"), timing)
+    direct = Harness(JwksUrlSource("https://id.example.com/jwks.json"), timing)
+    state = discovery.manager._issuers["main"]
+    assert _attempt_time(state) == 4.0
+    state.jwks_url = "https://id.example.com/jwks.json"  # read once: one fetch from now
+    assert _attempt_time(state) == 2.0
+    assert _attempt_time(direct.manager._issuers["main"]) == 2.0
+
+
 def test_a_refetch_whose_fetch_is_cancelled_by_aclose_finds_nothing(
     server: JwksServer, key_a: KeyPair, key_b: KeyPair
 ) -> None:
