@@ -52,8 +52,8 @@ ReplayObserver = Callable[[list[Hashable]], None]
 
 # How long a closing connection may take to write its last frames before it is reset.
 CLOSE_GRACE = 2.0
-# A DISCONNECT's message is the peer's text, up to a whole frame: logged this long at most,
-# so a line stays about the same size whatever a peer sends (as the clipped kid and alg).
+# A DISCONNECT's message is the peer's text, up to a whole frame: logged this many
+# characters at most, so a peer cannot fill the log with a few frames.
 LOGGED_MESSAGE_CHARS = 256
 # Distinct unknown message names logged (once each) per process.
 UNHANDLED_NAMES_LOGGED = 8
@@ -608,18 +608,13 @@ class _AgentProtocol(asyncio.Protocol):
         for name, awaitable in pending:
             try:
                 actions.extend(await awaitable)
-            except asyncio.CancelledError as cancelled:
+            except (Exception, asyncio.CancelledError) as error:
                 current = asyncio.current_task()
-                if current is not None and current.cancelling():
+                if isinstance(error, asyncio.CancelledError) and current and current.cancelling():
                     raise  # the connection is gone (connection_lost cancels its tasks)
-                # Something the handler waited on was cancelled, not this answer: the
-                # NOTIFY still gets its ACK, failing closed. Regression: none was sent,
-                # and the frame stayed in flight for the life of the connection.
-                _close_unstarted(pending)
-                self._handler_failed(name, cancelled)
-                actions = list(self._fallback)
-                break
-            except Exception as error:
+                # A failure, or a cancellation of something the handler waited on (not of
+                # this answer): the NOTIFY still gets its ACK, failing closed. Regression:
+                # a cancellation sent none, and the frame stayed in flight for good.
                 _close_unstarted(pending)
                 self._handler_failed(name, error)
                 actions = list(self._fallback)

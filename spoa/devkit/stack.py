@@ -225,6 +225,11 @@ _CLIENT_ADDRESS_HEADERS = frozenset({"x-forwarded-for", "forwarded", "x-real-ip"
 _ROUTING_HEADERS = frozenset({"x-original-url", "x-rewrite-url"})
 
 
+def _as_dashed(name: str) -> str:
+    """A header name as a CGI server reads it, spelled with dashes: X.Real_IP -> x-real-ip."""
+    return re.sub("[^a-z0-9]", "-", name.lower())
+
+
 class _EchoHandler(BaseHTTPRequestHandler):
     server: _EchoServer
     protocol_version = "HTTP/1.1"
@@ -238,7 +243,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
             self._reply(200, {"ok": True})
             return
         self.server.requests += 1
-        # x_jwt_ too: CGI-style servers read X_JWT_Sub as X-JWT-Sub.
+        # Any spelling (X_JWT_Sub, X.JWT.Sub): CGI and FastCGI servers read them as one.
         headers = {k.lower(): v for k, v in self.headers.items() if _JWT_HEADER.match(k.lower())}
         self._reply(
             200,
@@ -257,13 +262,13 @@ class _EchoHandler(BaseHTTPRequestHandler):
                 "routing_headers": {
                     k.lower(): v
                     for k, v in self.headers.items()
-                    if re.sub("[^a-z0-9]", "-", k.lower()) in _ROUTING_HEADERS
+                    if _as_dashed(k) in _ROUTING_HEADERS
                 },
                 # What the service would take for the client's address.
                 "client_address_headers": {
                     k.lower(): v
                     for k, v in self.headers.items()
-                    if re.sub("[^a-z0-9]", "-", k.lower()) in _CLIENT_ADDRESS_HEADERS
+                    if _as_dashed(k) in _CLIENT_ADDRESS_HEADERS
                 },
             },
         )

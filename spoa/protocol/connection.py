@@ -360,10 +360,10 @@ class AgentConnection:
             # Mandatory in every HELLO (SPOE.txt 3.2.4); HAProxy's health check sends it
             # empty.
             raise CapabilitiesMissing("HELLO without capabilities")
-        if capabilities_text is not None and not isinstance(capabilities_text, str):
+        if not isinstance(capabilities_text, str):
             # As for the other two items: a value of the wrong type is one not found.
             raise CapabilitiesMissing("capabilities is not a string")
-        capabilities = frozenset(_split_list(capabilities_text or ""))
+        capabilities = frozenset(_split_list(capabilities_text))
         engine_id = items.get("engine-id")
         negotiated = min(self._max_frame_size, their_max)
 
