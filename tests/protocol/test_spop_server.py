@@ -267,6 +267,17 @@ def test_failing_handler_fails_closed_without_logging_secrets(
         assert SECRET_TOKEN not in str(record.__dict__)
 
 
+def answered_when_done(server: SpoaServer, name: str) -> asyncio.Future[list[Action]]:
+    """Install handler `name`, whose answer is the returned future's result."""
+    future: asyncio.Future[list[Action]] = asyncio.get_running_loop().create_future()
+
+    async def handler(message: Message) -> list[Action]:
+        return await future
+
+    server.handlers[name] = handler
+    return future
+
+
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_a_handler_whose_wait_is_cancelled_elsewhere_still_gets_an_ack(
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
@@ -276,12 +287,7 @@ def test_a_handler_whose_wait_is_cancelled_elsewhere_still_gets_an_ack(
     in flight for the life of the connection."""
 
     async def body(server: SpoaServer, port: int) -> None:
-        fetch: asyncio.Future[list[Action]] = asyncio.get_running_loop().create_future()
-
-        async def waits_on_fetch(message: Message) -> list[Action]:
-            return await fetch
-
-        server.handlers["waits"] = waits_on_fetch
+        fetch = answered_when_done(server, "waits")
         client = await Client.connect(port)
         await client.send(notify(1, msg("waits")))
         for _ in range(100):
@@ -402,12 +408,7 @@ def test_a_half_closed_connection_whose_answer_never_comes_is_closed() -> None:
     half-closed connection, and its task, for good."""
 
     async def body(server: SpoaServer, port: int) -> None:
-        never: asyncio.Future[list[Action]] = asyncio.get_running_loop().create_future()
-
-        async def stuck(message: Message) -> list[Action]:
-            return await never
-
-        server.handlers["stuck"] = stuck
+        answered_when_done(server, "stuck")  # never done
         client = await Client.connect(port)
         await client.send(notify(1, msg("stuck")))
         client.writer.write_eof()
