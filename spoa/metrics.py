@@ -571,23 +571,12 @@ class _KeySetAgeCollector:
             yield _age_family([family], now)
 
 
-# The gauges that describe one issuer's keys now. A worker cannot remove a series in
-# multiprocess mode, so after a reload that drops an issuer they linger until it restarts.
-_PER_ISSUER_GAUGES = frozenset(
-    {
-        "jwtgate_jwks_keys",
-        "jwtgate_jwks_keyset_timestamp_seconds",
-        "jwtgate_jwks_max_stale_seconds",
-        "jwtgate_jwks_last_success_timestamp_seconds",
-        "jwtgate_issuer_ready",
-    }
-)
-
-
 class _MultiProcessCollector:
     """The merged worker files, plus the age derived from the merged key-set times. With
     `issuers`, the per-issuer gauges of issuers no longer configured are left out (their
-    readiness and key age would keep alerts firing for an issuer that is gone)."""
+    readiness and key age would keep alerts firing for an issuer that is gone). A worker
+    cannot remove a series in multiprocess mode, so they linger until it restarts; every
+    gauge with an issuer label describes that issuer now, and counters keep history."""
 
     def __init__(
         self,
@@ -604,11 +593,11 @@ class _MultiProcessCollector:
         if self._issuers is not None:
             configured = self._issuers()
             for family in families:
-                if family.name in _PER_ISSUER_GAUGES:
+                if family.type == "gauge":
                     family.samples = [
                         sample
                         for sample in family.samples
-                        if sample.labels.get("issuer") in configured
+                        if "issuer" not in sample.labels or sample.labels["issuer"] in configured
                     ]
         yield from families
         yield _age_family(families, self._clock())
