@@ -33,8 +33,6 @@ from typing import Any, NoReturn
 
 from spoa.devkit.errors import DevkitError
 
-_JWT_HEADER = re.compile(r"x[^a-z0-9]jwt[^a-z0-9]")  # as haproxy.cfg deletes them
-
 
 class StackError(DevkitError):
     """A process of the stack could not be started or did not become ready."""
@@ -244,7 +242,9 @@ class _EchoHandler(BaseHTTPRequestHandler):
             return
         self.server.requests += 1
         # Any spelling (X_JWT_Sub, X.JWT.Sub): CGI and FastCGI servers read them as one.
-        headers = {k.lower(): v for k, v in self.headers.items() if _JWT_HEADER.match(k.lower())}
+        headers = {
+            k.lower(): v for k, v in self.headers.items() if _as_dashed(k).startswith("x-jwt-")
+        }
         self._reply(
             200,
             {

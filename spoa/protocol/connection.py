@@ -217,10 +217,8 @@ class AgentConnection:
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         """Feed bytes from HAProxy; b"" means the peer closed its side. Then the NOTIFYs
         still in flight may be acknowledged (`draining`); the last ACK closes."""
-        if self._state is _State.CLOSED:
-            return self._take_events()
-        if self._state is _State.DRAINING:
-            return self._take_events()  # no input after the peer's end
+        if self._state is _State.CLOSED or self._state is _State.DRAINING:
+            return self._take_events()  # no input after the end
         self._last_input = now
         if self._hello_deadline is None:
             self._hello_deadline = now + self._hello_timeout
