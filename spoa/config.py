@@ -51,8 +51,9 @@ BUILTIN_VARS = frozenset(
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*$", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
-_VAR_NAME = re.compile(r"^[a-z0-9_]+$")
+# Matched whole (fullmatch): `$` would also take a name ending in a newline.
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
+_VAR_NAME = re.compile(r"[a-z0-9_]+")
 
 
 class ConfigError(Exception):
@@ -725,7 +726,7 @@ class _Reader:
                 except _Invalid:
                     continue
                 with self.at(name):
-                    if not _NAME.match(name):
+                    if not _NAME.fullmatch(name):
                         self.fail(None, "policy names use a-z, 0-9, '_' and '-' (at most 48)")
                     policy = self.policy(name, table, issuer_names)
                 if policy is not None:
@@ -812,7 +813,7 @@ class _Reader:
         pairs = []
         with self.at("forward_claims"):
             for var, claim in value.items():
-                if not _VAR_NAME.match(var) or len(var) > MAX_VAR_NAME:
+                if not _VAR_NAME.fullmatch(var) or len(var) > MAX_VAR_NAME:
                     self.fail(
                         var,
                         f"variable names use a-z, 0-9 and '_', at most {MAX_VAR_NAME} characters",
@@ -871,7 +872,7 @@ def _string(*, empty: bool = False) -> Callable[[Any], str]:
 
 
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise _Expected("a name of a-z, 0-9, '_' and '-' (at most 48)")
     return value
 

@@ -228,6 +228,21 @@ def test_forward_claims_names_are_checked() -> None:
     assert any("at most 55 characters" in p for p in found)
 
 
+def test_names_with_a_trailing_newline_are_refused() -> None:
+    """Regression: `$` also matched before a final newline, so "email\\n" passed as a
+    forward_claims variable; HAProxy cannot take that name, and every accepted request
+    whose token held the claim failed with 503."""
+    found = problems(MINIMAL + 'forward_claims = { "email\\n" = "email" }\n')
+    assert any("variable names use" in p for p in found), found
+    text = MINIMAL.replace(
+        "[policies.default]", '[policies."abc\\n"]\nissuers = ["corp"]\n\n[policies.default]'
+    )
+    found = problems(text)
+    assert any("policy names use" in p for p in found), found
+    found = problems(MINIMAL.replace('name = "corp"', 'name = "corp\\n"'))
+    assert any(p.startswith("issuers[0].name") for p in found), found
+
+
 @pytest.mark.parametrize("scope", ["read write", 'a"b', "a\\b", "caf\u00e9", "a\tb"])
 def test_required_scopes_must_be_scope_tokens(scope: str) -> None:
     """A name no token scope could ever match (RFC 6749 section 3.3) is a config error; it
