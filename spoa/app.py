@@ -131,7 +131,11 @@ def key_source(issuer: IssuerSettings, *, environment: bool = True) -> KeySource
     if issuer.discovery:
         return OidcDiscoverySource(issuer.issuer, issuer.discovery, issuer.algorithms)
     if issuer.jwks_file:
-        return StaticKeySource(files=(KeyFile(issuer.jwks_file),), algorithms=issuer.algorithms)
+        return StaticKeySource(
+            files=(KeyFile(issuer.jwks_file),),
+            algorithms=issuer.algorithms,
+            max_keys=issuer.max_keys,
+        )
     files, secrets = [], []
     for index, key in enumerate(issuer.keys):
         if key.file:
@@ -147,7 +151,7 @@ def key_source(issuer: IssuerSettings, *, environment: bool = True) -> KeySource
             where = f"secret_env {key.secret_env}" if key.secret_env else key.secret_file
             raise StartupError(f"keys[{index}] ({where}): {exc}") from None
         secrets.append(HmacSecret(secret, key.alg, key.kid))
-    return StaticKeySource(tuple(files), tuple(secrets), issuer.algorithms)
+    return StaticKeySource(tuple(files), tuple(secrets), issuer.algorithms, issuer.max_keys)
 
 
 def static_key_problems(config: Config) -> list[str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from spoa.verifier import (
+    DEFAULT_MAX_KEYS,
     IssuerKeys,
     JwksSchedule,
     JwksTiming,
@@ -94,6 +95,7 @@ class StaticKeySource:
     secrets: tuple[HmacSecret, ...] = ()
     # The issuer's allow-list: a key file none of whose keys fits it is a mistake.
     algorithms: tuple[str, ...] = ()
+    max_keys: int = DEFAULT_MAX_KEYS  # per file, as for a fetched set
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +131,9 @@ def load_static_keys(source: StaticKeySource) -> KeySet:
         except OSError as exc:
             raise KeySourceError(f"cannot read key file {key_file.path}: {exc.strerror}") from exc
         try:
-            loaded = load_key_file_bytes(data, kid=key_file.kid, alg=key_file.alg)
+            loaded = load_key_file_bytes(
+                data, kid=key_file.kid, alg=key_file.alg, max_keys=source.max_keys
+            )
         except KeyLoadError as exc:
             raise KeySourceError(f"key file {key_file.path}: {exc}") from exc
         if not loaded.keys:

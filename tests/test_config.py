@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -387,6 +388,42 @@ def test_a_short_secret_is_named_by_its_key(tmp_path: Path) -> None:
         f"issuers[0] (corp): keys[0] ({tmp_path / 'short.secret'}): HS256 secret must be at"
         " least 32 bytes"
     ]
+
+
+def _ec_jwks(count: int) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    keys = []
+    for index in range(count):
+        numbers = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
+        coordinate = {
+            name: base64.urlsafe_b64encode(value.to_bytes(32, "big")).rstrip(b"=").decode()
+            for name, value in (("x", numbers.x), ("y", numbers.y))
+        }
+        keys.append({"kty": "EC", "crv": "P-256", "kid": f"k{index}", "alg": "ES256", **coordinate})
+    return json.dumps({"keys": keys})
+
+
+@pytest.mark.parametrize("where", ["jwks_file", "keys"])
+def test_max_keys_bounds_local_key_files_too(tmp_path: Path, where: str) -> None:
+    """Regression (documentation review): a local JWKS file was held to the built-in 100
+    keys whatever the issuer's max_keys said, as docs/configuration.md does not."""
+    from spoa.app import key_source, load_static_keys, static_key_problems
+
+    (tmp_path / "jwks.json").write_text(_ec_jwks(120))
+    source = (
+        'jwks_file = "jwks.json"' if where == "jwks_file" else 'keys = [{ file = "jwks.json" }]'
+    )
+    text = MINIMAL.replace('algorithms = ["RS256"]', 'algorithms = ["ES256"]').replace(
+        'jwks_uri = "https://id.example.com/jwks.json"', source
+    )
+    config = parse_config(text.replace(source, f"{source}\nmax_keys = 500"), base_dir=tmp_path)
+    assert static_key_problems(config) == []
+    source_object = key_source(config.issuer("corp"))
+    assert len(load_static_keys(source_object).keys) == 120  # type: ignore[arg-type]
+    config = parse_config(text.replace(source, f"{source}\nmax_keys = 50"), base_dir=tmp_path)
+    (problem,) = static_key_problems(config)
+    assert problem.endswith("JWKS has 120 keys, limit is 50"), problem
 
 
 def test_a_secret_pasted_as_a_secret_file_is_not_echoed() -> None:

@@ -303,15 +303,20 @@ def load_jwks(
     return KeySet(tuple(kept)), KeyLoadReport(kept=len(kept), skipped=tuple(skipped))
 
 
-def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None = None) -> KeySet:
-    """A file's bytes holding a PEM key, a JWK or a JWKS (told apart by content)."""
+def load_key_file_bytes(
+    data: bytes,
+    *,
+    kid: str | None = None,
+    alg: str | None = None,
+    max_keys: int = DEFAULT_MAX_KEYS,
+) -> KeySet:
+    """A file's bytes holding a PEM key, a JWK or a JWKS (told apart by content); a JWKS
+    of more than `max_keys` keys is refused, as a fetched one is."""
     stripped = data.lstrip()
     if stripped.startswith(b"-----BEGIN"):
         return KeySet((load_pem(data, kid=kid, alg=alg),))
     try:
-        document = parse_json_object(
-            data, "key file", max_containers=_jwks_containers(DEFAULT_MAX_KEYS)
-        )
+        document = parse_json_object(data, "key file", max_containers=_jwks_containers(max_keys))
     except TokenRejected as exc:
         raise KeyLoadError("key file is neither PEM nor a JSON object") from exc
     if "keys" in document:
@@ -326,7 +331,7 @@ def load_key_file_bytes(data: bytes, *, kid: str | None = None, alg: str | None 
             raise KeyLoadError(
                 "JWKS holds private key material or a secret; configure the public keys only"
             )
-        key_set, report = load_jwks(document)
+        key_set, report = load_jwks(document, max_keys=max_keys)
         if not key_set.keys:
             why = "; ".join(dict.fromkeys(report.skipped)) or "its keys array is empty"
             raise KeyLoadError(f"no usable key in its JWKS ({why})")
