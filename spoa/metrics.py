@@ -335,7 +335,11 @@ class Metrics:
                     self._jwks_last_success,
                     self._issuer_ready,
                 ):
-                    gauge.remove_by_labels({"issuer": issuer})
+                    # remove(), not remove_by_labels(): that one came to prometheus-client
+                    # in 2025, after 0.20, which pyproject allows. Older releases raise
+                    # KeyError for a series never set.
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(issuer)
         # The internal_error series at 0 from the start: its alert uses increase(), which
         # cannot see the first increment of a series born with it. (The verifier's last
         # resort answers with no issuer.)
