@@ -8,6 +8,7 @@ and die when their signing key leaves the issuer's key set.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,17 +46,42 @@ def shared(value: _T) -> _T:
     return _sharer(1)(value, value)  # type: ignore[no-any-return]
 
 
-def compact_claims(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The payload with its names and short string values shared with other entries."""
+def compact_claims_python(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload with its names and short string values shared with other entries. The
+    reference for `_claims.c`, which `compact_claims` is when it was built."""
     # One C call per value instead of a Python one; room for a name and a value per
     # member is checked once.
     share = _sharer(2 * len(payload))
     return {
-        share(name, name): share(value, value)
+        share(name, name) if type(name) is str else name: share(value, value)
         if type(value) is str and len(value) <= _SHARED_STR_MAX
         else value
         for name, value in payload.items()
     }
+
+
+def _load_speedups() -> Callable[[dict[Any, Any], int, int, dict[str, Any]], dict[str, Any]] | None:
+    """The C version, unless it was not built or JWTGATE_NO_SPEEDUPS asks for Python (the
+    switch parsing.py reads too)."""
+    if os.environ.get("JWTGATE_NO_SPEEDUPS", "").strip() not in ("", "0"):
+        return None
+    try:
+        from spoa.verifier._claims import compact
+    except ImportError:
+        return None
+    return compact
+
+
+_compact_c = _load_speedups()
+SPEEDUPS = _compact_c is not None
+
+
+def compact_claims(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload with its names and short string values shared with other entries: in
+    C when it was built (about 1 us less per cache miss), else `compact_claims_python`."""
+    if _compact_c is None:
+        return compact_claims_python(payload)
+    return _compact_c(_SHARED, _SHARED_MAX, _SHARED_STR_MAX, payload)
 
 
 class CacheEntry:
