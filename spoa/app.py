@@ -927,7 +927,7 @@ def _leave_metrics_dir(pid: int) -> None:
         return
     for path in Path(directory).glob("*.db"):
         owner = path.stem.rpartition("_")[2]
-        if owner.isdigit() and (int(owner) == pid or not _alive(int(owner))):
+        if owner.isascii() and owner.isdigit() and (int(owner) == pid or not _alive(int(owner))):
             path.unlink(missing_ok=True)
     if not any(Path(directory).glob("*.db")):  # the last worker out
         for name in (SNAPSHOT_NAME, SNAPSHOT_NAME + ".new"):

@@ -572,7 +572,14 @@ class UrllibFetch:
             return HttpResponse(status=exc.code, body=b"")
         with response:
             length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > max_bytes:
+            # ASCII digits only: isdigit() also takes "²", which int() refuses. A length
+            # that is no number is ignored, as http.client does; the read below is bounded.
+            if (
+                length is not None
+                and length.isascii()
+                and length.isdigit()
+                and int(length) > max_bytes
+            ):
                 raise KeySourceError(f"response is larger than {max_bytes} bytes")
             chunks: list[bytes] = []
             size = 0

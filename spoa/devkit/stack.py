@@ -281,7 +281,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
         gateway). A body it cannot delimit closes the connection instead."""
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding") is not None or (
-            length is not None and not length.isdigit()
+            # ASCII digits only: isdigit() also takes "²", which int() refuses.
+            length is not None and not (length.isascii() and length.isdigit())
         ):
             self.close_connection = True
         elif length is not None:

@@ -54,6 +54,29 @@ def test_a_request_body_is_read_not_taken_for_the_next_request() -> None:
         backend.stop()
 
 
+def test_a_content_length_that_is_no_ascii_number_closes_the_connection(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Regression: "²" passed str.isdigit() and int() raised in the handler, which printed
+    a traceback. Such a body cannot be delimited: the answer is given, then the connection
+    closed, as for a chunked body."""
+    backend = EchoBackend("app").start()
+    try:
+        head = b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n"
+        raw = head + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", backend.port), timeout=5) as sock:
+            sock.sendall(raw)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert [body["path"] for body in _responses(received, 1)] == ["/api"]
+        assert received.count(b"HTTP/1.") == 1
+        assert backend.requests == 1
+    finally:
+        backend.stop()
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_answers_are_not_held_back_by_nagles_algorithm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression (fault review): headers and body went out in two writes, and the body
     waited for the client's delayed ACK: 40 ms on every kept-alive request, in the demo's

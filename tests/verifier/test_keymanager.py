@@ -1091,3 +1091,30 @@ def test_restored_keys_are_reported_as_stale_and_used_when_the_idp_hangs(
         finally:
             hang.set()
             hanging.shutdown()
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u00b9\u00b2\u00b3", "-1", "12x"])
+def test_a_content_length_that_is_no_ascii_number_is_ignored(key_a: KeyPair, length: str) -> None:
+    """Regression: "²" passed str.isdigit() (HTTP headers are read as Latin-1), and
+    int() then raised ValueError, which failed the fetch with a cause naming no document.
+    A length that is no number is ignored, as http.client itself does: the body is read
+    to its end, within max_jwks_bytes."""
+    body = json.dumps(jwks(key_a)).encode()
+
+    class OddLength(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while self.rfile.readline() not in (b"\r\n", b""):
+                pass
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+            self.wfile.write(head.encode("latin-1") + body)
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), OddLength) as odd:
+        threading.Thread(target=odd.serve_forever, daemon=True).start()
+        try:
+            response = UrllibFetch()._get(
+                f"http://127.0.0.1:{odd.server_address[1]}/jwks", 2.0, 1 << 20
+            )
+        finally:
+            odd.shutdown()
+    assert response.status == 200
+    assert response.body == body
