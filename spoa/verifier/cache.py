@@ -8,7 +8,6 @@ and die when their signing key leaves the issuer's key set.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 
 from spoa.verifier.claims import TokenTimes
 from spoa.verifier.keys import KeyIdentity
+from spoa.verifier.speedups import optional_speedup
 from spoa.verifier.verdict import Verdict
 
 
@@ -60,19 +60,9 @@ def compact_claims_python(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_speedups() -> Callable[[dict[Any, Any], int, int, dict[str, Any]], dict[str, Any]] | None:
-    """The C version, unless it was not built or JWTGATE_NO_SPEEDUPS asks for Python (the
-    switch parsing.py reads too)."""
-    if os.environ.get("JWTGATE_NO_SPEEDUPS", "").strip() not in ("", "0"):
-        return None
-    try:
-        from spoa.verifier._claims import compact
-    except ImportError:
-        return None
-    return compact
-
-
-_compact_c = _load_speedups()
+_compact_c: Callable[[dict[Any, Any], int, int, dict[str, Any]], dict[str, Any]] | None = (
+    optional_speedup("spoa.verifier._claims", "compact")
+)
 SPEEDUPS = _compact_c is not None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import binascii
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple
 
 from spoa.verifier.errors import TokenRejected
 from spoa.verifier.reasons import Reason
+from spoa.verifier.speedups import optional_speedup
 
 # Header parameters we understand; a `crit` naming anything else is refused (RFC 7515 §4.1.11).
 UNDERSTOOD_CRITICAL: frozenset[str] = frozenset()
@@ -82,19 +82,7 @@ def b64url_decode_python(segment: bytes) -> bytes:
         raise _reject("segment is not base64url") from exc
 
 
-def _load_speedups() -> Callable[[bytes], bytes] | None:
-    """The C decoder, unless it was not built or JWTGATE_NO_SPEEDUPS asks for Python (the
-    same switch as the SPOP decoder's, read here too: the two cores share no module)."""
-    if os.environ.get("JWTGATE_NO_SPEEDUPS", "").strip() not in ("", "0"):
-        return None
-    try:
-        from spoa.verifier._b64url import decode
-    except ImportError:
-        return None
-    return decode
-
-
-_decode_c = _load_speedups()
+_decode_c: Callable[[bytes], bytes] | None = optional_speedup("spoa.verifier._b64url", "decode")
 SPEEDUPS = _decode_c is not None
 
 
