@@ -57,8 +57,10 @@ compact(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t pos = 0;
     PyObject *name, *value;
     while (PyDict_Next(payload, &pos, &name, &value)) {
-        /* Strong references: nothing below runs Python code (exact str only), but the
-         * borrowed ones must not depend on that. */
+        /* Strong references: Python code can run below (hashing a name that is not an
+         * exact str, a table key's own __eq__), though parsed payloads (exact str names)
+         * and the table (str, tuples, frozensets) give it none; the borrowed references
+         * must not depend on that. */
         Py_INCREF(name);
         Py_INCREF(value);
         PyObject *kept_name = name, *kept_value = value;
