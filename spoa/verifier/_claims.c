@@ -5,10 +5,11 @@
  * the same kept objects, the same table afterwards) on generated payloads.
  *
  * compact(table, table_max, str_max, payload) -> dict
- *   Room for a name and a value per member is checked once, as the reference does: with
- *   room, each shared string is kept in `table` (setdefault); without, only what the table
- *   already holds is used (get). Only exact str names and values are shared, values of at
- *   most `str_max` characters; anything else is kept as it is. No state is kept here.
+ *   Room for a name and a value per member is checked once, as the reference does: a
+ *   table without room is emptied first, and each shared string is kept in it
+ *   (setdefault); a payload that alone needs more than `table_max` only uses what the
+ *   table holds (get). Only exact str names and values are shared, values of at most
+ *   `str_max` characters; anything else is kept as it is. No state is kept here.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -49,7 +50,13 @@ compact(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (str_max == -1 && PyErr_Occurred())
         return NULL;
     Py_ssize_t members = PyDict_GET_SIZE(payload);
-    int keep = PyDict_GET_SIZE(table) + 2 * members <= table_max;
+    int keep = 1;
+    if (PyDict_GET_SIZE(table) + 2 * members > table_max) {
+        if (2 * members > table_max)
+            keep = 0;
+        else
+            PyDict_Clear(table);
+    }
 
     PyObject *result = PyDict_New();
     if (result == NULL)

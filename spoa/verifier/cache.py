@@ -28,7 +28,9 @@ def token_digest(token: str | bytes) -> bytes:
 
 # Values that repeat across verified tokens (claim names, issuer, audiences, scope sets)
 # are kept once: most of a cache entry's memory was copies of them. Only values of tokens
-# whose signature verified get here, and the table is bounded.
+# whose signature verified get here, and the table is bounded: emptied when full, so that
+# values first seen late (an issuer added by a reload) are kept too, not only those of
+# the first few thousand tokens. Entries keep the objects they share either way.
 _SHARED: dict[Any, Any] = {}
 _SHARED_MAX = 8192
 _SHARED_STR_MAX = 256
@@ -37,9 +39,14 @@ _T = TypeVar("_T")
 
 
 def _sharer(adding: int) -> Callable[[Any, Any], Any]:
-    """`share(x, x)`: the kept value equal to x, keeping x when the table has room for
-    `adding` more (`get(x, x)` is x itself when it is not kept)."""
-    return _SHARED.setdefault if len(_SHARED) + adding <= _SHARED_MAX else _SHARED.get
+    """`share(x, x)`: the kept value equal to x, keeping x. A table without room for
+    `adding` more is emptied first; when `adding` alone is more than it holds, values are
+    only looked up (`get(x, x)` is x itself when it is not kept)."""
+    if len(_SHARED) + adding > _SHARED_MAX:
+        if adding > _SHARED_MAX:
+            return _SHARED.get
+        _SHARED.clear()
+    return _SHARED.setdefault
 
 
 def shared(value: _T) -> _T:

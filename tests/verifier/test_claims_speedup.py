@@ -80,7 +80,7 @@ def test_same_result_and_table_as_the_reference(
     payload: dict[str, Any], seed: list[str], room: int
 ) -> None:
     """Tables that hold some of the payload's strings already, with room for all of it,
-    exactly for it, or not quite (then nothing is added)."""
+    exactly for it, or not quite (then the table is emptied first)."""
     table: dict[Any, Any] = {text: text for text in seed}
     table[frozenset({"read"})] = frozenset({"read"})  # shared() keeps sets there too
     _both(payload, table, len(table) + 2 * len(payload) + room)
@@ -94,8 +94,11 @@ def test_room_is_checked_once_for_the_whole_payload() -> None:
     exactly(table, 4, STR_MAX, payload)
     assert set(table) == {"iss", "i", "sub", "s"}
     table = {}
-    exactly(table, 3, STR_MAX, payload)
+    exactly(table, 3, STR_MAX, payload)  # more than the table can ever hold: looked up only
     assert table == {}
+    old = {"x": "x", "y": "y"}
+    exactly(old, 5, STR_MAX, payload)  # no room for four more: emptied, then kept
+    assert set(old) == {"iss", "i", "sub", "s"}
 
 
 def test_a_kept_string_is_used_and_long_or_subclassed_ones_are_not_shared() -> None:

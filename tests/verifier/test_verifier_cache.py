@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from verifier_helpers import (
     CONTEXT,
@@ -191,18 +193,44 @@ def test_the_table_of_shared_values_stays_bounded(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(cache, "_SHARED", {})
     monkeypatch.setattr(cache, "_SHARED_MAX", 50)
+    sizes = []
     for index in range(40):
         payload = {"iss": "https://issuer.test/", "sub": f"user-{index}", "n": index, "t": True}
         compacted = cache.compact_claims(payload)
         assert compacted == payload
         assert [type(value) for value in compacted.values()] == [str, str, int, bool]
-        assert len(cache._SHARED) <= 50
-    assert len(cache._SHARED) > 40  # it filled up, and then stopped
+        sizes.append(len(cache._SHARED))
+        assert sizes[-1] <= 50
+    assert max(sizes) > 40  # it filled up, and was emptied when full
+    assert sizes[-1] < max(sizes)
     for index in range(100):
         late = cache.compact_claims({"iss": "https://issuer.test/", "sub": f"late-{index}"})
         assert late["iss"] is cache._SHARED["https://issuer.test/"]
         assert cache.shared(frozenset({f"scope-{index}"})) == {f"scope-{index}"}
         assert len(cache._SHARED) <= 50
+
+
+def test_values_first_seen_after_the_table_filled_are_shared_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: once the unique values of the first tokens (sub, jti) had filled the
+    table, it only looked values up. An issuer added by a later reload, or a scope first
+    used later, was never shared: each of its entries kept copies of them (a few hundred
+    bytes more per cached token). A full table is emptied and takes new values again."""
+    from spoa.verifier import cache
+
+    monkeypatch.setattr(cache, "_SHARED", {})
+    monkeypatch.setattr(cache, "_SHARED_MAX", 50)
+    for index in range(60):
+        cache.compact_claims(json.loads(f'{{"iss": "https://old.test/", "sub": "u{index}"}}'))
+    late = [
+        cache.compact_claims(json.loads(f'{{"iss": "https://new.test/", "sub": "n{index}"}}'))
+        for index in range(3)
+    ]
+    assert late[0]["iss"] == "https://new.test/"
+    assert late[1]["iss"] is late[0]["iss"]
+    assert late[2]["iss"] is late[0]["iss"]
+    assert len(cache._SHARED) <= 50
 
 
 # --- replay_window: how long an accepted verdict stays exactly the same ---------------------
