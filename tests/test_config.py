@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -390,27 +389,15 @@ def test_a_short_secret_is_named_by_its_key(tmp_path: Path) -> None:
     ]
 
 
-def _ec_jwks(count: int) -> str:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    keys = []
-    for index in range(count):
-        numbers = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
-        coordinate = {
-            name: base64.urlsafe_b64encode(value.to_bytes(32, "big")).rstrip(b"=").decode()
-            for name, value in (("x", numbers.x), ("y", numbers.y))
-        }
-        keys.append({"kty": "EC", "crv": "P-256", "kid": f"k{index}", "alg": "ES256", **coordinate})
-    return json.dumps({"keys": keys})
-
-
 @pytest.mark.parametrize("where", ["jwks_file", "keys"])
 def test_max_keys_bounds_local_key_files_too(tmp_path: Path, where: str) -> None:
     """Regression (documentation review): a local JWKS file was held to the built-in 100
     keys whatever the issuer's max_keys said, as docs/configuration.md does not."""
     from spoa.app import key_source, load_static_keys, static_key_problems
+    from spoa.devkit.keys import generate_signing_key, jwks_document
 
-    (tmp_path / "jwks.json").write_text(_ec_jwks(120))
+    keys = [generate_signing_key("ES256", kid=f"k{index}") for index in range(120)]
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks_document(keys)))
     source = (
         'jwks_file = "jwks.json"' if where == "jwks_file" else 'keys = [{ file = "jwks.json" }]'
     )
