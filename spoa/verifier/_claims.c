@@ -70,18 +70,12 @@ compact(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
          * must not depend on that. */
         Py_INCREF(name);
         Py_INCREF(value);
-        PyObject *kept_name = name, *kept_value = value;
-        Py_INCREF(kept_name);
-        Py_INCREF(kept_value);
-        if (PyUnicode_CheckExact(name)) {
-            Py_DECREF(kept_name);
-            kept_name = share(table, keep, name);
-        }
-        if (kept_name != NULL && PyUnicode_CheckExact(value)
-            && PyUnicode_GET_LENGTH(value) <= str_max) {
-            Py_DECREF(kept_value);
-            kept_value = share(table, keep, value);
-        }
+        PyObject *kept_name =
+            PyUnicode_CheckExact(name) ? share(table, keep, name) : Py_NewRef(name);
+        PyObject *kept_value = kept_name != NULL && PyUnicode_CheckExact(value)
+                                       && PyUnicode_GET_LENGTH(value) <= str_max
+                                   ? share(table, keep, value)
+                                   : Py_NewRef(value);
         int failed = kept_name == NULL || kept_value == NULL
                      || PyDict_SetItem(result, kept_name, kept_value) < 0;
         Py_XDECREF(kept_name);
